@@ -1,0 +1,1 @@
+"""The CLIP layer: loading OpenAI CLIP weights, dense grid features, text embeddings."""

@@ -1,0 +1,149 @@
+"""Project configuration: one entry point, ``get_gridclip_cfg``.
+
+Every script (``train_net.py``, tools, demo, notebook, tests) builds its config through
+:func:`get_gridclip_cfg` so no one ever meets "Non-existent config key" because a script forgot
+to add the project's keys.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_gridclip_config", "get_gridclip_cfg", "PROJECT_ROOT", "CONFIGS_DIR"]
+
+#: ``projects/GridCLIP`` (holds ``configs/`` and ``train_net.py``).
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(PROJECT_ROOT, "configs")
+
+
+def add_gridclip_config(cfg: CN) -> CN:
+    """Add the keys of GridCLIP, the ViLD baseline and the CLIP layer to a Detectron2 config.
+
+    Idempotent: calling it on a config that already has the keys leaves their values alone.
+    """
+    if hasattr(cfg.MODEL, "GRIDCLIP"):
+        return cfg
+    _C = cfg
+
+    # ---------------------------------------------------------------- CLIP (shared by both models)
+    _C.MODEL.CLIP = CN()
+    # Architecture name (``RN50``, ``ViT-B/32``, or ``embedded`` for the project's small CLIP).
+    _C.MODEL.CLIP.NAME = "RN50"
+    # Weights: an OpenAI ``.pt`` (TorchScript) file, a plain state-dict file, or empty to look up
+    # NAME in CACHE_DIR (``RN50.pt`` ...). ``embedded`` resolves to the shipped small CLIP.
+    _C.MODEL.CLIP.WEIGHTS = ""
+    # Where OpenAI's code caches downloaded weights; searched when WEIGHTS is empty.
+    _C.MODEL.CLIP.CACHE_DIR = "~/.cache/clip"
+    # Dimension of CLIP's joint image-text space (RN50: 1024, ViT-B/32: 512). Checked on load.
+    _C.MODEL.CLIP.EMBED_DIM = 1024
+    # Fixed (C, D) class text embeddings (``.npy``/``.pt``). Empty: compute them from CLIP's text
+    # encoder for the dataset's class names, with PROMPTS, and cache them in TEXT_CACHE_DIR.
+    _C.MODEL.CLIP.TEXT_EMBEDDINGS = ""
+    # Prompt-template set for text embeddings: ``vild`` (ViLD's ensemble), ``single`` ("a photo
+    # of a {}."), or a path to a text file with one template per line containing ``{}``.
+    _C.MODEL.CLIP.PROMPTS = "vild"
+    # Directory of cached text embeddings, keyed by model + vocabulary + prompts.
+    _C.MODEL.CLIP.TEXT_CACHE_DIR = "~/.cache/gridclip/text_embeddings"
+    # Input side length for the CLIP image teacher (224 for RN50; the tiny CLIP uses 64).
+    _C.MODEL.CLIP.TEACHER_INPUT_SIZE = 224
+
+    # ------------------------------------------------------- CLIP ModifiedResNet as a backbone
+    _C.MODEL.CLIP_RESNET = CN()
+    # Output features of the CLIP trunk: res2..res5 (strides 4..32).
+    _C.MODEL.CLIP_RESNET.OUT_FEATURES = ["res3", "res4", "res5"]
+    # Freeze the stem and the first N stages (0 = train all; 1 = stem; 2 = stem+res2; ...).
+    _C.MODEL.CLIP_RESNET.FREEZE_AT = 2
+    # Initialise the trunk from MODEL.CLIP weights (the paper's choice). False = random init.
+    _C.MODEL.CLIP_RESNET.INIT_FROM_CLIP = True
+
+    # ----------------------------------------------------------------------------- GridCLIP
+    _C.MODEL.GRIDCLIP = CN()
+    # One embedding per grid location shared by its A anchors (False, A x cheaper text product)
+    # or one embedding per anchor (True).
+    _C.MODEL.GRIDCLIP.EMBED_PER_ANCHOR = False
+    # Logits = LOGIT_SCALE * cos(grid embedding, text embedding) + prior bias.
+    _C.MODEL.GRIDCLIP.LOGIT_SCALE = 20.0
+    # Learn the logit scale (clamped to [1, 100]) instead of keeping it fixed.
+    _C.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE = False
+    # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
+    # Novel (frequency 'r') classes still get scored at test time.
+    _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True
+    # Image-level alignment (distillation from the frozen CLIP image encoder). 0 disables it.
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT = 1.0
+    # ``l1`` (ViLD's choice, on L2-normalised embeddings) or ``cosine`` (1 - cos).
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS = "l1"
+    # Teacher views: 1 = whole image; 2 = also its 2x2 tiles; ... each view is one CLIP forward.
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS = [1]
+    # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
+    _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
+
+    # --------------------------------------------------------------------- ViLD-like baseline
+    _C.MODEL.VILD = CN()
+    # Region logits = cos(region embedding, text embedding) / TEMPERATURE (ViLD: 0.01).
+    _C.MODEL.VILD.TEMPERATURE = 0.01
+    # ViLD-image: L1 distillation of region embeddings to CLIP crop embeddings. 0 disables it.
+    _C.MODEL.VILD.IMAGE_DISTILL_WEIGHT = 0.5
+    # Crop scales around each proposal fed to the teacher (ViLD: 1x and 1.5x, embeddings summed).
+    _C.MODEL.VILD.CROP_SCALES = [1.0, 1.5]
+    # Proposals per image distilled (ViLD: up to 300 precomputed proposals).
+    _C.MODEL.VILD.NUM_DISTILL_PROPOSALS = 300
+    # ``online``: run CLIP on the crops during training; ``cache``: read TEACHER_CACHE.
+    _C.MODEL.VILD.TEACHER = "online"
+    # Offline cache of proposal boxes + teacher embeddings (tools/cache_vild_teacher.py).
+    _C.MODEL.VILD.TEACHER_CACHE = ""
+    # Ensemble ViLD-text and ViLD-image scores at inference (geometric mean).
+    _C.MODEL.VILD.ENSEMBLE = False
+    # Weight of the image score in the ensemble for base and for novel classes.
+    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_BASE = 1.0 / 3.0
+    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_NOVEL = 2.0 / 3.0
+    # Mask novel (frequency 'r') classes out of the training softmax (ViLD's protocol).
+    _C.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING = True
+
+    # ------------------------------------------------------------------- embedded default world
+    _C.DATASETS.WORLD = CN()
+    # Root of the generated world (images + LVIS-format JSON); relative paths are resolved
+    # against $DETECTRON2_DATASETS (default ``datasets/``).
+    _C.DATASETS.WORLD.ROOT = "gridclip_world"
+    return cfg
+
+
+def get_gridclip_cfg(
+    config_file: Optional[str] = None, opts: Optional[Iterable[str]] = None, freeze: bool = False
+) -> CN:
+    """Return a Detectron2 config with the project's keys, optionally merged from a file/opts.
+
+    ``config_file`` may be a path or a name relative to ``projects/GridCLIP/configs``
+    (e.g. ``"GridCLIP_R50.yaml"`` or ``"embedded/GridCLIP_world.yaml"``).
+    """
+    cfg = get_cfg()
+    add_gridclip_config(cfg)
+    if config_file:
+        cfg.merge_from_file(resolve_config_path(config_file))
+    if opts:
+        cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def resolve_config_path(config_file: str) -> str:
+    """Resolve a config path given directly or relative to the project's ``configs/`` folder."""
+    if os.path.isfile(config_file):
+        return config_file
+    candidate = os.path.join(CONFIGS_DIR, config_file)
+    if os.path.isfile(candidate):
+        return candidate
+    raise FileNotFoundError(
+        f"Config file {config_file!r} not found (also looked in {CONFIGS_DIR}). "
+        f"Available: {sorted(_list_configs())}"
+    )
+
+
+def _list_configs():
+    for dirpath, _, files in os.walk(CONFIGS_DIR):
+        for f in files:
+            if f.endswith(".yaml"):
+                yield os.path.relpath(os.path.join(dirpath, f), CONFIGS_DIR)

@@ -1,0 +1,18 @@
+"""Datasets: LVIS-format registration, the LVIS v1 OVD split, the embedded world."""
+from .lvis_ovd import (
+    datasets_root,
+    filter_novel_annotations,
+    novel_class_mask,
+    register_lvis_format_dataset,
+    register_lvis_v1_ovd,
+)
+
+register_lvis_v1_ovd()
+
+__all__ = [
+    "datasets_root",
+    "filter_novel_annotations",
+    "novel_class_mask",
+    "register_lvis_format_dataset",
+    "register_lvis_v1_ovd",
+]

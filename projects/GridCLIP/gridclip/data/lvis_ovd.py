@@ -1,0 +1,198 @@
+"""LVIS-format datasets: registration, the LVIS v1 open-vocabulary split, frequency metadata.
+
+Detectron2's ``register_lvis_instances`` only knows its built-in LVIS names, so any other
+LVIS-format set (the embedded world, user sets) is registered here with ``load_lvis_json`` and
+metadata read from the JSON itself. Every LVIS-format dataset gets, in ``MetadataCatalog``:
+
+- ``thing_classes``: class names in contiguous-id order,
+- ``class_frequencies``: LVIS frequency per class (``"f"``, ``"c"``, ``"r"``); ``r`` = novel,
+- ``evaluator_type = "lvis"``, ``json_file``, ``image_root``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.lvis import load_lvis_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "register_lvis_format_dataset",
+    "register_lvis_v1_ovd",
+    "filter_novel_annotations",
+    "novel_class_mask",
+    "datasets_root",
+    "DATASETS_README",
+]
+
+DATASETS_README = "datasets/README.md"
+NOVEL_FREQUENCY = "r"
+
+
+def datasets_root() -> str:
+    """``$DETECTRON2_DATASETS`` or ``datasets`` (Detectron2's convention)."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} not found: {path!r}. See {DATASETS_README} for the expected layout "
+            f"(set DETECTRON2_DATASETS to the folder that holds it)."
+        )
+
+
+def read_lvis_categories(json_file: str) -> List[dict]:
+    """Categories of an LVIS-format JSON, sorted by id, checked to be contiguous from 1."""
+    _require_file(json_file, "LVIS-format annotation file")
+    with open(json_file) as f:
+        try:
+            categories = json.load(f)["categories"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{json_file}: not an LVIS-format JSON with 'categories' ({e})")
+    categories = sorted(categories, key=lambda c: c["id"])
+    ids = [c["id"] for c in categories]
+    if ids != list(range(1, len(ids) + 1)):
+        raise ValueError(
+            f"{json_file}: category ids must be contiguous 1..{len(ids)} (LVIS convention); "
+            f"got {ids[:5]}..."
+        )
+    for c in categories:
+        if c.get("frequency") not in ("f", "c", "r"):
+            raise ValueError(
+                f"{json_file}: category {c['id']} ({c.get('name')!r}) has frequency "
+                f"{c.get('frequency')!r}; expected one of 'f', 'c', 'r'"
+            )
+    return categories
+
+
+def filter_novel_annotations(
+    dataset_dicts: List[dict], class_frequencies: Sequence[str]
+) -> List[dict]:
+    """Remove annotations of novel (frequency ``r``) classes: the OVD training protocol.
+
+    Images stay, so novel objects remain in the pixels as unlabelled "background", as in LVIS OVD.
+    """
+    novel = {i for i, f in enumerate(class_frequencies) if f == NOVEL_FREQUENCY}
+    removed = 0
+    for d in dataset_dicts:
+        kept = [a for a in d["annotations"] if a["category_id"] not in novel]
+        removed += len(d["annotations"]) - len(kept)
+        d["annotations"] = kept
+    logger.info(f"OVD split: removed {removed} annotations of {len(novel)} novel classes")
+    return dataset_dicts
+
+
+def register_lvis_format_dataset(
+    name: str,
+    json_file: str,
+    image_root: str,
+    *,
+    base_only: bool = False,
+    extra_metadata: Optional[Dict] = None,
+) -> None:
+    """Register an LVIS-format dataset under ``name`` (idempotent).
+
+    Images are found as Detectron2's LVIS loader does: ``image_root`` + the last two parts of
+    each image's ``coco_url`` (``"<folder>/<file>"``).
+
+    The JSON is read lazily (on ``DatasetCatalog.get``) for the dicts, and on first metadata
+    access for the class names and frequencies, so registering costs nothing and a missing file
+    fails only when the dataset is used, with a message naming the file.
+
+    Args:
+        base_only: drop annotations of novel (``r``) classes (the OVD training split).
+    """
+    if not image_root.endswith(os.sep):
+        image_root = image_root + os.sep  # load_lvis_json concatenates image_root + folder
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if getattr(meta, "json_file", None) == json_file:
+            return
+        raise ValueError(
+            f"dataset {name!r} is already registered with json_file "
+            f"{getattr(meta, 'json_file', None)!r}, not {json_file!r}"
+        )
+
+    def _load():
+        _require_file(json_file, f"annotations of dataset {name!r}")
+        _ensure_class_metadata(name)
+        dicts = load_lvis_json(json_file, image_root, None)
+        if base_only:
+            dicts = filter_novel_annotations(dicts, MetadataCatalog.get(name).class_frequencies)
+        return dicts
+
+    DatasetCatalog.register(name, _load)
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="lvis", **(extra_metadata or {})
+    )
+    if os.path.isfile(json_file):
+        _ensure_class_metadata(name)
+
+
+def _ensure_class_metadata(name: str) -> None:
+    meta = MetadataCatalog.get(name)
+    if "thing_classes" in meta.as_dict() and "class_frequencies" in meta.as_dict():
+        return
+    categories = read_lvis_categories(meta.json_file)
+    meta.set(
+        thing_classes=[c["name"] for c in categories],
+        class_frequencies=[c["frequency"] for c in categories],
+    )
+
+
+def novel_class_mask(metadata) -> torch.Tensor:
+    """(C,) bool tensor, True for novel (frequency ``r``) classes of a dataset's metadata.
+
+    Raises a clear error when the metadata carries no ``class_frequencies``.
+    """
+    if hasattr(metadata, "json_file") and "class_frequencies" not in metadata.as_dict():
+        _ensure_class_metadata(metadata.name)
+    freqs = getattr(metadata, "class_frequencies", None)
+    if freqs is None:
+        raise KeyError(
+            f"dataset {metadata.name!r} has no 'class_frequencies' metadata (f/c/r per class); "
+            "register it with gridclip.data.register_lvis_format_dataset"
+        )
+    return torch.tensor([f == NOVEL_FREQUENCY for f in freqs], dtype=torch.bool)
+
+
+def register_lvis_v1_ovd(root: Optional[str] = None) -> None:
+    """Register the LVIS v1 open-vocabulary split (idempotent).
+
+    - ``lvis_v1_train_ovd_base``: LVIS v1 train with rare-class annotations removed (866 base
+      classes: 405 frequent + 461 common boxed; 337 rare unannotated).
+    - ``lvis_v1_val`` (Detectron2's built-in) and ``lvis_v1_train`` get ``class_frequencies``.
+    """
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    root = root or datasets_root()
+    categories = sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
+    frequencies = [c["frequency"] for c in categories]
+    for builtin in ("lvis_v1_train", "lvis_v1_val"):
+        if builtin in DatasetCatalog.list():
+            MetadataCatalog.get(builtin).set(class_frequencies=frequencies)
+    name = "lvis_v1_train_ovd_base"
+    if name in DatasetCatalog.list():
+        return
+    json_file = os.path.join(root, "lvis/lvis_v1_train.json")
+    image_root = os.path.join(root, "coco/")
+
+    def _load():
+        _require_file(json_file, "LVIS v1 train annotations")
+        dicts = load_lvis_json(json_file, image_root, "lvis_v1_train")
+        return filter_novel_annotations(dicts, frequencies)
+
+    DatasetCatalog.register(name, _load)
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["synonyms"][0] for c in categories],
+        class_frequencies=frequencies,
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="lvis",
+    )

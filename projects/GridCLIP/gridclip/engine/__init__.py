@@ -1,0 +1,1 @@
+"""Trainer pieces shared by train_net.py, tools and tests."""

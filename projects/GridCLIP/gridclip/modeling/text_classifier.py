@@ -1,0 +1,169 @@
+"""A zero-shot classifier whose weights are fixed CLIP text embeddings.
+
+Shared by GridCLIP (grid embeddings) and the ViLD baseline (region embeddings). The text
+embeddings are a (C, D) buffer: L2-normalised, saved in checkpoints, moved by ``.to()``, never
+trained. ``set_vocabulary`` replaces them (any C) for open-vocabulary inference.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TextEmbeddingClassifier",
+    "l2_normalize",
+    "check_text_embeddings",
+    "normalize_class_names",
+]
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """L2-normalise along ``dim``; zero vectors stay zero instead of becoming NaN."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def check_text_embeddings(
+    text_embeddings: torch.Tensor,
+    embed_dim: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    source: str = "text embeddings",
+) -> torch.Tensor:
+    """Validate a (C, D) text-embedding matrix and return it as float32.
+
+    Raises ValueError naming ``source`` for a wrong rank, dimension, class count, an empty
+    vocabulary, or non-finite / all-zero rows.
+    """
+    if not isinstance(text_embeddings, torch.Tensor):
+        text_embeddings = torch.as_tensor(text_embeddings)
+    if text_embeddings.ndim != 2:
+        raise ValueError(
+            f"{source}: expected a (num_classes, embed_dim) matrix, got shape "
+            f"{tuple(text_embeddings.shape)}"
+        )
+    C, D = text_embeddings.shape
+    if C == 0:
+        raise ValueError(f"{source}: the vocabulary is empty (0 classes)")
+    if embed_dim is not None and D != embed_dim:
+        raise ValueError(
+            f"{source}: embedding dimension {D} does not match the model's CLIP embedding "
+            f"dimension {embed_dim} (MODEL.CLIP.EMBED_DIM). Were they computed with another CLIP?"
+        )
+    if num_classes is not None and C != num_classes:
+        raise ValueError(
+            f"{source}: {C} class embeddings but the dataset/model has {num_classes} classes"
+        )
+    text_embeddings = text_embeddings.float()
+    if not torch.isfinite(text_embeddings).all():
+        bad = (~torch.isfinite(text_embeddings).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{source}: non-finite values in class rows {bad[:10]}")
+    zero_rows = (text_embeddings.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero_rows:
+        raise ValueError(f"{source}: all-zero embedding rows {zero_rows[:10]}")
+    return text_embeddings
+
+
+class TextEmbeddingClassifier(nn.Module):
+    """Scores embeddings against class text embeddings by scaled cosine similarity.
+
+    ``forward(x)`` with x of shape (..., D) returns logits (..., C)
+    = logit_scale * cos(x, text_embeddings) + bias.
+
+    The similarity is computed in fp32 even under autocast, so low-precision training cannot
+    overflow the scaled cosine.
+    """
+
+    def __init__(
+        self,
+        text_embeddings: torch.Tensor,
+        *,
+        logit_scale: float = 1.0,
+        learn_logit_scale: bool = False,
+        max_logit_scale: float = 100.0,
+        bias: float = 0.0,
+        learn_bias: bool = False,
+    ):
+        super().__init__()
+        text_embeddings = check_text_embeddings(text_embeddings)
+        self.register_buffer("text_embeddings", l2_normalize(text_embeddings), persistent=True)
+        log_scale = torch.tensor(float(logit_scale)).log()
+        if learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale, persistent=False)
+        self.max_logit_scale = float(max_logit_scale)
+        if learn_bias:
+            self.bias = nn.Parameter(torch.tensor(float(bias)))
+        else:
+            self.register_buffer("bias", torch.tensor(float(bias)), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_embeddings.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text_embeddings.shape[1]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        # Bounded: a runaway learned temperature cannot blow the logits up.
+        return self.log_logit_scale.exp().clamp(1.0, self.max_logit_scale)
+
+    def set_vocabulary(self, text_embeddings: torch.Tensor) -> None:
+        """Replace the class embeddings (any number of classes, same dimension)."""
+        text_embeddings = check_text_embeddings(text_embeddings, embed_dim=self.embed_dim)
+        buf = l2_normalize(text_embeddings).to(self.text_embeddings.device)
+        # Re-register so the buffer keeps being a buffer (saved, moved by .to()) with a new shape.
+        self.register_buffer("text_embeddings", buf, persistent=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may carry a vocabulary of another size: adopt its shape before loading.
+        key = prefix + "text_embeddings"
+        if key in state_dict and state_dict[key].shape != self.text_embeddings.shape:
+            self.set_vocabulary(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(
+        self, x: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: (..., D) embeddings (not necessarily normalised).
+            text_embeddings: optional (C', D) classifier to use instead of the buffer.
+        Returns:
+            (..., C) logits.
+        """
+        weight = self.text_embeddings if text_embeddings is None else l2_normalize(
+            text_embeddings.to(x.device).float()
+        )
+        assert x.shape[-1] == weight.shape[1], (
+            f"embedding dim {x.shape[-1]} != text embedding dim {weight.shape[1]}"
+        )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = l2_normalize(x.float())
+            return self.logit_scale * (x @ weight.t()) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embed_dim={self.embed_dim}"
+
+
+def normalize_class_names(names: Sequence[str], source: str = "vocabulary") -> list:
+    """Strip names and reject an empty vocabulary or duplicates with a clear error."""
+    cleaned = [str(n).strip() for n in names]
+    cleaned = [n for n in cleaned if n]
+    if not cleaned:
+        raise ValueError(f"{source}: the vocabulary is empty")
+    seen, dups = set(), []
+    for n in cleaned:
+        key = n.lower()
+        if key in seen:
+            dups.append(n)
+        seen.add(key)
+    if dups:
+        raise ValueError(f"{source}: duplicate class names {sorted(set(dups))[:10]}")
+    return cleaned

@@ -1,0 +1,57 @@
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_lvis_json(tmp_path):
+    """A hand-made 2-image, 2-class LVIS-format set (class 2 is novel); images on disk."""
+    from PIL import Image
+
+    images, annotations = [], []
+    boxes = {1: [(10, 10, 30, 20, 1), (50, 40, 20, 30, 2)], 2: [(5, 5, 40, 40, 1)]}
+    ann_id = 1
+    for image_id, objs in boxes.items():
+        fname = f"img{image_id}.png"
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.new("RGB", (96, 80), (128, 128, 128)).save(tmp_path / "images" / fname)
+        images.append(
+            {
+                "id": image_id,
+                "file_name": fname,
+                "coco_url": f"images/{fname}",  # Detectron2 joins image_root + "<folder>/<file>"
+                "height": 80,
+                "width": 96,
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        )
+        for x, y, w, h, c in objs:
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": c,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
+            ann_id += 1
+    categories = [
+        {"id": 1, "name": "red_square", "frequency": "f", "synonyms": ["red_square"]},
+        {"id": 2, "name": "blue_ring", "frequency": "r", "synonyms": ["blue_ring"]},
+    ]
+    path = tmp_path / "tiny_lvis.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(path), str(tmp_path)

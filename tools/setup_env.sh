@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtual environment, idempotently, using only package registries.
+#
+#   VENV=.venv PYTHON=python3 bash tools/setup_env.sh
+#
+# - Reuses a detectron2 that is already importable in the chosen interpreter (a user's own build
+#   with compiled ops). Point VENV at an existing environment to use it: nothing is replaced.
+# - Otherwise installs the offline fallback: the `sal-detectron2` wheel (upstream detectron2 main,
+#   pure-Python parts work on CPython 3.11; its compiled `_C` is for 3.10 and is simply not loaded).
+# - A stamp file records a hash of this script and setup.cfg, so a second run is a no-op.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.gridclip-env-stamp"
+HASH="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
+  exit 0
+fi
+
+log() { printf '[setup_env] %s\n' "$*"; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating virtual environment at $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+# torch/torchvision: ranges that accept what this machine offers (2.14.1 / 0.29.1 import together).
+if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  log "installing torch + torchvision (about a minute)"
+  "${PIP[@]}" "torch>=2.1,<=2.14.1" "torchvision>=0.16,<=0.29.1"
+fi
+# torch pulls the newest setuptools, which dropped pkg_resources (needed by clip and model_zoo).
+"${PIP[@]}" "setuptools<81"
+
+# detectron2's runtime dependencies (the fallback wheel's metadata omits some and pins numpy<2).
+"${PIP[@]}" fvcore iopath yacs termcolor tabulate cloudpickle tensorboard omegaconf hydra-core \
+  matplotlib pycocotools Pillow packaging tqdm opencv-python-headless ftfy regex pytest \
+  pytest-timeout nbformat nbclient ipykernel
+
+if "$PY" -c "import detectron2" >/dev/null 2>&1; then
+  log "using the detectron2 already installed: $("$PY" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
+else
+  log "no detectron2 found: installing the offline fallback wheel sal-detectron2==0.7.2"
+  TMP="$(mktemp -d)"
+  trap 'rm -rf "$TMP"' EXIT
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+    --python-version 3.10 sal-detectron2==0.7.2 -d "$TMP"
+  mv "$TMP"/sal_detectron2-0.7.2-*.whl "$TMP/sal_detectron2-0.7.2-py3-none-any.whl"
+  "${PIP[@]}" --no-deps "$TMP/sal_detectron2-0.7.2-py3-none-any.whl"
+  # The wheel ships a top-level `tools` package; drop it so it can never shadow the project's tools/.
+  "$PY" - <<'PYEOF'
+import os, shutil, site
+for sp in site.getsitepackages():
+    t = os.path.join(sp, "tools")
+    if os.path.isfile(os.path.join(t, "train_net.py")):
+        shutil.rmtree(t)
+PYEOF
+fi
+
+# OpenAI's CLIP code. clip-anytorch is the maintained fork of openai/CLIP (same `clip` module,
+# ships the BPE vocab). Skip if a `clip` module with `clip.model.CLIP` already exists.
+if ! "$PY" -c "import clip.model; clip.model.CLIP" >/dev/null 2>&1; then
+  "${PIP[@]}" --no-deps clip-anytorch
+fi
+
+# lvis: --no-deps so it does not pull GUI opencv next to the headless one. Its numpy-2
+# incompatibility is handled by gridclip.evaluation.lvis_compat (one place, tested).
+"${PIP[@]}" --no-deps lvis
+
+# The project itself, editable, so nothing depends on the working directory.
+"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+
+log "detectron2 in use:"
+"$PY" - <<'PYEOF'
+import detectron2, os
+print(f"  detectron2 {detectron2.__version__} at {os.path.dirname(detectron2.__file__)}")
+try:
+    from detectron2 import _C  # noqa: F401
+    print("  compiled ops (_C): available")
+except Exception as e:  # noqa: BLE001
+    print("  compiled ops (_C): MISSING -> deformable conv, rotated boxes and the fast COCO eval")
+    print("  are unavailable; everything this project uses runs on torchvision ops.")
+PYEOF
+echo "$HASH" > "$STAMP"
+log "environment ready: $VENV"
