@@ -17,7 +17,7 @@ from detectron2.evaluation import verify_results
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
-from gridclip.engine import AtomicCheckpointer, Trainer
+from gridclip.engine import AtomicCheckpointer, Trainer, write_results
 
 logger = logging.getLogger("gridclip")
 
@@ -38,12 +38,16 @@ def main(args):
         )
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
+            write_results(cfg, results, "eval_results.json")
             verify_results(cfg, results)
         return results
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()
+    if comm.is_main_process() and results:
+        write_results(cfg, results, "results.json")
+    return results
 
 
 def invoke_main() -> None:

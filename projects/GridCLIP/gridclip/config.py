@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -120,6 +121,8 @@ def get_gridclip_cfg(
     """
     cfg = get_cfg()
     add_gridclip_config(cfg)
+    # Detectron2 defaults to "cuda"; run on what this machine has unless a config/opt says so.
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     if config_file:
         cfg.merge_from_file(resolve_config_path(config_file))
     if opts:

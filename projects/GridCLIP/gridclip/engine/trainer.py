@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+
+import detectron2.engine.defaults as d2_defaults
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -12,7 +15,7 @@ from .checkpoint import make_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "build_evaluator"]
+__all__ = ["Trainer", "build_evaluator", "write_results"]
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
@@ -36,13 +39,53 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     )
 
 
+@contextmanager
+def _ddp_on_any_device():
+    """Let ``DefaultTrainer`` wrap a CPU model in DDP (gloo): Detectron2 always passes
+    ``device_ids=[local_rank]``, which PyTorch rejects for CPU modules."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with atomic checkpoints and LVIS/COCO evaluation."""
+    """Detectron2's ``DefaultTrainer`` with atomic checkpoints, LVIS/COCO evaluation, and
+    multi-process training on CPU (gloo) as well as GPU (NCCL)."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with _ddp_on_any_device():
+            super().__init__(cfg)
         make_atomic(self.checkpointer)  # also used by the PeriodicCheckpointer hook
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return DatasetEvaluators([build_evaluator(cfg, dataset_name, output_folder)])
+
+
+def write_results(cfg, results, filename: str = "results.json") -> str:
+    """Write evaluation results (``{"bbox": {"AP": ...}}``) as JSON in ``cfg.OUTPUT_DIR``,
+    atomically, with the config that produced them. Returns the path."""
+    import json
+
+    from .checkpoint import atomic_open
+
+    path = os.path.join(cfg.OUTPUT_DIR, filename)
+    payload = {
+        "results": {task: dict(metrics) for task, metrics in results.items()},
+        "datasets_test": list(cfg.DATASETS.TEST),
+        "weights": cfg.MODEL.WEIGHTS,
+        "max_iter": cfg.SOLVER.MAX_ITER,
+    }
+    with atomic_open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    logger.info(f"Wrote evaluation results to {path}")
+    return path
