@@ -109,3 +109,17 @@ def test_lvis_eval_numpy2_shim_gives_perfect_ap(tiny_lvis_json):
     ev = LVISEval(gt, LVISResults(gt, bad), "bbox")
     ev.run()
     assert ev.results["AP"] < 0.5
+
+
+def test_collect_env_runs_in_the_venv():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "detectron2.utils.collect_env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "detectron2" in out.stdout

@@ -27,18 +27,22 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+# pip's find-links/extra-index notes about absent local mirrors are noise here: filter them.
+pip_install() {
+  "$PY" -m pip install --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # torch/torchvision: ranges that accept what this machine offers (2.14.1 / 0.29.1 import together).
 if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing torch + torchvision (about a minute)"
-  "${PIP[@]}" "torch>=2.1,<=2.14.1" "torchvision>=0.16,<=0.29.1"
+  pip_install "torch>=2.1,<=2.14.1" "torchvision>=0.16,<=0.29.1"
 fi
 # torch pulls the newest setuptools, which dropped pkg_resources (needed by clip and model_zoo).
-"${PIP[@]}" "setuptools<81"
+pip_install "setuptools<81"
 
 # detectron2's runtime dependencies (the fallback wheel's metadata omits some and pins numpy<2).
-"${PIP[@]}" fvcore iopath yacs termcolor tabulate cloudpickle tensorboard omegaconf hydra-core \
+pip_install fvcore iopath yacs termcolor tabulate cloudpickle tensorboard omegaconf hydra-core \
   matplotlib pycocotools Pillow packaging tqdm opencv-python-headless ftfy regex pytest \
   pytest-timeout nbformat nbclient ipykernel
 
@@ -49,9 +53,10 @@ else
   TMP="$(mktemp -d)"
   trap 'rm -rf "$TMP"' EXIT
   "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
-    --python-version 3.10 sal-detectron2==0.7.2 -d "$TMP"
+    --python-version 3.10 sal-detectron2==0.7.2 -d "$TMP" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   mv "$TMP"/sal_detectron2-0.7.2-*.whl "$TMP/sal_detectron2-0.7.2-py3-none-any.whl"
-  "${PIP[@]}" --no-deps "$TMP/sal_detectron2-0.7.2-py3-none-any.whl"
+  pip_install --no-deps "$TMP/sal_detectron2-0.7.2-py3-none-any.whl"
   # The wheel ships a top-level `tools` package; drop it so it can never shadow the project's tools/.
   "$PY" - <<'PYEOF'
 import os, shutil, site
@@ -65,15 +70,15 @@ fi
 # OpenAI's CLIP code. clip-anytorch is the maintained fork of openai/CLIP (same `clip` module,
 # ships the BPE vocab). Skip if a `clip` module with `clip.model.CLIP` already exists.
 if ! "$PY" -c "import clip.model; clip.model.CLIP" >/dev/null 2>&1; then
-  "${PIP[@]}" --no-deps clip-anytorch
+  pip_install --no-deps clip-anytorch
 fi
 
 # lvis: --no-deps so it does not pull GUI opencv next to the headless one. Its numpy-2
 # incompatibility is handled by gridclip.evaluation.lvis_compat (one place, tested).
-"${PIP[@]}" --no-deps lvis
+pip_install --no-deps lvis
 
 # The project itself, editable, so nothing depends on the working directory.
-"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+pip_install --no-deps --no-build-isolation -e "$ROOT"
 
 log "detectron2 in use:"
 "$PY" - <<'PYEOF'
