@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +26,7 @@ __all__ = [
     "register_lvis_format_dataset",
     "register_lvis_v1_ovd",
     "filter_novel_annotations",
+    "validate_dataset_dicts",
     "novel_class_mask",
     "datasets_root",
     "DATASETS_README",
@@ -69,6 +71,51 @@ def read_lvis_categories(json_file: str) -> List[dict]:
                 f"{c.get('frequency')!r}; expected one of 'f', 'c', 'r'"
             )
     return categories
+
+
+def validate_dataset_dicts(dataset_dicts: List[dict], num_classes: int, source: str) -> List[dict]:
+    """Check Detectron2 dataset dicts loaded from ``source`` before anything trains on them.
+
+    Raises ValueError naming the file, image and annotation for: category ids outside
+    [0, num_classes), non-finite or negative-size boxes. Zero-size boxes (which LVIS-style
+    annotation tools do emit) are dropped with a warning that counts them, never silently.
+    """
+    dropped = 0
+    for d in dataset_dicts:
+        kept = []
+        for a in d.get("annotations", []):
+            where = f"{source}: image {d.get('image_id')} ({d.get('file_name')}), annotation {a.get('id')}"
+            cid = a.get("category_id")
+            if cid is None or not (0 <= cid < num_classes):
+                raise ValueError(
+                    f"{where}: category id {None if cid is None else cid + 1} outside the "
+                    f"{num_classes} categories of the file"
+                )
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if not all(map(math.isfinite, (x, y, w, h))):
+                raise ValueError(f"{where}: non-finite bbox {a['bbox']}")
+            if w < 0 or h < 0:
+                raise ValueError(f"{where}: negative box size in bbox [x, y, w, h] = {a['bbox']}")
+            if w == 0 or h == 0:
+                dropped += 1
+                continue
+            kept.append(a)
+        d["annotations"] = kept
+    if dropped:
+        logger.warning(f"{source}: dropped {dropped} zero-size boxes")
+    return dataset_dicts
+
+
+def _load_lvis_dicts(json_file: str, image_root: str, num_classes: int, builtin_name=None):
+    """``load_lvis_json`` plus validation; a missing field becomes an error naming the file."""
+    try:
+        dicts = load_lvis_json(json_file, image_root, builtin_name, extra_annotation_keys=["id"])
+    except KeyError as e:
+        raise ValueError(
+            f"{json_file}: missing field {e} (LVIS format needs images[id, file_name, coco_url, "
+            "height, width], annotations[id, image_id, category_id, bbox, segmentation])"
+        ) from e
+    return validate_dataset_dicts(dicts, num_classes, json_file)
 
 
 def filter_novel_annotations(
@@ -122,7 +169,8 @@ def register_lvis_format_dataset(
     def _load():
         _require_file(json_file, f"annotations of dataset {name!r}")
         _ensure_class_metadata(name)
-        dicts = load_lvis_json(json_file, image_root, None)
+        num_classes = len(MetadataCatalog.get(name).thing_classes)
+        dicts = _load_lvis_dicts(json_file, image_root, num_classes)
         if base_only:
             dicts = filter_novel_annotations(dicts, MetadataCatalog.get(name).class_frequencies)
         return dicts
@@ -185,7 +233,7 @@ def register_lvis_v1_ovd(root: Optional[str] = None) -> None:
 
     def _load():
         _require_file(json_file, "LVIS v1 train annotations")
-        dicts = load_lvis_json(json_file, image_root, "lvis_v1_train")
+        dicts = _load_lvis_dicts(json_file, image_root, len(categories), "lvis_v1_train")
         return filter_novel_annotations(dicts, frequencies)
 
     DatasetCatalog.register(name, _load)

@@ -7,10 +7,15 @@ from contextlib import contextmanager
 
 import detectron2.engine.defaults as d2_defaults
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
 
+from ..data.mapper import CheckedDatasetMapper
 from .checkpoint import make_atomic
 
 logger = logging.getLogger(__name__)
@@ -65,6 +70,14 @@ class Trainer(DefaultTrainer):
         with _ddp_on_any_device():
             super().__init__(cfg)
         make_atomic(self.checkpointer)  # also used by the PeriodicCheckpointer hook
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,81 @@
+"""Measurements shared by the embedded demo and ``tools/benchmark.py``.
+
+Timing follows Detectron2's practice: warm-up iterations first, inputs read and cached before
+the clock starts, medians over many iterations, batch 1, pre- and post-processing included
+(``DefaultPredictor``-style resize and the model's own normalisation and box decoding).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.data import detection_utils as utils
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["time_inference", "train_seconds_per_iter", "load_images"]
+
+
+def load_images(paths: Sequence[str], image_format: str = "BGR") -> List[np.ndarray]:
+    """Read images once (HWC uint8 in ``image_format``) so reading is not timed."""
+    return [utils.read_image(p, format=image_format) for p in paths]
+
+
+def time_inference(
+    predict: Callable[[np.ndarray], dict],
+    images: Sequence[np.ndarray],
+    *,
+    warmup: int = 2,
+    repeats: int = 1,
+) -> Dict[str, float]:
+    """Median and mean seconds per image of ``predict`` (e.g. a Detectron2 ``DefaultPredictor``:
+    BGR image in, resize + normalisation + model + postprocessing) over ``images``, batch 1.
+    """
+    if not images:
+        raise ValueError("time_inference needs at least one image")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for i in range(warmup):
+        predict(images[i % len(images)])
+    times = []
+    for _ in range(repeats):
+        for img in images:
+            start = time.perf_counter()
+            predict(img)
+            sync()
+            times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "num_images": len(times),
+    }
+
+
+def train_seconds_per_iter(output_dir: str, skip_first: int = 1) -> float:
+    """Median training seconds/iteration from Detectron2's ``metrics.json`` in ``output_dir``.
+
+    Detectron2 logs ``time`` (median over its window) every logging period; the first record
+    includes warm-up and is skipped when there are others.
+    """
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no training metrics at {path!r}: was the model trained there?")
+    times = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed run
+            if "time" in record and "iteration" in record:
+                times.append(float(record["time"]))
+    if not times:
+        raise ValueError(f"{path}: no 'time' records")
+    if len(times) > skip_first:
+        times = times[skip_first:]
+    return statistics.median(times)
