@@ -2,6 +2,7 @@
 
 (This package is ``gridclip.clip``; OpenAI's code is the top-level ``clip`` module.)
 """
+
 from .dense import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_MEAN_255,

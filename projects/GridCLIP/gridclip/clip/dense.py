@@ -5,6 +5,7 @@ resolution (7x7 for RN50 at 224 px). Here it is interpolated to any feature-map 
 pool's value path (``c_proj(v_proj(x + pos))``, as in MaskCLIP) is applied at every location with
 1x1-convolution semantics, which maps grid features into CLIP's joint image-text space.
 """
+
 from __future__ import annotations
 
 import math
@@ -117,9 +118,9 @@ def attnpool_dense(attnpool, x: torch.Tensor, add_positional: bool = True) -> to
     """
     assert x.ndim == 4, f"expected (N, C, H, W) features, got {tuple(x.shape)}"
     n, c, h, w = x.shape
-    assert c == attnpool.v_proj.in_features, (
-        f"features have {c} channels, the attention pool expects {attnpool.v_proj.in_features}"
-    )
+    assert (
+        c == attnpool.v_proj.in_features
+    ), f"features have {c} channels, the attention pool expects {attnpool.v_proj.in_features}"
     if add_positional:
         pos = interpolate_positional_embedding(attnpool.positional_embedding, h, w)[1:]
         x = x + pos.t().reshape(1, c, h, w).to(x.dtype)
@@ -137,12 +138,12 @@ def modified_resnet_features(visual, images: torch.Tensor) -> Dict[str, torch.Te
         {"res2": (N, 4w, H/4, W/4), "res3": (N, 8w, H/8, W/8), "res4": (N, 16w, H/16, W/16),
         "res5": (N, 32w, H/32, W/32)} with w = the trunk width (64 for RN50); sizes floor-divided.
     """
-    assert hasattr(visual, "layer4") and hasattr(visual, "attnpool"), (
-        f"expected CLIP's ModifiedResNet, got {type(visual).__name__} (a ViT has no grid trunk)"
-    )
-    assert images.ndim == 4 and images.shape[1] == 3, (
-        f"expected (N, 3, H, W) images, got {tuple(images.shape)}"
-    )
+    assert hasattr(visual, "layer4") and hasattr(
+        visual, "attnpool"
+    ), f"expected CLIP's ModifiedResNet, got {type(visual).__name__} (a ViT has no grid trunk)"
+    assert (
+        images.ndim == 4 and images.shape[1] == 3
+    ), f"expected (N, 3, H, W) images, got {tuple(images.shape)}"
     x = images.to(visual.conv1.weight.dtype)
     x = visual.relu1(visual.bn1(visual.conv1(x)))
     x = visual.relu2(visual.bn2(visual.conv2(x)))

@@ -11,6 +11,7 @@ Models are built with ``clip.model.build_model`` (OpenAI's architecture inferenc
 in float32, eval mode. Every failure raises :class:`CLIPWeightsError` naming the file and what to
 do about it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+import warnings
 import zipfile
 from typing import Dict, List, Optional, Tuple
 
@@ -87,7 +89,9 @@ def _cache_file_name(name: str) -> str:
     return OPENAI_CLIP_FILES.get(name, name.replace("/", "-").replace("@", "-") + ".pt")
 
 
-def resolve_clip_weights(weights: str = "", name: str = "RN50", cache_dir: str = "~/.cache/clip") -> str:
+def resolve_clip_weights(
+    weights: str = "", name: str = "RN50", cache_dir: str = "~/.cache/clip"
+) -> str:
     """Return the path of the CLIP weights file to load.
 
     ``weights`` (a path, or ``"embedded"``) wins; empty ``weights`` looks up ``name`` in
@@ -115,10 +119,14 @@ def resolve_clip_weights(weights: str = "", name: str = "RN50", cache_dir: str =
             + _HOW_TO_GET
         )
     if not name:
-        raise CLIPWeightsError("Neither MODEL.CLIP.WEIGHTS nor MODEL.CLIP.NAME is set. " + _HOW_TO_GET)
+        raise CLIPWeightsError(
+            "Neither MODEL.CLIP.WEIGHTS nor MODEL.CLIP.NAME is set. " + _HOW_TO_GET
+        )
     looked: List[str] = []
     for directory in [cache_dir] if cache_dir else []:
-        candidate = os.path.abspath(os.path.join(os.path.expanduser(directory), _cache_file_name(name)))
+        candidate = os.path.abspath(
+            os.path.join(os.path.expanduser(directory), _cache_file_name(name))
+        )
         looked.append(candidate)
         if os.path.isfile(candidate):
             return candidate
@@ -167,7 +175,7 @@ def _unwrap_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
             f"optionally under 'state_dict' or 'model'). " + _HOW_TO_GET
         )
     if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}  # saved from DistributedDataParallel
+        obj = {k[len("module.") :]: v for k, v in obj.items()}  # saved from DistributedDataParallel
     return obj
 
 
@@ -175,7 +183,10 @@ def load_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read a CLIP state dict (float32 tensors) from an OpenAI TorchScript or plain file."""
     try:
         if _is_torchscript_archive(path):
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                # OpenAI's files are TorchScript: jit.load is the only reader (deprecation noise).
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = torch.jit.load(path, map_location="cpu").state_dict()
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CLIPWeightsError:

@@ -6,6 +6,7 @@ crops at 1x and 1.5x. All views are cut and resized with one ``torchvision.ops.r
 per chunk (anti-aliased by its adaptive sampling), so whole images, tiles and boxes go through
 exactly the same path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from .dense import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255, attnpool_pooled, modified_resnet_features
+from .dense import (
+    CLIP_PIXEL_MEAN_255,
+    CLIP_PIXEL_STD_255,
+    attnpool_pooled,
+    modified_resnet_features,
+)
 from .loading import clip_embed_dim, load_clip_from_cfg
 
 logger = logging.getLogger(__name__)
@@ -82,9 +88,9 @@ class CLIPImageTeacher(nn.Module):
     # ------------------------------------------------------------------------------ internals
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB 0-255 -> CLIP-normalised float32 on the teacher's device."""
-        assert images.ndim == 4 and images.shape[1] == 3, (
-            f"expected (N, 3, H, W) RGB images, got {tuple(images.shape)}"
-        )
+        assert (
+            images.ndim == 4 and images.shape[1] == 3
+        ), f"expected (N, 3, H, W) RGB images, got {tuple(images.shape)}"
         images = images.to(device=self.device, dtype=torch.float32)
         return (images - self.pixel_mean) / self.pixel_std
 
@@ -180,9 +186,9 @@ class CLIPImageTeacher(nn.Module):
             (R, D) L2-normalised embeddings (R may be 0).
         """
         assert image.ndim == 3, f"expected one (3, H, W) image, got {tuple(image.shape)}"
-        assert boxes.ndim == 2 and boxes.shape[1] == 4, (
-            f"expected (R, 4) XYXY boxes, got {tuple(boxes.shape)}"
-        )
+        assert (
+            boxes.ndim == 2 and boxes.shape[1] == 4
+        ), f"expected (R, 4) XYXY boxes, got {tuple(boxes.shape)}"
         assert len(scales) > 0, "at least one crop scale is needed"
         images = self._normalize(image[None])
         _, _, h, w = images.shape

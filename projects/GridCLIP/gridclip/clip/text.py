@@ -5,6 +5,7 @@ class name in every prompt template (ViLD's prompt ensemble). Results are cached
 ``<cache_dir>/<key>.npy`` keyed by the CLIP weights, the names and the templates, so training
 and evaluation need no text encoder once a vocabulary has been seen.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -130,32 +131,46 @@ def clean_class_name(name: str) -> str:
     return re.sub(r"\s+", " ", name).strip()
 
 
-def tokenize_for_model(clip_model, texts: Sequence[str]) -> torch.Tensor:
+def tokenize_for_model(clip_model, texts: Sequence[str], warn: bool = True) -> torch.Tensor:
     """Tokenise for a CLIP model whose context may be shorter than 77 tokens.
 
     Texts are tokenised to 77 tokens (truncating); when the model's ``context_length`` is
     shorter, longer token sequences are cut and their last kept token becomes the end-of-text
     token, so ``argmax`` still finds EOT. Returns (len(texts), context_length) int64.
     """
+    tokens, truncated = _tokenize(clip_model, texts)
+    if warn and truncated.any():
+        _warn_truncated(
+            int(truncated.sum()),
+            len(texts),
+            clip_model.context_length,
+            texts[int(truncated.nonzero()[0])],
+        )
+    return tokens
+
+
+def _tokenize(clip_model, texts: Sequence[str]):
     import clip
 
     ctx = int(clip_model.context_length)
     tokens = clip.tokenize(list(texts), context_length=max(77, ctx), truncate=True)
+    truncated = torch.zeros(len(texts), dtype=torch.bool)
     if ctx < tokens.shape[1]:
-        eot_pos = tokens.argmax(dim=-1)
-        too_long = eot_pos >= ctx
+        truncated = tokens.argmax(dim=-1) >= ctx
         tokens = tokens[:, :ctx].clone()
-        if too_long.any():
-            tokens[too_long, ctx - 1] = _EOT_TOKEN
-            logger.warning(
-                "%d of %d prompts are longer than the CLIP text context (%d tokens) and were "
-                "truncated, e.g. %r",
-                int(too_long.sum()),
-                len(texts),
-                ctx,
-                texts[int(too_long.nonzero()[0])],
-            )
-    return tokens
+        tokens[truncated, ctx - 1] = _EOT_TOKEN
+    return tokens, truncated
+
+
+def _warn_truncated(count: int, total: int, ctx: int, example: str) -> None:
+    logger.warning(
+        "%d of %d prompts are longer than the CLIP text context (%d tokens) and were truncated, "
+        "e.g. %r",
+        count,
+        total,
+        ctx,
+        example,
+    )
 
 
 def encode_text_tokens(clip_model, tokens: torch.Tensor) -> torch.Tensor:
@@ -214,20 +229,32 @@ def encode_text_embeddings(
     assert names, "no class names to embed"
     device = clip_model.text_projection.device
     per_batch = max(1, batch_size // len(templates))  # classes per forward
-    out = []
-    with tqdm(total=len(names), desc="CLIP text embeddings", unit="class", disable=not progress) as bar:
+    out, num_truncated, example = [], 0, ""
+    with tqdm(
+        total=len(names), desc="CLIP text embeddings", unit="class", disable=not progress
+    ) as bar:
         for start in range(0, len(names), per_batch):
             chunk = names[start : start + per_batch]
             texts = [t.format(n) for n in chunk for t in templates]
-            tokens = tokenize_for_model(clip_model, texts).to(device)
+            tokens, truncated = _tokenize(clip_model, texts)
+            if truncated.any():
+                num_truncated += int(truncated.sum())
+                example = example or texts[int(truncated.nonzero()[0])]
+            tokens = tokens.to(device)
             emb = F.normalize(encode_text_tokens(clip_model, tokens).float(), dim=-1)
             emb = emb.reshape(len(chunk), len(templates), -1).mean(dim=1)
             out.append(F.normalize(emb, dim=-1).cpu())
             bar.update(len(chunk))
+    if num_truncated:
+        _warn_truncated(
+            num_truncated, len(names) * len(templates), clip_model.context_length, example
+        )
     return torch.cat(out, dim=0)
 
 
-def text_embeddings_cache_key(model_key: str, names: Sequence[str], templates: Sequence[str]) -> str:
+def text_embeddings_cache_key(
+    model_key: str, names: Sequence[str], templates: Sequence[str]
+) -> str:
     """sha256 (24 hex digits) of the CLIP model id, the names and the templates."""
     payload = json.dumps(
         {"version": 1, "model": str(model_key), "names": list(names), "templates": list(templates)},
@@ -274,8 +301,10 @@ def get_text_embeddings(
     names = list(names)
     if not names:
         raise ValueError("get_text_embeddings: the vocabulary is empty")
-    templates = load_prompts(prompts) if isinstance(prompts, str) else _check_templates(
-        list(prompts), "prompt list"
+    templates = (
+        load_prompts(prompts)
+        if isinstance(prompts, str)
+        else _check_templates(list(prompts), "prompt list")
     )
     path = None
     expected_dim = clip_embed_dim(clip_model) if clip_model is not None else None
@@ -291,7 +320,9 @@ def get_text_embeddings(
             if reason is None:
                 logger.info("Text embeddings (%d x %d) from cache %s", *emb.shape, path)
                 return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
-            logger.warning("Ignoring corrupt text-embedding cache %s (%s); recomputing", path, reason)
+            logger.warning(
+                "Ignoring corrupt text-embedding cache %s (%s); recomputing", path, reason
+            )
     if clip_model is None:
         if clip_loader is None:
             raise ValueError(
@@ -389,5 +420,8 @@ def text_embeddings_from_cfg(cfg, names: Sequence[str]) -> torch.Tensor:
         clip_loader=loader,
     )
     return check_text_embeddings(
-        emb, embed_dim=c.EMBED_DIM, num_classes=len(names), source=f"text embeddings of {weights_path}"
+        emb,
+        embed_dim=c.EMBED_DIM,
+        num_classes=len(names),
+        source=f"text embeddings of {weights_path}",
     )
