@@ -560,6 +560,9 @@ def test_teacher_embed_boxes(teacher):
         teacher.embed_boxes(image, boxes, chunk_size=1), emb, atol=1e-5, rtol=1e-4
     )
     assert teacher.embed_boxes(image, torch.zeros(0, 4)).shape == (0, 64)
+    from detectron2.structures import Boxes
+
+    torch.testing.assert_close(teacher.embed_boxes(image, Boxes(boxes)), emb)
 
 
 def test_teacher_embed_tiles(teacher):

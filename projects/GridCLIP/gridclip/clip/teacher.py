@@ -179,12 +179,13 @@ class CLIPImageTeacher(nn.Module):
 
         Args:
             image: (3, H, W) RGB, 0-255.
-            boxes: (R, 4) XYXY in absolute pixels of ``image``.
+            boxes: (R, 4) XYXY in absolute pixels of ``image`` (a tensor or ``Boxes``).
             scales: each box is enlarged about its centre by each factor and clipped to the
                 image; the per-scale normalised embeddings are summed.
         Returns:
             (R, D) L2-normalised embeddings (R may be 0).
         """
+        boxes = getattr(boxes, "tensor", boxes)  # also accepts detectron2.structures.Boxes
         assert image.ndim == 3, f"expected one (3, H, W) image, got {tuple(image.shape)}"
         assert (
             boxes.ndim == 2 and boxes.shape[1] == 4
