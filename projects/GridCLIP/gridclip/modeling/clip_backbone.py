@@ -1,0 +1,213 @@
+"""CLIP's image encoder (ModifiedResNet) as a Detectron2 backbone, with a RetinaNet FPN on top.
+
+GridCLIP starts its backbone from CLIP's image encoder (the paper's choice for the R50 models:
+CLIP RN50), so the grid features begin in a space CLIP's attention pool already maps to the
+joint image-text space. The trunk's stem + ``layer1..layer4`` become Detectron2's
+``res2..res5`` (strides 4, 8, 16, 32); the attention pool is not part of the detector.
+
+Input: images normalised with CLIP's pixel mean/std, RGB (``INPUT.FORMAT: RGB`` and
+``MODEL.PIXEL_MEAN/STD`` = ``gridclip.clip.CLIP_PIXEL_MEAN_255/STD_255``, see Base-GridCLIP.yaml).
+
+Batch norm: stages up to ``MODEL.CLIP_RESNET.FREEZE_AT`` are frozen (parameters fixed, BN turned
+into ``FrozenBatchNorm2d``). In the trainable stages, BN is also turned into
+``FrozenBatchNorm2d`` when the trunk is initialised from CLIP: CLIP's statistics were estimated
+on large batches, and detection batches of 1-4 images per device would only make them noisy
+(the same policy as Detectron2's ImageNet ResNets, ``MODEL.RESNETS.NORM: FrozenBN``). A randomly
+initialised trunk (``INIT_FROM_CLIP: False``, an ablation) keeps trainable ``BatchNorm2d`` in its
+trainable stages, since frozen random statistics make training diverge.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLIPResNet", "build_clip_resnet_backbone", "build_clip_resnet_fpn_backbone"]
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+# Architectures of OpenAI's ModifiedResNet CLIPs (as in ``clip.model.build_model``), used to
+# build a randomly initialised trunk without reading a weights file.
+KNOWN_ARCHITECTURES = {
+    "RN50": dict(layers=(3, 4, 6, 3), width=64, output_dim=1024, input_resolution=224),
+    "RN101": dict(layers=(3, 4, 23, 3), width=64, output_dim=512, input_resolution=224),
+    "RN50x4": dict(layers=(4, 6, 10, 6), width=80, output_dim=640, input_resolution=288),
+    "RN50x16": dict(layers=(6, 8, 18, 8), width=96, output_dim=768, input_resolution=384),
+    "RN50x64": dict(layers=(3, 15, 36, 10), width=128, output_dim=1024, input_resolution=448),
+}
+
+
+class CLIPResNet(Backbone):
+    """The trunk of CLIP's ``ModifiedResNet`` (stem + 4 stages) as a Detectron2 ``Backbone``.
+
+    ``forward(x)`` with x of shape (N, 3, H, W), normalised with CLIP's mean/std, returns
+    ``{name: (N, C_name, H / stride, W / stride)}`` for ``out_features`` among res2..res5.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        out_features: Sequence[str] = ("res3", "res4", "res5"),
+        freeze_at: int = 0,
+        frozen_bn_in_trainable_stages: bool = True,
+    ):
+        """
+        Args:
+            visual: a ``clip.model.ModifiedResNet`` (e.g. ``clip_model.visual``); its modules
+                are copied, the attention pool is left out.
+            out_features: subset of res2..res5 to return.
+            freeze_at: 0 trains everything, 1 freezes the stem, 2 the stem and res2, ...
+            frozen_bn_in_trainable_stages: turn the BN of trainable stages into FrozenBN too.
+        """
+        super().__init__()
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "avgpool", "layer1"):
+            assert hasattr(visual, name), (
+                f"expected a CLIP ModifiedResNet (clip_model.visual), got {type(visual).__name__} "
+                f"without {name!r}; ViT CLIPs have no convolutional trunk to use as a backbone"
+            )
+        unknown = [f for f in out_features if f not in STAGE_NAMES]
+        assert not unknown, f"CLIPResNet: unknown out_features {unknown}; choose from {STAGE_NAMES}"
+        assert (
+            0 <= freeze_at <= 5
+        ), f"MODEL.CLIP_RESNET.FREEZE_AT must be in [0, 5], got {freeze_at}"
+        visual = copy.deepcopy(visual).float()
+        self.stem = nn.Sequential(
+            visual.conv1, visual.bn1, nn.ReLU(inplace=True),
+            visual.conv2, visual.bn2, nn.ReLU(inplace=True),
+            visual.conv3, visual.bn3, nn.ReLU(inplace=True),
+            visual.avgpool,
+        )  # fmt: skip
+        # Only the stages up to the last requested one: unused parameters would upset DDP.
+        num_stages = max(STAGE_NAMES.index(f) for f in out_features) + 1
+        self.stage_names = STAGE_NAMES[:num_stages]
+        for i, name in enumerate(self.stage_names):
+            self.add_module(name, getattr(visual, f"layer{i + 1}"))
+        self._out_features = [f for f in STAGE_NAMES if f in out_features]
+        self._out_feature_strides = {f: STAGE_STRIDES[f] for f in self._out_features}
+        self._out_feature_channels = {
+            f: getattr(self, f)[-1].conv3.out_channels for f in self._out_features
+        }
+        self.freeze_at = freeze_at
+        self._freeze(freeze_at, frozen_bn_in_trainable_stages)
+
+    def _freeze(self, freeze_at: int, frozen_bn_in_trainable_stages: bool) -> None:
+        blocks = [("stem", self.stem)] + [(n, getattr(self, n)) for n in self.stage_names]
+        for index, (name, block) in enumerate(blocks, start=1):
+            if index <= freeze_at:
+                for p in block.parameters():
+                    p.requires_grad_(False)
+                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(block))
+            elif frozen_bn_in_trainable_stages:
+                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(block))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        assert x.dim() == 4 and x.shape[1] == 3, f"CLIPResNet takes (N, 3, H, W), got {x.shape}"
+        x = self.stem(x.to(self.stem[0].weight.dtype))
+        outputs = {}
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            f: ShapeSpec(
+                channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]
+            )
+            for f in self._out_features
+        }
+
+
+def _random_modified_resnet(arch: Dict) -> nn.Module:
+    from clip.model import ModifiedResNet
+
+    return ModifiedResNet(
+        layers=arch["layers"],
+        output_dim=arch["output_dim"],
+        heads=arch["width"] * 32 // 64,
+        input_resolution=arch["input_resolution"],
+        width=arch["width"],
+    )
+
+
+def _architecture_of(visual: nn.Module) -> Dict:
+    return dict(
+        layers=tuple(len(getattr(visual, f"layer{i}")) for i in range(1, 5)),
+        width=visual.conv3.out_channels,
+        output_dim=visual.output_dim,
+        input_resolution=visual.input_resolution,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNet:
+    """CLIP ModifiedResNet trunk from ``MODEL.CLIP`` (weights) and ``MODEL.CLIP_RESNET``."""
+    assert input_shape.channels == 3, f"the CLIP trunk takes RGB images, got {input_shape.channels}"
+    if cfg.INPUT.FORMAT != "RGB":
+        logger.warning(
+            f"INPUT.FORMAT is {cfg.INPUT.FORMAT!r} but CLIP's image encoder expects RGB images "
+            "normalised with CLIP's pixel mean/std (see Base-GridCLIP.yaml)"
+        )
+    init_from_clip = cfg.MODEL.CLIP_RESNET.INIT_FROM_CLIP
+    name = cfg.MODEL.CLIP.NAME
+    if init_from_clip or name not in KNOWN_ARCHITECTURES:
+        from gridclip.clip import load_clip_from_cfg
+
+        visual = load_clip_from_cfg(cfg).visual
+        if not hasattr(visual, "layer1"):
+            raise ValueError(
+                f"MODEL.CLIP.NAME={name!r} is not a ModifiedResNet CLIP; "
+                "build_clip_resnet_fpn_backbone needs an RN* (or the embedded ResNet) CLIP"
+            )
+        if not init_from_clip:
+            visual = _random_modified_resnet(_architecture_of(visual))
+    else:
+        visual = _random_modified_resnet(KNOWN_ARCHITECTURES[name])
+    logger.info(
+        f"CLIP ResNet backbone ({name}, {'CLIP weights' if init_from_clip else 'random init'}, "
+        f"FREEZE_AT={cfg.MODEL.CLIP_RESNET.FREEZE_AT})"
+    )
+    return CLIPResNet(
+        visual,
+        out_features=cfg.MODEL.CLIP_RESNET.OUT_FEATURES,
+        freeze_at=cfg.MODEL.CLIP_RESNET.FREEZE_AT,
+        frozen_bn_in_trainable_stages=init_from_clip,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """CLIP ModifiedResNet trunk + FPN with P6/P7 from res5, as RetinaNet's backbone.
+
+    Uses ``MODEL.FPN.IN_FEATURES`` (must be among ``MODEL.CLIP_RESNET.OUT_FEATURES``),
+    ``MODEL.FPN.OUT_CHANNELS``, ``MODEL.FPN.NORM`` and ``MODEL.FPN.FUSE_TYPE``.
+    """
+    bottom_up = build_clip_resnet_backbone(cfg, input_shape)
+    in_features: List[str] = list(cfg.MODEL.FPN.IN_FEATURES)
+    shapes = bottom_up.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES {in_features} asks for {missing}, which "
+            f"MODEL.CLIP_RESNET.OUT_FEATURES {list(cfg.MODEL.CLIP_RESNET.OUT_FEATURES)} lacks"
+        )
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(shapes[in_features[-1]].channels, out_channels, in_features[-1]),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

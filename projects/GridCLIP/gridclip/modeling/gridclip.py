@@ -1,0 +1,529 @@
+"""GridCLIP: a one-stage open-vocabulary detector (RetinaNet with a CLIP text classifier).
+
+The classification branch of RetinaNet ends in grid embeddings in CLIP's joint image-text space
+instead of per-class logits; a class's logit is ``scale * cos(grid embedding, text embedding) +
+prior bias`` against fixed CLIP text embeddings (:class:`TextEmbeddingClassifier`). Anchor
+matching, the focal and box losses, box decoding and NMS are RetinaNet's.
+
+Two head variants (``MODEL.GRIDCLIP.EMBED_PER_ANCHOR``):
+
+- per location (default): one D-d embedding per grid cell, shared by its A anchors. The text
+  product costs H*W*K*D instead of H*W*A*K*D, and inference never materialises per-anchor
+  scores: it ranks (location, class) pairs, keeps the top ones and only then expands each to
+  its A anchors (same score) to decode boxes;
+- per anchor: A*D channels, one embedding per anchor, decoded as RetinaNet does.
+
+Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
+covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
+columns are left out of the loss, not treated as negatives. All classes are scored at test time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from .image_alignment import ImageAlignment, build_image_alignment
+from .text_classifier import TextEmbeddingClassifier
+from .vocabulary import check_class_count, resolve_vocabulary
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg"]
+
+
+class GridCLIPHead(RetinaNetHead):
+    """RetinaNet's towers; the classification tower ends in CLIP-space grid embeddings.
+
+    ``forward_embeddings(features)`` returns the raw outputs:
+    grid embeddings (N, E, Hi, Wi) with E = D (per location) or A*D (per anchor), and box deltas
+    (N, A*4, Hi, Wi). ``forward(features)`` keeps RetinaNet's contract and returns
+    ``(logits (N, A*K, Hi, Wi), box deltas)``; GridCLIP's inference avoids it (see module doc).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_anchors: int,
+        conv_dims: List[int],
+        text_embeddings: Tensor,
+        embed_per_anchor: bool = False,
+        norm="",
+        prior_prob: float = 0.01,
+        logit_scale: float = 20.0,
+        learn_logit_scale: bool = False,
+    ):
+        """
+        Args:
+            input_shape, num_anchors, conv_dims, norm, prior_prob: as :class:`RetinaNetHead`.
+            text_embeddings: (K, D) class text embeddings (a buffer of ``self.classifier``).
+            embed_per_anchor: one embedding per anchor (A*D channels) instead of per location.
+            logit_scale: cosine similarities are multiplied by this (learnable, clamped to
+                [1, 100], with ``learn_logit_scale``).
+        """
+        # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
+        super().__init__(
+            input_shape=input_shape,
+            num_classes=1,
+            num_anchors=num_anchors,
+            conv_dims=conv_dims,
+            norm=norm,
+            prior_prob=prior_prob,
+        )
+        del self.cls_score
+        self.num_anchors = num_anchors
+        self.embed_per_anchor = bool(embed_per_anchor)
+        self.embed_dim = int(text_embeddings.shape[1])
+        out_channels = self.embed_dim * (num_anchors if embed_per_anchor else 1)
+        self.grid_embed = nn.Conv2d(conv_dims[-1], out_channels, kernel_size=3, padding=1)
+        nn.init.normal_(self.grid_embed.weight, mean=0, std=0.01)
+        nn.init.constant_(self.grid_embed.bias, 0)
+        # RetinaNet's prior: every class starts at probability prior_prob. A single learned bias
+        # (shared by all classes, so it applies to novel ones too) replaces the per-class one.
+        self.classifier = TextEmbeddingClassifier(
+            text_embeddings,
+            logit_scale=logit_scale,
+            learn_logit_scale=learn_logit_scale,
+            bias=-math.log((1 - prior_prob) / prior_prob),
+            learn_bias=True,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec], text_embeddings: Tensor):
+        ret = super().from_config(cfg, input_shape)
+        del ret["num_classes"]
+        ret.update(
+            text_embeddings=text_embeddings,
+            embed_per_anchor=cfg.MODEL.GRIDCLIP.EMBED_PER_ANCHOR,
+            logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
+            learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
+        )
+        return ret
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @property
+    def anchors_per_embedding(self) -> int:
+        """How many anchors share one embedding (A per location, 1 per anchor)."""
+        return 1 if self.embed_per_anchor else self.num_anchors
+
+    def forward_embeddings(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Args:
+            features: FPN maps (N, C, Hi, Wi), high to low resolution.
+        Returns:
+            grid_embeddings: per level (N, E, Hi, Wi), E = D or A*D (not normalised).
+            box_deltas: per level (N, A*4, Hi, Wi).
+        """
+        assert (
+            len(features) == self._num_features
+        ), f"head built for {self._num_features} levels, got {len(features)}"
+        grid_embeddings, box_deltas = [], []
+        for feature in features:
+            grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
+            box_deltas.append(self.bbox_pred(self.bbox_subnet(feature)))
+        return grid_embeddings, box_deltas
+
+    def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
+        """(N, E, Hi, Wi) -> (N, Hi*Wi*G, D), G = A per anchor, 1 per location ((h, w, a) order)."""
+        return permute_to_N_HWA_K(grid_embeddings, self.embed_dim)
+
+    def logits(self, rows: Tensor, class_indices: Optional[Tensor] = None) -> Tensor:
+        """(..., D) embeddings -> (..., K) logits, or (..., len(class_indices)) for a subset."""
+        text = None
+        if class_indices is not None:
+            text = self.classifier.text_embeddings[class_indices]
+        return self.classifier(rows, text)
+
+    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """RetinaNet's contract: logits (N, A*K, Hi, Wi) and box deltas (N, A*4, Hi, Wi).
+
+        Materialises per-anchor logits; GridCLIP's own training and inference do not use it.
+        """
+        grid_embeddings, box_deltas = self.forward_embeddings(features)
+        logits = []
+        for x in grid_embeddings:
+            n, _, h, w = x.shape
+            level = self.logits(self.embedding_rows(x))  # (N, H*W*G, K)
+            k = level.shape[-1]
+            level = level.view(n, h, w, -1, k).expand(n, h, w, self.num_anchors, k)
+            logits.append(level.reshape(n, h, w, self.num_anchors * k).permute(0, 3, 1, 2))
+        return logits, box_deltas
+
+
+def _vocabulary_dataset(cfg) -> Optional[str]:
+    if len(cfg.DATASETS.TRAIN):
+        return cfg.DATASETS.TRAIN[0]
+    if len(cfg.DATASETS.TEST):
+        return cfg.DATASETS.TEST[0]
+    return None
+
+
+def trained_class_mask_from_cfg(cfg, num_classes: int) -> Tensor:
+    """(K,) bool: the classes whose focal-loss columns are trained.
+
+    All classes, unless ``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``: then the base classes
+    (frequency f or c) of the training dataset's ``class_frequencies`` metadata (an error if the
+    dataset has none).
+    """
+    mask = torch.ones(num_classes, dtype=torch.bool)
+    if not cfg.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING or not len(cfg.DATASETS.TRAIN):
+        return mask
+    from gridclip.data import novel_class_mask
+
+    name = cfg.DATASETS.TRAIN[0]
+    try:
+        novel = novel_class_mask(MetadataCatalog.get(name))
+    except KeyError:
+        raise ValueError(
+            f"MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING is True but dataset {name!r} has no "
+            "'class_frequencies' (LVIS f/c/r) metadata to tell novel classes; register it with "
+            "gridclip.data.register_lvis_format_dataset or set "
+            "MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING False"
+        )
+    if novel.numel() != num_classes:
+        raise ValueError(
+            f"dataset {name!r} has class_frequencies for {novel.numel()} classes, the model has "
+            f"{num_classes}"
+        )
+    if bool(novel.all()):
+        raise ValueError(
+            f"dataset {name!r}: every class is novel (frequency 'r'); nothing to train"
+        )
+    logger.info(
+        f"GridCLIP trains the classification loss on {int((~novel).sum())} base classes of "
+        f"{num_classes} ({int(novel.sum())} novel classes excluded) of {name!r}"
+    )
+    return ~novel
+
+
+@META_ARCH_REGISTRY.register()
+class GridCLIP(RetinaNet):
+    """RetinaNet whose classifier is CLIP's text embeddings; see the module docstring.
+
+    Extra training loss: ``loss_image_align`` (image-level alignment with a CLIP teacher) when
+    ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT > 0``. Use :meth:`set_vocabulary` to detect other classes.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        head: GridCLIPHead,
+        image_alignment: Optional[ImageAlignment] = None,
+        trained_class_mask: Optional[Tensor] = None,
+        class_names: Optional[Sequence[str]] = None,
+        vocabulary_cfg=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            head: a :class:`GridCLIPHead` (holds the text embeddings; K = its class count).
+            image_alignment: image-level alignment module, or None to disable it.
+            trained_class_mask: (K,) bool, classes trained by the focal loss (default: all).
+            class_names: names of the K classes, if known (informative: demos, logs).
+            vocabulary_cfg: the config used to embed class names in :meth:`set_vocabulary`.
+            kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
+        """
+        assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
+        super().__init__(head=head, num_classes=head.num_classes, **kwargs)
+        self.image_alignment = image_alignment
+        self.class_names = list(class_names) if class_names is not None else None
+        self._vocabulary_cfg = vocabulary_cfg
+        self._set_trained_class_mask(trained_class_mask)
+        self.register_load_state_dict_post_hook(GridCLIP._sync_vocabulary_after_load)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        feature_shapes = [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        text_embeddings, class_names = cls.text_embeddings_from_cfg(cfg)
+        head = GridCLIPHead(cfg, feature_shapes, text_embeddings)
+        vocabulary_cfg = cfg.clone()
+        return {
+            "backbone": backbone,
+            "head": head,
+            "image_alignment": build_image_alignment(cfg),
+            "trained_class_mask": trained_class_mask_from_cfg(cfg, text_embeddings.shape[0]),
+            "class_names": class_names,
+            "vocabulary_cfg": vocabulary_cfg,
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(
+                cfg.MODEL.RETINANET.IOU_THRESHOLDS,
+                cfg.MODEL.RETINANET.IOU_LABELS,
+                allow_low_quality_matches=True,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "head_in_features": cfg.MODEL.RETINANET.IN_FEATURES,
+            "focal_loss_alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
+            "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
+            "box_reg_loss_type": cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE,
+            "test_score_thresh": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
+            "test_topk_candidates": cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "vis_period": cfg.VIS_PERIOD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    @staticmethod
+    def text_embeddings_from_cfg(cfg) -> Tuple[Tensor, Optional[List[str]]]:
+        """The (K, D) class text embeddings of a config, checked against it and its dataset.
+
+        ``MODEL.CLIP.TEXT_EMBEDDINGS`` if set, else CLIP text embeddings of the class names of
+        ``DATASETS.TRAIN[0]`` (or ``DATASETS.TEST[0]`` when there is no training set).
+        """
+        name = _vocabulary_dataset(cfg)
+        metadata = MetadataCatalog.get(name) if name else None
+        thing_classes = getattr(metadata, "thing_classes", None) if metadata is not None else None
+        if cfg.MODEL.CLIP.TEXT_EMBEDDINGS:
+            text_embeddings, _ = resolve_vocabulary(cfg.MODEL.CLIP.TEXT_EMBEDDINGS)
+        elif thing_classes is not None:
+            text_embeddings, _ = resolve_vocabulary(list(thing_classes), cfg)
+        else:
+            raise ValueError(
+                "GridCLIP needs a vocabulary: set MODEL.CLIP.TEXT_EMBEDDINGS to a (C, D) .npy, or "
+                f"DATASETS.TRAIN/TEST to a registered dataset with thing_classes (got {name!r})"
+            )
+        if text_embeddings.shape[1] != cfg.MODEL.CLIP.EMBED_DIM:
+            raise ValueError(
+                f"text embeddings are {text_embeddings.shape[1]}-d but MODEL.CLIP.EMBED_DIM = "
+                f"{cfg.MODEL.CLIP.EMBED_DIM} ({cfg.MODEL.CLIP.TEXT_EMBEDDINGS or 'CLIP text'})"
+            )
+        check_class_count(text_embeddings, cfg, metadata)
+        if len(cfg.DATASETS.TEST) and len(cfg.DATASETS.TRAIN):
+            test_classes = getattr(MetadataCatalog.get(cfg.DATASETS.TEST[0]), "thing_classes", None)
+            if test_classes is not None and list(test_classes) != list(thing_classes or []):
+                logger.warning(
+                    f"DATASETS.TEST[0] {cfg.DATASETS.TEST[0]!r} has other classes than "
+                    f"DATASETS.TRAIN[0] {name!r}: call model.set_vocabulary(test classes) "
+                    "before evaluating"
+                )
+        return text_embeddings, list(thing_classes) if thing_classes is not None else None
+
+    # ------------------------------------------------------------------------- vocabulary
+    @property
+    def text_embeddings(self) -> Tensor:
+        """(K, D) L2-normalised class text embeddings (a buffer of the head's classifier)."""
+        return self.head.classifier.text_embeddings
+
+    def _set_trained_class_mask(self, mask: Optional[Tensor]) -> None:
+        k = self.head.num_classes
+        if mask is None:
+            mask = torch.ones(k, dtype=torch.bool)
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        assert mask.shape == (k,), f"trained_class_mask must be ({k},), got {tuple(mask.shape)}"
+        # Not persistent: derived from the dataset's metadata, and reset with the vocabulary.
+        self.register_buffer("trained_class_mask", mask.to(self.pixel_mean.device), False)
+
+    def set_vocabulary(self, vocabulary) -> None:
+        """Detect another set of classes.
+
+        Args:
+            vocabulary: class names (embedded with this model's CLIP and prompts), a (C, D)
+                tensor/ndarray of text embeddings, or a path to a .npy/.pt of one.
+
+        The text-embedding buffer is replaced (it stays a buffer: moved by ``.to()``, saved in
+        checkpoints), ``num_classes`` becomes C, and every class is scored (and, if trained
+        further, trained).
+        """
+        text_embeddings, names = resolve_vocabulary(vocabulary, self._vocabulary_cfg)
+        self.head.classifier.set_vocabulary(text_embeddings)
+        self.num_classes = self.head.num_classes
+        self.class_names = names
+        self._set_trained_class_mask(None)
+        logger.info(f"GridCLIP vocabulary set to {self.num_classes} classes")
+
+    @staticmethod
+    def _sync_vocabulary_after_load(module: "GridCLIP", incompatible_keys) -> None:
+        # load_state_dict may adopt a checkpoint's vocabulary of another size.
+        if module.num_classes != module.head.num_classes:
+            module.num_classes = module.head.num_classes
+            module.class_names = None
+            module._set_trained_class_mask(None)
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        predictions = list(self.head.forward_embeddings(features))
+
+        if self.training:
+            assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            losses = self.forward_training(images, features, predictions, gt_instances)
+            if self.image_alignment is not None:
+                shapes = self.backbone.output_shape()
+                strides = [shapes[f].stride for f in self.head_in_features]
+                losses.update(
+                    self.image_alignment(
+                        predictions[0], strides, images.image_sizes, batched_inputs
+                    )
+                )
+            return losses
+
+        results = self.forward_inference(images, features, predictions)
+        processed_results = []
+        for results_per_image, input_per_image, image_size in zip(
+            results, batched_inputs, images.image_sizes
+        ):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            processed_results.append(
+                {"instances": detector_postprocess(results_per_image, height, width)}
+            )
+        return processed_results
+
+    @contextlib.contextmanager
+    def _loss_class_space(self, num_classes: int):
+        """RetinaNet's losses read ``self.num_classes``; train only ``num_classes`` columns."""
+        saved = self.num_classes
+        self.num_classes = num_classes
+        try:
+            yield
+        finally:
+            self.num_classes = saved
+
+    def anchor_logits(self, grid_embeddings: List[Tensor], class_indices=None) -> Tensor:
+        """Per-anchor logits of all levels: (N, R, K') with R = sum(Hi*Wi*A), in anchor order.
+
+        A per-location embedding is scored once and its logits expanded to the A anchors (one
+        copy, made by the reshape); K' = len(class_indices) or K.
+        """
+        rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
+        logits = self.head.logits(rows, class_indices)  # (N, M, K')
+        group = self.head.anchors_per_embedding
+        if group > 1:
+            n, m, k = logits.shape
+            logits = logits[:, :, None, :].expand(n, m, group, k).reshape(n, m * group, k)
+        return logits
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        """
+        Args:
+            predictions: [grid_embeddings, box_deltas] from ``head.forward_embeddings``.
+        Returns:
+            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes.
+        """
+        grid_embeddings, box_deltas = predictions
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
+        trained = self.trained_class_mask
+        if bool(trained.all()):
+            pred_logits = self.anchor_logits(grid_embeddings)
+            return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+
+        trained_indices = trained.nonzero().flatten()
+        num_trained = trained_indices.numel()
+        # Labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'}. A box of a class
+        # outside the trained set makes its anchors "ignore": neither positive nor negative.
+        lookup = torch.full((self.num_classes + 2,), -1, dtype=torch.long, device=trained.device)
+        lookup[trained_indices + 1] = torch.arange(num_trained, device=trained.device)
+        lookup[self.num_classes + 1] = num_trained
+        gt_labels = [lookup[labels + 1] for labels in gt_labels]
+        pred_logits = self.anchor_logits(grid_embeddings, trained_indices)
+        with self._loss_class_space(num_trained):
+            return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> List[Instances]:
+        """Scores (location, class) pairs, expands only the top ones to anchors (module doc).
+
+        Args:
+            predictions: [grid_embeddings, box_deltas] from ``head.forward_embeddings``.
+        """
+        grid_embeddings, box_deltas = predictions
+        anchors = self.anchor_generator(features)
+        # Per level (N, Hi*Wi*G, K): G = 1 embedding per location (or A per anchor).
+        scores = [self.head.logits(self.head.embedding_rows(x)).sigmoid_() for x in grid_embeddings]
+        deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
+        results: List[Instances] = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            results.append(
+                self.inference_single_image(
+                    anchors,
+                    [x[img_idx] for x in scores],
+                    [x[img_idx] for x in deltas],
+                    image_size,
+                )
+            )
+        return results
+
+    def _decode_per_level_predictions(
+        self,
+        anchors: Boxes,
+        pred_scores: Tensor,
+        pred_deltas: Tensor,
+        score_thresh: float,
+        topk_candidates: int,
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """Decode one level where ``S = pred_deltas.shape[0] / pred_scores.shape[0]`` anchors
+        share each row of scores (S = A per location, 1 per anchor).
+
+        Keeps the ``max(1, topk_candidates // S)`` top-scoring (row, class) pairs above
+        ``score_thresh`` and expands each to its S anchors: the same boxes RetinaNet would keep
+        from per-anchor scores when ``topk_candidates`` is a multiple of S (ties aside).
+
+        Args:
+            anchors: Boxes of this level, (Hi*Wi*A, 4).
+            pred_scores: (M, K) probabilities, M = Hi*Wi*A / S.
+            pred_deltas: (Hi*Wi*A, 4).
+        Returns:
+            Instances with ``pred_boxes``, ``scores``, ``pred_classes``.
+        """
+        num_rows, num_classes = pred_scores.shape
+        group = pred_deltas.shape[0] // max(num_rows, 1)
+        assert (
+            group * num_rows == pred_deltas.shape[0]
+        ), f"{pred_deltas.shape[0]} anchors are not a multiple of {num_rows} score rows"
+        # Top-k first, then the threshold: same result as thresholding first, without building
+        # an index of every (row, class) pair above a near-zero LVIS threshold.
+        flat = pred_scores.flatten()
+        num_topk = min(max(1, topk_candidates // group), flat.numel())
+        top_scores, top_idxs = flat.topk(num_topk)
+        keep = top_scores > score_thresh
+        top_scores, top_idxs = top_scores[keep], top_idxs[keep]
+        rows = torch.div(top_idxs, num_classes, rounding_mode="floor")
+        classes = top_idxs % num_classes
+        if group > 1:
+            offsets = torch.arange(group, device=rows.device)
+            anchor_idxs = (rows[:, None] * group + offsets).flatten()
+            top_scores = top_scores.repeat_interleave(group)
+            classes = classes.repeat_interleave(group)
+        else:
+            anchor_idxs = rows
+        pred_boxes = self.box2box_transform.apply_deltas(
+            pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+        )
+        return Instances(
+            image_size, pred_boxes=Boxes(pred_boxes), scores=top_scores, pred_classes=classes
+        )

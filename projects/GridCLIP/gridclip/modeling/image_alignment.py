@@ -1,0 +1,471 @@
+"""Image-level alignment: pull GridCLIP's pooled grid embeddings towards CLIP's image embedding.
+
+The frozen CLIP image encoder (the *teacher*) embeds each training image, and optionally its
+g x g tiles (``MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS``, e.g. ``[1, 2]``: the whole image and its four
+quarters). The detector's grid embeddings of every FPN level are L2-normalised and average-pooled
+over the same regions (per level, then averaged over levels) and aligned with the teacher's. This
+carries CLIP's knowledge of objects that have no boxes (novel categories are in the pixels of
+training images as "background") into the grid embeddings.
+
+The teacher costs one CLIP forward (of ``sum(g*g)`` crops) per image, or nothing when its
+embeddings are read from a cache built once by ``tools/cache_teacher_embeddings.py``
+(``MODEL.GRIDCLIP.TEACHER_CACHE``).
+
+The teacher is deliberately *not* a registered submodule of the detector: it is not saved in
+checkpoints, not seen by the optimizer or DDP, and is moved to the input device lazily.
+
+Loss (``MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS``), on L2-normalised student ``s`` / teacher ``t``:
+
+- ``l1``: ``sum_d |s_d - t_d|``, i.e. the mean absolute difference x D, ViLD's scale for its
+  image distillation (mean over images and tiles, then over grids);
+- ``cosine``: ``1 - cos(s, t)``.
+
+Both are multiplied by ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT``. The ``l1`` loss of unrelated unit
+vectors is about ``sqrt(4 D / pi)`` (36 for D = 1024): weigh it accordingly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageAlignment",
+    "TeacherEmbeddingCache",
+    "build_image_alignment",
+    "teacher_cache_key",
+    "pool_grid_embeddings",
+    "raw_rgb_image",
+]
+
+ALIGN_LOSSES = ("l1", "cosine")
+
+
+def teacher_cache_key(dataset_dict: Dict) -> str:
+    """Key of an image in a teacher cache: its ``image_id``, else its file's base name."""
+    if dataset_dict.get("image_id") is not None:
+        return str(dataset_dict["image_id"])
+    if dataset_dict.get("file_name"):
+        return os.path.basename(dataset_dict["file_name"])
+    raise KeyError(
+        "an input has neither 'image_id' nor 'file_name'; the teacher cache cannot look it up "
+        "(set MODEL.GRIDCLIP.TEACHER_CACHE '' to run the CLIP teacher online)"
+    )
+
+
+def raw_rgb_image(image: torch.Tensor, input_format: str) -> torch.Tensor:
+    """A Detectron2 input image (3, H, W), 0-255 in ``INPUT.FORMAT``, as float RGB 0-255."""
+    assert (
+        image.dim() == 3 and image.shape[0] == 3
+    ), f"expected a (3, H, W) image, got {image.shape}"
+    if input_format == "BGR":
+        image = image.flip(0)
+    else:
+        assert (
+            input_format == "RGB"
+        ), f"image alignment needs INPUT.FORMAT RGB or BGR, not {input_format}"
+    return image.float()
+
+
+def pool_grid_embeddings(
+    grid_embeddings: Sequence[torch.Tensor],
+    strides: Sequence[int],
+    image_sizes: Sequence[Tuple[int, int]],
+    grids: Sequence[int],
+    embed_dim: int,
+) -> List[torch.Tensor]:
+    """Student views: grid embeddings pooled over the whole image and its g x g tiles.
+
+    Args:
+        grid_embeddings: per level (N, E, Hi, Wi), E = D (one embedding per location) or A*D
+            (one per anchor; the anchors' normalised embeddings are averaged).
+        strides: per level, the stride of its feature map in input pixels.
+        image_sizes: per image (h, w) before padding; only the valid region is pooled.
+        grids: tile counts per side.
+        embed_dim: D.
+    Returns:
+        list over grids of (N, g*g, D) L2-normalised embeddings, tiles in row-major order.
+    """
+    assert len(grid_embeddings) == len(strides), "one stride per level"
+    pooled = [[] for _ in grids]  # [grid][image] -> (g*g, D)
+    for i, (h, w) in enumerate(image_sizes):
+        per_grid = [0.0 for _ in grids]
+        for x, stride in zip(grid_embeddings, strides):
+            _, e, hi, wi = x.shape
+            assert e % embed_dim == 0, f"embedding channels {e} not a multiple of D={embed_dim}"
+            valid_h = max(1, min(hi, math.ceil(h / stride)))
+            valid_w = max(1, min(wi, math.ceil(w / stride)))
+            emb = x[i, :, :valid_h, :valid_w].reshape(e // embed_dim, embed_dim, valid_h, valid_w)
+            emb = F.normalize(emb.float(), dim=1).mean(dim=0)  # (D, h_l, w_l)
+            for j, g in enumerate(grids):
+                tiles = F.adaptive_avg_pool2d(emb, (g, g))  # (D, g, g)
+                per_grid[j] = per_grid[j] + tiles.flatten(1).t()
+        for j in range(len(grids)):
+            pooled[j].append(F.normalize(per_grid[j], dim=-1))
+    return [torch.stack(p) for p in pooled]
+
+
+def mirror_tiles(tiles: torch.Tensor, g: int) -> torch.Tensor:
+    """(..., g*g, D) row-major tiles -> the tiles of the horizontally flipped image."""
+    shape = tiles.shape
+    tiles = tiles.reshape(*shape[:-2], g, g, shape[-1]).flip(-2)
+    return tiles.reshape(shape)
+
+
+class TeacherEmbeddingCache:
+    """Per-image CLIP teacher embeddings (whole image and tiles), stored in one file.
+
+    File content (``torch.save``): a dict with ``format``, ``version``, ``embed_dim``, ``grids``,
+    ``meta`` (free-form: dataset, CLIP weights, input size), ``keys`` (list of image keys, see
+    :func:`teacher_cache_key`) and ``embeddings``: (num_images, sum(g*g), D) float16,
+    L2-normalised, the views of each grid in order, tiles row-major.
+    """
+
+    FORMAT = "gridclip-teacher-cache"
+    VERSION = 1
+
+    def __init__(self, embed_dim: int, grids: Sequence[int], meta: Optional[Dict] = None):
+        self.embed_dim = int(embed_dim)
+        self.grids = [int(g) for g in grids]
+        assert self.grids and all(g >= 1 for g in self.grids), f"bad grids {grids}"
+        self.meta = dict(meta or {})
+        self.path: Optional[str] = None
+        self._index: Dict[str, int] = {}
+        self._rows: List[torch.Tensor] = []  # each (V, D) float16
+        self._stacked: Optional[torch.Tensor] = None
+        self._offsets = {}
+        start = 0
+        for g in self.grids:
+            self._offsets[g] = (start, start + g * g)
+            start += g * g
+        self.num_views = start
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return str(key) in self._index
+
+    def keys(self) -> List[str]:
+        return list(self._index)
+
+    def add(self, key: str, tiles: Sequence[torch.Tensor]) -> None:
+        """Store the views of one image: ``tiles[j]`` is (g_j * g_j, D) for ``self.grids[j]``."""
+        assert len(tiles) == len(self.grids), f"expected views for grids {self.grids}"
+        for t, g in zip(tiles, self.grids):
+            assert tuple(t.shape) == (
+                g * g,
+                self.embed_dim,
+            ), f"views of grid {g} must be ({g * g}, {self.embed_dim}), got {tuple(t.shape)}"
+        row = F.normalize(torch.cat([t.detach().float().cpu() for t in tiles]), dim=-1).half()
+        key = str(key)
+        if key in self._index:
+            self._materialize()[self._index[key]] = row
+            return
+        self._index[key] = len(self._index)
+        self._rows.append(row)
+
+    def _materialize(self) -> torch.Tensor:
+        if self._rows:
+            parts = [self._stacked] if self._stacked is not None else []
+            self._stacked = torch.cat(parts + [torch.stack(self._rows)])
+            self._rows = []
+        if self._stacked is None:
+            self._stacked = torch.zeros((0, self.num_views, self.embed_dim), dtype=torch.float16)
+        return self._stacked
+
+    def get(self, key: str, grids: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Views of image ``key`` for ``grids`` (default: all stored): list of (g*g, D) float32."""
+        key = str(key)
+        if key not in self._index:
+            raise KeyError(
+                f"image {key!r} is not in the teacher cache {self.path or '(in memory)'} "
+                f"({len(self)} images, dataset {self.meta.get('dataset', '?')!r}). Rebuild it for "
+                "the training dataset with tools/cache_teacher_embeddings.py (it resumes), or set "
+                "MODEL.GRIDCLIP.TEACHER_CACHE '' to run the teacher online."
+            )
+        row = self._materialize()[self._index[key]].float()
+        out = []
+        for g in grids if grids is not None else self.grids:
+            if g not in self._offsets:
+                raise KeyError(
+                    f"teacher cache {self.path or '(in memory)'} holds grids {self.grids}, not {g} "
+                    "(MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS); rebuild it with --grids"
+                )
+            a, b = self._offsets[g]
+            out.append(row[a:b])
+        return out
+
+    def save(self, path: str) -> str:
+        """Write the cache atomically (a temporary file in the same folder, then rename)."""
+        path = os.path.abspath(os.path.expanduser(path))
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        content = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "embed_dim": self.embed_dim,
+            "grids": self.grids,
+            "meta": self.meta,
+            "keys": self.keys(),
+            "embeddings": self._materialize(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(content, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        self.path = path
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str, embed_dim: Optional[int] = None, grids: Optional[Iterable[int]] = None
+    ) -> "TeacherEmbeddingCache":
+        """Read and validate a cache file.
+
+        Args:
+            embed_dim: expected D (MODEL.CLIP.EMBED_DIM); a mismatch is an error.
+            grids: grids the caller needs (MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS); each must be stored.
+        """
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(full):
+            raise FileNotFoundError(
+                f"teacher cache {full} (MODEL.GRIDCLIP.TEACHER_CACHE) does not exist; build it "
+                "with tools/cache_teacher_embeddings.py, or set the key to '' for an online teacher"
+            )
+        try:
+            content = torch.load(full, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"teacher cache {full} is unreadable ({type(e).__name__}: {e})") from e
+        if not isinstance(content, dict) or content.get("format") != cls.FORMAT:
+            raise ValueError(f"{full} is not a GridCLIP teacher cache (no format {cls.FORMAT!r})")
+        if content.get("version") != cls.VERSION:
+            raise ValueError(
+                f"teacher cache {full} has version {content.get('version')}, this code reads "
+                f"{cls.VERSION}; rebuild it with tools/cache_teacher_embeddings.py"
+            )
+        cache = cls(content["embed_dim"], content["grids"], content.get("meta"))
+        cache.path = full
+        emb, keys = content["embeddings"], list(content["keys"])
+        expected = (len(keys), cache.num_views, cache.embed_dim)
+        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != expected:
+            raise ValueError(
+                f"teacher cache {full}: embeddings of shape "
+                f"{tuple(getattr(emb, 'shape', ()))} do not match {expected} "
+                "(images, views, dim); the file is corrupt, rebuild it"
+            )
+        if embed_dim is not None and cache.embed_dim != int(embed_dim):
+            raise ValueError(
+                f"teacher cache {full} holds {cache.embed_dim}-d embeddings but the model's CLIP "
+                f"space is {embed_dim}-d (MODEL.CLIP.EMBED_DIM); it was built with another CLIP: "
+                "rebuild it with tools/cache_teacher_embeddings.py"
+            )
+        missing = [g for g in (grids or []) if int(g) not in cache.grids]
+        if missing:
+            raise ValueError(
+                f"teacher cache {full} holds grids {cache.grids} but "
+                f"MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS needs {sorted(set(int(g) for g in grids))}; "
+                "rebuild it with --grids"
+            )
+        cache._index = {k: i for i, k in enumerate(keys)}
+        cache._stacked = emb.half()
+        return cache
+
+
+class ImageAlignment(nn.Module):
+    """Image-level alignment loss between pooled grid embeddings and CLIP image embeddings.
+
+    Has no parameters and no state_dict entries: the teacher and the cache are plain attributes.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        weight: float = 1.0,
+        loss_type: str = "l1",
+        grids: Sequence[int] = (1,),
+        teacher: Optional[nn.Module] = None,
+        teacher_factory: Optional[Callable[[], nn.Module]] = None,
+        teacher_cache: Optional[TeacherEmbeddingCache] = None,
+        input_format: str = "RGB",
+    ):
+        """
+        Args:
+            embed_dim: D, CLIP's joint-space dimension.
+            weight: loss weight (> 0).
+            loss_type: ``"l1"`` (sum over D of |s - t|, ViLD's scale) or ``"cosine"`` (1 - cos).
+            grids: tile counts per side; 1 = the whole image.
+            teacher: a ``gridclip.clip.CLIPImageTeacher`` (``embed_tiles``) ...
+            teacher_factory: ... or a function building one on first use (so that evaluation,
+                which never needs it, never loads it).
+            teacher_cache: a :class:`TeacherEmbeddingCache`; used instead of the teacher.
+            input_format: ``INPUT.FORMAT`` of the raw input images (RGB or BGR).
+        """
+        super().__init__()
+        assert weight > 0, f"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT must be > 0 here, got {weight}"
+        if loss_type not in ALIGN_LOSSES:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS={loss_type!r}; choose one of {ALIGN_LOSSES}"
+            )
+        grids = [int(g) for g in grids]
+        if not grids or any(g < 1 for g in grids) or len(set(grids)) != len(grids):
+            raise ValueError(
+                f"MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS={grids}: expected distinct positive ints"
+            )
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(
+                f"image alignment feeds raw images to CLIP and needs INPUT.FORMAT RGB or BGR, "
+                f"got {input_format!r}"
+            )
+        if teacher_cache is None and teacher is None and teacher_factory is None:
+            raise ValueError("image alignment needs a teacher, a teacher factory or a cache")
+        if teacher_cache is not None:
+            missing = [g for g in grids if g not in teacher_cache.grids]
+            assert not missing, f"teacher cache lacks grids {missing}"
+            assert (
+                teacher_cache.embed_dim == embed_dim
+            ), f"teacher cache dim {teacher_cache.embed_dim} != model dim {embed_dim}"
+        self.embed_dim = int(embed_dim)
+        self.weight = float(weight)
+        self.loss_type = loss_type
+        self.grids = grids
+        self.input_format = input_format
+        # Plain attributes (object.__setattr__ skips nn.Module registration): never in the
+        # state_dict, never given to the optimizer, never wrapped by DDP.
+        object.__setattr__(self, "_teacher", teacher)
+        object.__setattr__(self, "_teacher_factory", teacher_factory)
+        self.teacher_cache = teacher_cache
+
+    @classmethod
+    def from_config(cls, cfg):
+        g = cfg.MODEL.GRIDCLIP
+        ret = {
+            "embed_dim": cfg.MODEL.CLIP.EMBED_DIM,
+            "weight": g.IMAGE_ALIGN_WEIGHT,
+            "loss_type": g.IMAGE_ALIGN_LOSS,
+            "grids": list(g.IMAGE_ALIGN_GRIDS),
+            "input_format": cfg.INPUT.FORMAT,
+        }
+        if g.TEACHER_CACHE:
+            ret["teacher_cache"] = TeacherEmbeddingCache.load(
+                g.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM, grids=g.IMAGE_ALIGN_GRIDS
+            )
+            logger.info(
+                f"Image alignment reads {len(ret['teacher_cache'])} cached teacher embeddings "
+                f"from {g.TEACHER_CACHE}"
+            )
+        else:
+            from gridclip.clip import build_clip_teacher_from_cfg
+
+            teacher_cfg = cfg.clone()
+            ret["teacher_factory"] = lambda: build_clip_teacher_from_cfg(teacher_cfg)
+        return ret
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        """The CLIP teacher (built on first access when given a factory); None with a cache."""
+        if self._teacher is None and self._teacher_factory is not None:
+            object.__setattr__(self, "_teacher", self._teacher_factory())
+            logger.info(f"Built the CLIP image teacher: {self._teacher}")
+        return self._teacher
+
+    def extra_repr(self) -> str:
+        source = f"cache={self.teacher_cache.path}" if self.teacher_cache else "teacher=online"
+        return f"loss={self.loss_type}, weight={self.weight}, grids={self.grids}, {source}"
+
+    @torch.no_grad()
+    def teacher_embeddings(self, batched_inputs: List[Dict], device) -> List[torch.Tensor]:
+        """Teacher views of each input: list over grids of (N, g*g, D) normalised, on ``device``."""
+        if self.teacher_cache is not None:
+            per_image = [
+                self.teacher_cache.get(teacher_cache_key(x), self.grids) for x in batched_inputs
+            ]
+        else:
+            teacher = self.teacher
+            if teacher.device != torch.device(device):
+                teacher.to(device)  # lazily, once: the detector's .to() does not see it
+            per_image = []
+            for x in batched_inputs:
+                image = raw_rgb_image(x["image"].to(device), self.input_format)
+                views = teacher.embed_tiles(image[None], grids=self.grids)
+                per_image.append([v[0] for v in views])
+        return [
+            torch.stack([views[j] for views in per_image]).to(device=device, dtype=torch.float32)
+            for j in range(len(self.grids))
+        ]
+
+    def alignment_loss(
+        self, student: List[torch.Tensor], teacher: List[torch.Tensor], mirror_ambiguous: bool
+    ) -> torch.Tensor:
+        """Loss between lists over grids of (N, g*g, D) normalised embeddings (unweighted).
+
+        With ``mirror_ambiguous`` (cached teacher + possibly flipped inputs) tiles are compared
+        both as they are and mirrored left-right, and the closer of the two counts per image.
+        """
+        losses = []
+        for g, s, t in zip(self.grids, student, teacher):
+            per_tile = self._per_tile_loss(s, t)  # (N, g*g)
+            per_image = per_tile.mean(dim=1)
+            if mirror_ambiguous and g > 1:
+                mirrored = self._per_tile_loss(s, mirror_tiles(t, g)).mean(dim=1)
+                per_image = torch.minimum(per_image, mirrored)
+            losses.append(per_image.mean())
+        return torch.stack(losses).mean()
+
+    def _per_tile_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.loss_type == "l1":
+            return (s - t).abs().sum(dim=-1)
+        return 1.0 - (s * t).sum(dim=-1)
+
+    def forward(
+        self,
+        grid_embeddings: Sequence[torch.Tensor],
+        strides: Sequence[int],
+        image_sizes: Sequence[Tuple[int, int]],
+        batched_inputs: List[Dict],
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            grid_embeddings: per level (N, E, Hi, Wi) head embeddings (E = D or A*D).
+            strides: per level stride; image_sizes: per image (h, w) before padding.
+            batched_inputs: the detector's inputs (``image``: (3, H, W) 0-255 in INPUT.FORMAT;
+                ``image_id`` / ``file_name`` for the cache).
+        Returns:
+            {"loss_image_align": scalar}.
+        """
+        assert len(batched_inputs) == grid_embeddings[0].shape[0], "one input per image"
+        device = grid_embeddings[0].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            student = pool_grid_embeddings(
+                grid_embeddings, strides, image_sizes, self.grids, self.embed_dim
+            )
+            teacher = self.teacher_embeddings(batched_inputs, device)
+            loss = self.alignment_loss(student, teacher, self.teacher_cache is not None)
+        return {"loss_image_align": loss * self.weight}
+
+
+def build_image_alignment(cfg) -> Optional[ImageAlignment]:
+    """The image-alignment module of ``cfg``, or None when IMAGE_ALIGN_WEIGHT is 0 (no teacher)."""
+    weight = cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT
+    if weight < 0:
+        raise ValueError(f"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT must be >= 0, got {weight}")
+    if weight == 0:
+        return None
+    return ImageAlignment(cfg)
