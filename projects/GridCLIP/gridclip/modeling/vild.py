@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec, batched_nms, cat
-from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    Backbone,
+    GeneralizedRCNN,
+)
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from detectron2.structures import Boxes, ImageList, Instances
@@ -51,6 +58,7 @@ __all__ = [
     "ensemble_probabilities",
     "fast_rcnn_inference_topk",
     "vild_text_embeddings_from_cfg",
+    "build_clip_resnet_rcnn_fpn_backbone",
 ]
 
 TEACHER_SOURCES = ("online", "cache")
@@ -574,6 +582,35 @@ class ViLDROIHeads(StandardROIHeads):
         storage = get_event_storage()
         storage.put_scalar("vild/num_distill_proposals", teacher.shape[0] / max(len(proposals), 1))
         return losses
+
+
+# ---------------------------------------------------------------------------------- backbone
+@BACKBONE_REGISTRY.register()
+def build_clip_resnet_rcnn_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """CLIP ModifiedResNet trunk + Faster R-CNN's FPN (P2-P5 + P6 by max-pool).
+
+    The two-stage counterpart of ``build_clip_resnet_fpn_backbone`` (RetinaNet's P3-P7), so
+    ViLD can start from the same CLIP trunk as GridCLIP. Uses ``MODEL.CLIP_RESNET.*`` for the
+    trunk and ``MODEL.FPN.IN_FEATURES / OUT_CHANNELS / NORM / FUSE_TYPE``.
+    """
+    from .clip_backbone import build_clip_resnet_backbone
+
+    bottom_up = build_clip_resnet_backbone(cfg, input_shape)
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    missing = [f for f in in_features if f not in bottom_up.output_shape()]
+    if missing:
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES {in_features} asks for {missing}, which "
+            f"MODEL.CLIP_RESNET.OUT_FEATURES {list(cfg.MODEL.CLIP_RESNET.OUT_FEATURES)} lacks"
+        )
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
 
 
 # -------------------------------------------------------------------------- meta-architecture
