@@ -87,6 +87,7 @@ def teacher(assets):
 
 
 def make_cfg(assets, *opts):
+    # fmt: off
     cfg = get_gridclip_cfg(
         "Base-ViLD.yaml",
         [
@@ -116,6 +117,7 @@ def make_cfg(assets, *opts):
             *opts,
         ],
     )
+    # fmt: on
     return cfg
 
 
@@ -405,7 +407,8 @@ def test_inference_outputs_and_inf_nan(model):
         props.proposal_boxes = Boxes(torch.tensor([[10.0, 10, 60, 60], [30, 30, 100, 90]]))
         props.objectness_logits = torch.zeros(2)
         with torch.no_grad():
-            det, _ = model.roi_heads(ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)]), feats, [props])
+            images = ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)])
+            det, _ = model.roi_heads(images, feats, [props])
         assert len(det[0]) == 0
 
 
@@ -430,24 +433,34 @@ def test_topk_inference_matches_detectron2(class_specific, thresh):
 
 
 # -------------------------------------------------------------------------------- vocabulary
-def test_set_vocabulary_tensor_names_to_and_checkpoint_round_trip(assets, teacher, model):
+def test_set_vocabulary_names_tensors_to_and_checkpoint_round_trip(assets, teacher):
+    model = build(assets, teacher)
     model.eval()
+    # class names go through CLIP's text encoder (here the tiny CLIP of the config); a name that
+    # was a base class of the training vocabulary stays base, others are novel
+    model.set_vocabulary(["Red_Square", "purple star", "green star"])
+    predictor = model.roi_heads.box_predictor
+    assert model.num_classes == 3
+    assert model.class_names == ["Red_Square", "purple star", "green star"]
+    assert predictor.novel_class_mask.tolist() == [False, True, True]  # green star was 'r'
+    assert torch.allclose(model.text_embeddings.norm(dim=1), torch.ones(3))
+    # a (K, D) tensor: any K, all novel unless told
     new = torch.randn(7, D)
     model.set_vocabulary(new)
-    predictor = model.roi_heads.box_predictor
     assert model.num_classes == 7 and model.roi_heads.num_classes == 7
+    assert model.class_names is None
     assert torch.allclose(model.text_embeddings, F.normalize(new, dim=1))
     assert predictor.novel_class_mask.shape == (7,) and predictor.novel_class_mask.all()
     inputs = [{"image": make_input(83, 101)["image"]}]
     with torch.no_grad():
         before = model(inputs)[0]["instances"]
-    assert before.pred_classes.max() < 7
+    assert len(before) > 0 and before.pred_classes.max() < 7
     assert "roi_heads.box_predictor.text_classifier.text_embeddings" in model.state_dict()
     # another model of the config's 4 classes takes the checkpoint's 7-class vocabulary
     other = build(assets)
     other.load_state_dict(model.state_dict())
     other.eval()
-    assert other.num_classes == 7
+    assert other.num_classes == 7 and other.class_names is None
     assert torch.equal(other.roi_heads.box_predictor.novel_class_mask, predictor.novel_class_mask)
     with torch.no_grad():
         after = other(inputs)[0]["instances"]
@@ -456,23 +469,30 @@ def test_set_vocabulary_tensor_names_to_and_checkpoint_round_trip(assets, teache
     # the buffer follows module conversions like .to()
     other.double()
     assert other.text_embeddings.dtype == torch.float64
-    # class names go through CLIP's text encoder (here the tiny CLIP of the config)
-    model.set_vocabulary(["red square", "purple star", "tiny dot"], torch.tensor([0, 1, 1]).bool())
-    assert model.num_classes == 3 and model.class_names == ["red square", "purple star", "tiny dot"]
-    assert torch.allclose(model.text_embeddings.norm(dim=1), torch.ones(3))
     with pytest.raises(ValueError, match="dimension"):
         model.set_vocabulary(torch.randn(3, D + 1))
-    # back to the training vocabulary for the other tests using this model
-    model.set_vocabulary(np.load(assets["text"]), torch.tensor([f == "r" for f in FREQUENCIES]))
+    # training with every class novel would mask them all: refused with a clear message
+    with pytest.raises(ValueError, match="novel"):
+        train_losses(model, [make_input(64, 64, [[4, 4, 40, 40]], [0])])
 
 
-def test_detection_checkpointer_round_trip(assets, model, tmp_path):
-    model.set_vocabulary(np.load(assets["text"]), torch.tensor([f == "r" for f in FREQUENCIES]))
+def test_detection_checkpointer_round_trip(assets, teacher, tmp_path):
+    model = build(assets, teacher)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
-    other = build(assets)
+    other = build(assets, None, "MODEL.VILD.ENSEMBLE", "False")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
     DetectionCheckpointer(other).load(str(tmp_path / "ckpt.pth"))
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
+    # Detectron2's checkpointer skips tensors of another shape: the config's vocabulary wins
+    model.set_vocabulary(torch.randn(6, D))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt6")
+    DetectionCheckpointer(other).load(str(tmp_path / "ckpt6.pth"))
+    assert other.num_classes == K
+    novel = other.roi_heads.box_predictor.novel_class_mask
+    assert novel.tolist() == [f == "r" for f in FREQUENCIES]
 
 
 # -------------------------------------------------------------------------------- validation
@@ -492,7 +512,12 @@ def test_novel_mask_needs_frequencies(assets, tmp_path):
     with pytest.raises(ValueError, match="IGNORE_NOVEL_IN_TRAINING"):
         build(assets, None, "DATASETS.TRAIN", f"('{name}',)")
     ok = build(
-        assets, None, "DATASETS.TRAIN", f"('{name}',)", "MODEL.VILD.IGNORE_NOVEL_IN_TRAINING", "False"
+        assets,
+        None,
+        "DATASETS.TRAIN",
+        f"('{name}',)",
+        "MODEL.VILD.IGNORE_NOVEL_IN_TRAINING",
+        "False",
     )
     assert not ok.roi_heads.box_predictor.novel_class_mask.any()
 
@@ -533,11 +558,13 @@ def test_cache_tool_round_trip_resume_corruption_and_training(
     register_lvis_format_dataset(name, json_file, root, base_only=True)
     out = str(tmp_path / "cache")
     tool = load_tool()
+    # fmt: off
     common = [
         "--dataset", name, "--output", out, "--num-proposals", "12", "--no-progress",
         "MODEL.CLIP.WEIGHTS", assets["weights"], "MODEL.CLIP.EMBED_DIM", str(D),
         "MODEL.CLIP.TEACHER_INPUT_SIZE", "64", "MODEL.DEVICE", "cpu",
     ]
+    # fmt: on
     counts = tool.main(common)
     assert counts == {"total": 2, "computed": 2, "skipped": 0, "recomputed": 0}
     dicts = DatasetCatalog.get(name)
@@ -586,17 +613,20 @@ def test_cache_tool_round_trip_resume_corruption_and_training(
     mapped = mapper(dicts[0])
     distill = mapped["distill_proposals"]
     original = entry["boxes"][:8]
-    flipped = torch.stack([96 - original[:, 2], original[:, 1], 96 - original[:, 0], original[:, 3]], 1)
+    x1, y1, x2, y2 = original.unbind(1)
+    flipped = torch.stack([96 - x2, y1, 96 - x1, y2], dim=1)
     assert torch.allclose(distill.proposal_boxes.tensor, flipped, atol=1e-4)
     assert torch.allclose(distill.teacher_embeddings, entry["embeddings"][:8].float())
 
     # training in cache mode with the config-built mapper: no teacher involved
+    # fmt: off
     cfg = make_cfg(
         assets,
         "MODEL.VILD.TEACHER", "cache", "MODEL.VILD.TEACHER_CACHE", out,
         "DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
         "MODEL.CLIP.TEXT_EMBEDDINGS", "", "INPUT.MIN_SIZE_TRAIN", "(72,)",
     )
+    # fmt: on
     mapper = ViLDDatasetMapper(cfg, is_train=True)
     batch = [mapper(d) for d in dicts]
     assert batch[0]["image"].shape[1] == 72

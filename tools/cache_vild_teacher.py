@@ -30,8 +30,8 @@ Examples::
         --output datasets/vild_teacher/lvis_rn50 MODEL.CLIP.WEIGHTS ~/.cache/clip/RN50.pt
 
     # proposals of a trained ViLD/Faster R-CNN checkpoint's RPN
-    python tools/cache_vild_teacher.py --config-file ViLD_R50.yaml --weights output/model_final.pth \\
-        --output datasets/vild_teacher/lvis_rn50_rpn
+    python tools/cache_vild_teacher.py --config-file ViLD_R50.yaml \\
+        --weights output/model_final.pth --output datasets/vild_teacher/lvis_rn50_rpn
 """
 
 import argparse
@@ -76,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default="", help="cache directory; default MODEL.VILD.TEACHER_CACHE")
     p.add_argument("--weights", default="", help="checkpoint whose RPN proposes the boxes")
     p.add_argument(
-        "--num-proposals", type=int, default=0, help="boxes per image; default NUM_DISTILL_PROPOSALS"
+        "--num-proposals",
+        type=int,
+        default=0,
+        help="boxes per image; default MODEL.VILD.NUM_DISTILL_PROPOSALS",
     )
     p.add_argument("--overwrite", action="store_true", help="recompute every image")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")

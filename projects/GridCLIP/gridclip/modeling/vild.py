@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -675,6 +675,7 @@ class ViLD(GeneralizedRCNN):
         self._vocabulary_cfg = vocabulary_cfg
         self.class_names: Optional[List[str]] = list(class_names) if class_names else None
         self.set_clip_teacher(clip_teacher)
+        self.register_load_state_dict_post_hook(ViLD._forget_names_of_other_vocabulary)
 
     @classmethod
     def from_config(cls, cfg):
@@ -726,6 +727,13 @@ class ViLD(GeneralizedRCNN):
         return self.roi_heads.box_predictor.image_distill_weight > 0
 
     # ------------------------------------------------------------------------ vocabulary
+    @staticmethod
+    def _forget_names_of_other_vocabulary(module: "ViLD", incompatible_keys) -> None:
+        # load_state_dict may adopt a checkpoint's vocabulary of another size: its names are
+        # not in the checkpoint.
+        if module.class_names is not None and len(module.class_names) != module.num_classes:
+            module.class_names = None
+
     @property
     def text_embeddings(self) -> torch.Tensor:
         """(K, D) normalised class text embeddings (a buffer of the text classifier)."""
@@ -738,8 +746,13 @@ class ViLD(GeneralizedRCNN):
     def set_vocabulary(self, vocabulary, novel_class_mask: Optional[torch.Tensor] = None) -> None:
         """Detect another vocabulary: class names, a (K, D) tensor/array, or a ``.npy``/``.pt``
         path (see ``gridclip.modeling.vocabulary.resolve_vocabulary``). Any K; the buffer is
-        replaced (moved by ``.to()``, saved in checkpoints). ``novel_class_mask`` (K,) bool marks
-        novel classes for the ensemble weights (default: all novel)."""
+        replaced (moved by ``.to()``, saved in checkpoints).
+
+        ``novel_class_mask`` (K,) bool marks the novel classes (ensemble weight
+        ENSEMBLE_IMAGE_WEIGHT_NOVEL; masked in training). Default: with class names, a class is
+        base iff it was a base class of the current vocabulary under the same name
+        (case-insensitive); with embeddings, every class is novel.
+        """
         from .vocabulary import resolve_vocabulary
 
         text_embeddings, names = resolve_vocabulary(vocabulary, self._vocabulary_cfg)
@@ -747,9 +760,22 @@ class ViLD(GeneralizedRCNN):
         text_embeddings = check_text_embeddings(
             text_embeddings, embed_dim=predictor.embed_dim, source="ViLD vocabulary"
         )
+        old_names = self.class_names
+        if novel_class_mask is None and names is not None and old_names is not None:
+            from gridclip.clip import clean_class_name
+
+            def key(name):
+                return clean_class_name(name).lower()
+
+            old_novel = predictor.novel_class_mask.tolist()
+            base = {key(n) for n, novel in zip(old_names, old_novel) if not novel}
+            novel_class_mask = torch.tensor([key(n) not in base for n in names])
         predictor.set_vocabulary(text_embeddings, novel_class_mask)
         self.class_names = names
-        logger.info(f"ViLD vocabulary set to {predictor.num_classes} classes")
+        logger.info(
+            f"ViLD vocabulary set to {predictor.num_classes} classes "
+            f"({int(predictor.novel_class_mask.sum())} novel)"
+        )
 
     # --------------------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
