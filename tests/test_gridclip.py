@@ -1,0 +1,712 @@
+"""GridCLIP: meta-architecture, head, inference fast path, vocabulary, image alignment, backbone.
+
+Tiny models built here (a random CLIP with a ModifiedResNet of width 16, 64-d joint space),
+odd image sizes around 64-120 px, CPU, fixed seeds.
+"""
+
+import copy
+import math
+import os
+import runpy
+import types
+import uuid
+from unittest import mock
+
+import clip
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+import gridclip.clip as gclip
+from gridclip import get_gridclip_cfg
+from gridclip.clip import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255, modified_resnet_features
+from gridclip.data import register_lvis_format_dataset
+from gridclip.modeling import GridCLIP, GridCLIPHead
+from gridclip.modeling.clip_backbone import CLIPResNet
+from gridclip.modeling.image_alignment import (
+    ImageAlignment,
+    TeacherEmbeddingCache,
+    mirror_tiles,
+    pool_grid_embeddings,
+    raw_rgb_image,
+    teacher_cache_key,
+)
+from gridclip.modeling.vocabulary import check_class_count, resolve_vocabulary
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 64  # tiny CLIP joint-space dimension
+K = 5  # classes of the default test vocabulary
+A = 9  # anchors per location (RetinaNet's 3 scales x 3 ratios)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def make_tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(
+        embed_dim=D,
+        image_resolution=64,
+        vision_layers=(1, 1, 1, 1),
+        vision_width=16,
+        vision_patch_size=None,
+        context_length=16,
+        vocab_size=49408,
+        transformer_width=64,
+        transformer_heads=1,
+        transformer_layers=1,
+    )
+    with torch.no_grad():  # CLIP zero-inits some BN weights; randomise so every path matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gridclip_assets")
+    clip_path = str(root / "tiny_clip.pt")
+    torch.save(make_tiny_clip().state_dict(), clip_path)
+    rng = np.random.RandomState(0)
+    text_path = str(root / "text5.npy")
+    np.save(text_path, rng.randn(K, D).astype("float32"))
+    return {"clip": clip_path, "text": text_path, "root": root}
+
+
+def make_cfg(assets, *opts):
+    """A tiny GridCLIP config: CLIP-ResNet backbone from the tiny CLIP, 32-channel FPN."""
+    cfg = get_gridclip_cfg(
+        "Base-GridCLIP.yaml",
+        [
+            "MODEL.DEVICE", "cpu",
+            "MODEL.CLIP.NAME", "tiny",
+            "MODEL.CLIP.WEIGHTS", assets["clip"],
+            "MODEL.CLIP.EMBED_DIM", D,
+            "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
+            "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
+            "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
+            "MODEL.CLIP.PROMPTS", "single",
+            "MODEL.CLIP_RESNET.FREEZE_AT", 1,
+            "MODEL.FPN.OUT_CHANNELS", 32,
+            "MODEL.RETINANET.NUM_CONVS", 1,
+            "MODEL.RETINANET.NUM_CLASSES", K,
+            "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0,
+            "DATASETS.TRAIN", "()",
+            "DATASETS.TEST", "()",
+        ]
+        + list(opts),
+    )  # fmt: skip
+    return cfg
+
+
+def gt(h, w, boxes, classes):
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+    return inst
+
+
+def make_inputs(with_boxes=(True, False)):
+    torch.manual_seed(1)
+    sizes = [(97, 113), (70, 81)]
+    inputs = []
+    for i, ((h, w), has_boxes) in enumerate(zip(sizes, with_boxes)):
+        boxes, classes = ([[10, 12, 60, 70], [40, 30, 100, 90]], [1, 3]) if has_boxes else ([], [])
+        inputs.append(
+            {
+                "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8),
+                "instances": gt(h, w, boxes, classes),
+                "image_id": i + 1,
+                "height": h,
+                "width": w,
+            }
+        )
+    return inputs
+
+
+def train_losses(model, inputs):
+    model.train()
+    with EventStorage() as storage:
+        losses = model(inputs)
+    return losses, storage
+
+
+def register_tiny(json_and_root):
+    json_file, root = json_and_root
+    name = f"gridclip_test_{uuid.uuid4().hex[:8]}"
+    register_lvis_format_dataset(name, json_file, root)
+    return name
+
+
+def dense_inputs(model, n=1, size=(2, 64, 80), seed=0):
+    """Hand-made FPN features for ``model``'s levels and an ImageList of the matching size."""
+    torch.manual_seed(seed)
+    h, w = size[1], size[2]
+    shapes = model.backbone.output_shape()
+    features = [
+        torch.randn(n, 32, math.ceil(h / shapes[f].stride), math.ceil(w / shapes[f].stride))
+        for f in model.head_in_features
+    ]
+    images = ImageList(torch.zeros(n, 3, h, w), [(h, w)] * n)
+    return images, features
+
+
+# --------------------------------------------------------------------------- configs & building
+def test_configs_load_and_use_clip_preprocessing():
+    base = get_gridclip_cfg("Base-GridCLIP.yaml")
+    assert base.MODEL.META_ARCHITECTURE == "GridCLIP"
+    assert base.INPUT.FORMAT == "RGB"
+    np.testing.assert_allclose(base.MODEL.PIXEL_MEAN, CLIP_PIXEL_MEAN_255, rtol=1e-6)
+    np.testing.assert_allclose(base.MODEL.PIXEL_STD, CLIP_PIXEL_STD_255, rtol=1e-6)
+    assert base.MODEL.BACKBONE.NAME == "build_clip_resnet_fpn_backbone"
+    r50 = get_gridclip_cfg("GridCLIP_R50.yaml")
+    assert r50.MODEL.RETINANET.NUM_CLASSES == 1203
+    assert r50.DATASETS.TRAIN == ("lvis_v1_train_ovd_base",)
+    assert r50.DATASETS.TEST == ("lvis_v1_val",)
+    assert r50.TEST.DETECTIONS_PER_IMAGE == 300
+    assert r50.MODEL.CLIP.NAME == "RN50" and r50.MODEL.CLIP.EMBED_DIM == 1024
+    assert r50.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert r50.MODEL.RETINANET.SCORE_THRESH_TEST <= 1e-3
+
+
+def test_build_tiny_model_and_parameter_count(assets):
+    model = build_model(make_cfg(assets))
+    assert isinstance(model, GridCLIP) and isinstance(model.head, GridCLIPHead)
+    assert model.num_classes == K and model.text_embeddings.shape == (K, D)
+    assert model.image_alignment is None
+    # per-location embedding conv: 32 channels -> D, 3x3
+    assert sum(p.numel() for p in model.head.grid_embed.parameters()) == 32 * 9 * D + D
+    assert not hasattr(model.head, "cls_score")  # no K-class conv
+    per_anchor = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True))
+    assert per_anchor.head.grid_embed.out_channels == A * D
+    # pinned: tiny CLIP trunk (stem..res5) + 32-ch FPN + 1-conv towers + 64-d embedding conv
+    assert sum(p.numel() for p in model.parameters()) == 761788 + 1  # +1: the learned bias
+
+
+def test_class_count_mismatch_errors(assets, tiny_lvis_json):
+    with pytest.raises(ValueError, match="MODEL.RETINANET.NUM_CLASSES = 4"):
+        build_model(make_cfg(assets, "MODEL.RETINANET.NUM_CLASSES", 4))
+    name = register_tiny(tiny_lvis_json)  # 2 classes
+    with pytest.raises(ValueError, match="thing_classes"):
+        build_model(make_cfg(assets, "DATASETS.TRAIN", f"('{name}',)"))
+    with pytest.raises(ValueError, match="EMBED_DIM"):
+        resolve_text = make_cfg(assets, "MODEL.CLIP.EMBED_DIM", 32)
+        GridCLIP.text_embeddings_from_cfg(resolve_text)
+
+
+# ------------------------------------------------------------------------------------- training
+def test_train_forward_finite_losses_with_image_alignment(assets):
+    cfg = make_cfg(
+        assets,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS", "[1, 2]",
+    )  # fmt: skip
+    model = build_model(cfg)
+    losses, storage = train_losses(model, make_inputs())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_image_align"}
+    for k, v in losses.items():
+        assert torch.isfinite(v) and v > 0, (k, v)
+    sum(losses.values()).backward()
+    assert model.head.grid_embed.weight.grad.abs().sum() > 0
+    assert model.backbone.bottom_up.res5[0].conv1.weight.grad.abs().sum() > 0
+    assert model.backbone.bottom_up.stem[0].weight.grad is None  # frozen stem
+    assert storage.latest()["num_pos_anchors"][0] > 0
+    # the teacher exists now, yet is neither saved, nor trained, nor moved by .to()
+    teacher = model.image_alignment.teacher
+    assert teacher is not None
+    assert not any("teacher" in k or "attnpool" in k for k in model.state_dict())
+    model_params = {id(p) for p in model.parameters()}
+    assert not any(id(p) in model_params for p in teacher.parameters())
+
+
+def test_empty_and_half_empty_ground_truth(assets):
+    model = build_model(make_cfg(assets))
+    losses, _ = train_losses(model, make_inputs(with_boxes=(False, False)))
+    assert losses["loss_box_reg"] == 0 and torch.isfinite(losses["loss_cls"])
+    assert losses["loss_cls"] > 0
+    losses, _ = train_losses(model, make_inputs(with_boxes=(True, False)))
+    assert losses["loss_box_reg"] > 0 and torch.isfinite(losses["loss_cls"])
+
+
+def _hand_focal(logits, targets, alpha=0.25, gamma=2.0):
+    p = torch.sigmoid(logits.double())
+    t = targets.double()
+    ce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = alpha * t + (1 - alpha) * (1 - t)
+    return (a_t * (1 - p_t) ** gamma * ce).sum()
+
+
+def test_golden_logits_and_focal_loss(assets):
+    """Known grid embedding and text embeddings -> logits and focal loss computed by hand."""
+    text = torch.zeros(3, D)
+    text[0, 0] = text[1, 1] = text[2, 2] = 1.0  # three orthogonal class embeddings
+    cfg = make_cfg(assets, "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.GRIDCLIP.LOGIT_SCALE", 10.0)
+    cfg.MODEL.CLIP.TEXT_EMBEDDINGS = ""
+    np.save(assets["root"] / "text3.npy", text.numpy())
+    cfg.MODEL.CLIP.TEXT_EMBEDDINGS = str(assets["root"] / "text3.npy")
+    model = build_model(cfg).train()
+
+    e = torch.zeros(D)
+    e[0], e[1] = 3.0, 1.0  # cos with the classes: 3/sqrt(10), 1/sqrt(10), 0
+    bias = -math.log(0.99 / 0.01)
+    expected = torch.tensor([30 / math.sqrt(10), 10 / math.sqrt(10), 0.0]) + bias
+    torch.testing.assert_close(model.head.logits(e[None]), expected[None], atol=1e-5, rtol=0)
+    assert expected[0].item() == pytest.approx(4.89, abs=0.01)  # 9.4868 - 4.5951
+
+    images, features = dense_inputs(model)
+    grid_embeddings = [e.view(1, D, 1, 1).expand(1, D, f.shape[2], f.shape[3]) for f in features]
+    box_deltas = [torch.zeros(1, A * 4, f.shape[2], f.shape[3]) for f in features]
+    gt_instances = [gt(64, 80, [[8, 8, 40, 40]], [1])]
+    with EventStorage():
+        losses = model.forward_training(
+            images, features, [grid_embeddings, box_deltas], gt_instances
+        )
+    labels = model.label_anchors(model.anchor_generator(features), gt_instances)[0][0]
+    valid = labels >= 0
+    targets = F.one_hot(labels[valid], 4)[:, :3]
+    num_pos = int((targets.sum(1) > 0).sum())
+    assert num_pos > 0
+    hand = _hand_focal(expected.expand(int(valid.sum()), 3), targets)
+    normalizer = 100 * 0.9 + num_pos * 0.1  # RetinaNet's EMA, first step
+    assert losses["loss_cls"].item() == pytest.approx(hand.item() / normalizer, rel=1e-4)
+    assert losses["loss_box_reg"] > 0  # zero deltas, boxes not equal to anchors
+
+
+def _novel_setup(assets, tiny_lvis_json, ignore_novel=True):
+    name = register_tiny(tiny_lvis_json)  # class 0 'red_square' (f), class 1 'blue_ring' (r)
+    np.save(assets["root"] / "text2.npy", np.random.RandomState(3).randn(2, D).astype("float32"))
+    cfg = make_cfg(
+        assets,
+        "DATASETS.TRAIN", f"('{name}',)",
+        "MODEL.RETINANET.NUM_CLASSES", 2,
+        "MODEL.CLIP.TEXT_EMBEDDINGS", str(assets["root"] / "text2.npy"),
+        "MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING", ignore_novel,
+    )  # fmt: skip
+    return build_model(cfg)
+
+
+def _cls_loss(model, grid_embeddings, features, images, gt_instances):
+    box_deltas = [torch.zeros(1, A * 4, f.shape[2], f.shape[3]) for f in features]
+    if hasattr(model, "loss_normalizer"):
+        del model.loss_normalizer
+    with EventStorage() as storage:
+        losses = model.forward_training(
+            images, features, [grid_embeddings, box_deltas], gt_instances
+        )
+    return losses["loss_cls"], storage.latest()["num_pos_anchors"][0]
+
+
+def test_ignore_novel_classes_in_training(assets, tiny_lvis_json):
+    model = _novel_setup(assets, tiny_lvis_json).train()
+    assert model.trained_class_mask.tolist() == [True, False]
+    assert "trained_class_mask" not in model.state_dict()  # derived, not saved
+    images, features = dense_inputs(model)
+    grid_embeddings = [
+        torch.randn(1, D, f.shape[2], f.shape[3], requires_grad=True) for f in features
+    ]
+    base_gt = [gt(64, 80, [[8, 8, 40, 40]], [0])]
+    loss, num_pos = _cls_loss(model, grid_embeddings, features, images, base_gt)
+    assert num_pos > 0
+    # moving the novel class's text embedding does not change the loss: its column is not trained
+    new_text = model.text_embeddings.clone()
+    new_text[1] = torch.randn(D)
+    model.head.classifier.set_vocabulary(new_text)
+    loss_moved, _ = _cls_loss(model, grid_embeddings, features, images, base_gt)
+    assert loss_moved.item() == loss.item()
+    # a box of a novel class makes its anchors "ignore", not positives of some other column
+    _, num_pos_novel = _cls_loss(
+        model, grid_embeddings, features, images, [gt(64, 80, [[8, 8, 40, 40]], [1])]
+    )
+    assert num_pos_novel == 0
+    # ... whereas without IGNORE_NOVEL_IN_TRAINING the novel column is a negative everywhere
+    trained_all = _novel_setup(assets, tiny_lvis_json, ignore_novel=False).train()
+    assert trained_all.trained_class_mask.all()
+    loss_all, _ = _cls_loss(trained_all, grid_embeddings, features, images, base_gt)
+    assert loss_all.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_ignore_novel_requires_frequencies(assets, tiny_lvis_json):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = f"gridclip_test_nofreq_{uuid.uuid4().hex[:6]}"
+    DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(thing_classes=[f"c{i}" for i in range(K)])
+    with pytest.raises(ValueError, match="class_frequencies"):
+        build_model(make_cfg(assets, "DATASETS.TRAIN", f"('{name}',)"))
+    model = build_model(
+        make_cfg(
+            assets,
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+            "MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING",
+            False,
+        )
+    )
+    assert model.trained_class_mask.all()
+
+
+# ------------------------------------------------------------------------------------ inference
+def _random_head(model, std=0.5):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.head.grid_embed.weight.normal_(0, std)
+        model.head.grid_embed.bias.normal_(0, 1.0)
+        model.head.bbox_pred.weight.normal_(0, 0.05)
+
+
+def _as_tuples(instances):
+    rows = zip(
+        instances.pred_boxes.tensor.tolist(),
+        instances.scores.tolist(),
+        instances.pred_classes.tolist(),
+    )
+    return sorted((round(s, 6), c, tuple(round(v, 3) for v in b)) for b, s, c in rows)
+
+
+def _naive_inference(model, images, features):
+    """Detectron2's own RetinaNet inference on per-anchor logits (the head's RetinaNet contract)."""
+    naive_predictions = list(model.head(features))  # (N, A*K, Hi, Wi) logits
+    decode = types.MethodType(DenseDetector._decode_per_level_predictions, model)
+    with mock.patch.object(model, "_decode_per_level_predictions", decode):
+        return RetinaNet.forward_inference(model, images, features, naive_predictions)
+
+
+# Same-location anchors tie in score (per-location embeddings), so NMS among them depends on the
+# order of ties: exact equality is checked with NMS off for RetinaNet's 9 anchors, and with NMS on
+# for 2 square anchors per location (scales 1x and 2x: IoU 0.25, they never suppress each other).
+@pytest.mark.parametrize(
+    "anchor_opts,nms_thresh,max_det",
+    [
+        ([], 1.0, 10000),
+        (
+            [
+                "MODEL.ANCHOR_GENERATOR.SIZES",
+                "[[16, 32], [32, 64], [64, 128], [128, 256], [256, 512]]",
+                "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
+            ],
+            0.5,
+            10000,
+        ),
+    ],
+)  # fmt: skip
+def test_fast_inference_equals_naive_per_anchor_expansion(assets, anchor_opts, nms_thresh, max_det):
+    model = build_model(make_cfg(assets, *anchor_opts)).eval()
+    num_anchors = model.head.num_anchors
+    _random_head(model)
+    model.test_topk_candidates = num_anchors * 20  # a multiple of A: the same candidates
+    model.test_score_thresh = 0.05
+    model.test_nms_thresh = nms_thresh
+    model.max_detections_per_image = max_det
+    images, features = dense_inputs(model, n=2, size=(2, 96, 72), seed=2)
+    seen_rows = []
+    logits_fn = model.head.logits
+    with torch.no_grad():
+        with mock.patch.object(
+            model.head,
+            "logits",
+            lambda rows, idx=None: seen_rows.append(rows.shape[-2]) or logits_fn(rows, idx),
+        ):
+            fast = model.forward_inference(
+                images, features, list(model.head.forward_embeddings(features))
+            )
+        naive = _naive_inference(model, images, features)
+    # the fast path scored every location once, never every anchor
+    assert seen_rows == [f.shape[2] * f.shape[3] for f in features]
+    for a, b in zip(fast, naive):
+        assert len(a) > 5
+        assert _as_tuples(a) == _as_tuples(b)
+
+
+def test_per_anchor_head_trains_and_matches_naive(assets):
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True))
+    losses, _ = train_losses(model, make_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    _random_head(model, std=0.3)
+    model.test_score_thresh = 0.05
+    images, features = dense_inputs(model, n=1, size=(2, 80, 96), seed=4)
+    with torch.no_grad():
+        fast = model.forward_inference(
+            images, features, list(model.head.forward_embeddings(features))
+        )
+        naive = _naive_inference(model, images, features)
+    assert len(fast[0]) > 0 and _as_tuples(fast[0]) == _as_tuples(naive[0])
+
+
+def test_eval_forward_shapes_and_inf_nan_inputs(assets):
+    model = build_model(make_cfg(assets)).eval()
+    inputs = make_inputs()
+    inputs[0]["height"], inputs[0]["width"] = 194, 226  # rescaled to the original size
+    with torch.no_grad():
+        out = model(inputs)
+    inst = out[0]["instances"]
+    assert inst.image_size == (194, 226) and len(inst) <= model.max_detections_per_image
+    assert inst.pred_classes.max() < K
+    for value in (float("inf"), float("nan")):
+        images = ImageList(torch.full((1, 3, 96, 96), value), [(96, 96)])
+        with torch.no_grad():
+            feats = model.backbone(images.tensor)
+            feats = [feats[f] for f in model.head_in_features]
+            results = model.forward_inference(
+                images, feats, list(model.head.forward_embeddings(feats))
+            )
+        boxes = results[0].pred_boxes.tensor
+        assert not torch.isfinite(boxes).all(dim=1).any() if len(boxes) else True
+
+
+# ----------------------------------------------------------------------------------- vocabulary
+def test_set_vocabulary_with_tensor_to_and_state_dict(assets):
+    model = build_model(make_cfg(assets)).eval()
+    new = torch.randn(7, D)
+    model.set_vocabulary(new)
+    assert model.num_classes == 7 and model.trained_class_mask.shape == (7,)
+    torch.testing.assert_close(model.text_embeddings, F.normalize(new, dim=1))
+    assert "head.classifier.text_embeddings" in dict(model.named_buffers())
+    assert model.state_dict()["head.classifier.text_embeddings"].shape == (7, D)
+    _random_head(model)
+    model.test_score_thresh = 0.0
+    with torch.no_grad():
+        out = model(make_inputs())
+    assert out[0]["instances"].pred_classes.max() >= K  # the new classes are scored
+    model.to("meta")
+    assert model.text_embeddings.device.type == "meta"
+    assert model.trained_class_mask.device.type == "meta"
+    with pytest.raises(ValueError, match="dimension"):
+        build_model(make_cfg(assets)).set_vocabulary(torch.randn(3, D + 1))
+
+
+def test_set_vocabulary_with_names_uses_clip_text_encoder(assets):
+    model = build_model(make_cfg(assets))
+    names = ["red square", "blue ring", "green triangle"]
+    model.set_vocabulary(names)
+    assert model.num_classes == 3 and model.class_names == names
+    clip_model = gclip.load_clip(assets["clip"])
+    expected = gclip.get_text_embeddings(
+        names, clip_model, model_key="test", prompts="single", cache_dir=None, progress=False
+    )
+    torch.testing.assert_close(model.text_embeddings, F.normalize(expected.float(), dim=1))
+    with pytest.raises(ValueError, match="duplicate"):
+        model.set_vocabulary(["cat", "Cat"])
+    with pytest.raises(ValueError, match="empty"):
+        model.set_vocabulary([" ", ""])
+
+
+def test_resolve_vocabulary_inputs(assets, tmp_path):
+    emb, names = resolve_vocabulary(assets["text"])
+    assert emb.shape == (K, D) and names is None
+    emb2, _ = resolve_vocabulary(np.load(assets["text"]))
+    torch.testing.assert_close(emb, emb2)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_vocabulary(str(tmp_path / "missing.npy"))
+    with pytest.raises(TypeError):
+        resolve_vocabulary(42)
+    with pytest.raises(ValueError, match="config"):
+        resolve_vocabulary(["cat", "dog"], None)
+    cfg = make_cfg(assets)
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        check_class_count(torch.randn(K + 1, D), cfg)
+
+
+def test_checkpoint_round_trip_and_other_vocabulary_size(assets, tmp_path):
+    cfg = make_cfg(assets)
+    model = build_model(cfg)
+    _random_head(model)
+    model.set_vocabulary(torch.randn(7, D))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_7")
+    saved = torch.load(tmp_path / "model_7.pth", weights_only=False)["model"]
+    assert not any("teacher" in k for k in saved)
+
+    # Detectron2's checkpointer keeps the model's (config's) vocabulary on a size mismatch ...
+    other = build_model(cfg)
+    DetectionCheckpointer(other).load(str(tmp_path / "model_7.pth"))
+    assert other.num_classes == K and other.text_embeddings.shape == (K, D)
+    torch.testing.assert_close(other.head.grid_embed.weight, model.head.grid_embed.weight)
+    # ... while load_state_dict adopts the checkpoint's vocabulary and syncs num_classes
+    other.load_state_dict(saved)
+    assert other.num_classes == 7 and other.trained_class_mask.shape == (7,)
+    torch.testing.assert_close(other.text_embeddings, model.text_embeddings)
+    # same vocabulary size: an exact round trip
+    same = build_model(cfg)
+    same.set_vocabulary(torch.randn(7, D))
+    DetectionCheckpointer(same).load(str(tmp_path / "model_7.pth"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[k], v, msg=k)
+
+
+# ------------------------------------------------------------------------------ image alignment
+def test_image_alignment_off_builds_no_teacher(assets, monkeypatch):
+    def fail(cfg):
+        raise AssertionError("the teacher must not be built")
+
+    monkeypatch.setattr(gclip, "build_clip_teacher_from_cfg", fail)
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0))
+    assert model.image_alignment is None
+    losses, _ = train_losses(model, make_inputs())
+    assert "loss_image_align" not in losses
+    # on, it is built lazily: building the model (e.g. for evaluation) does not load it
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0))
+    assert model.image_alignment is not None and model.image_alignment._teacher is None
+
+
+def test_pool_grid_embeddings_valid_region_and_tile_order():
+    a, b = torch.zeros(D), torch.zeros(D)
+    a[0], b[1] = 2.0, 5.0
+    x = torch.empty(1, D, 4, 6)
+    x[0, :, :, :2] = a[:, None, None]
+    x[0, :, :, 2:4] = b[:, None, None]
+    x[0, :, :, 4:] = 1e6  # padding beyond the image (width 4 cells x stride 8 = 32 px)
+    x[0, :, 3:, :] = 1e6  # and below it (3 rows)
+    whole, tiles = pool_grid_embeddings([x], [8], [(24, 32)], [1, 2], D)
+    torch.testing.assert_close(
+        whole[0, 0], F.normalize(F.normalize(a, dim=0) + F.normalize(b, dim=0), dim=0)
+    )
+    # row-major 2x2 tiles: left half a, right half b (rows 0-1 and 1-2 overlap: adaptive pool)
+    expected = torch.stack([F.normalize(a, dim=0), F.normalize(b, dim=0)] * 2)
+    torch.testing.assert_close(tiles[0], expected)
+    torch.testing.assert_close(mirror_tiles(tiles, 2)[0], expected[[1, 0, 3, 2]])
+    # per-anchor embeddings: anchors' normalised embeddings are averaged
+    two = torch.cat([x[:, :, :3, :4], x[:, :, :3, :4]], dim=1)
+    torch.testing.assert_close(pool_grid_embeddings([two], [8], [(24, 32)], [1], D)[0], whole)
+
+
+def test_raw_images_for_the_teacher_are_rgb():
+    bgr = torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
+    assert raw_rgb_image(bgr, "BGR").flatten().tolist() == [3.0, 2.0, 1.0]
+    assert raw_rgb_image(bgr, "RGB").flatten().tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="INPUT.FORMAT"):
+        ImageAlignment(embed_dim=D, teacher=torch.nn.Identity(), input_format="L")
+
+
+def test_alignment_loss_values():
+    align = ImageAlignment(embed_dim=4, teacher=torch.nn.Identity(), loss_type="l1", grids=[1])
+    s = torch.tensor([[[1.0, 0, 0, 0]]])
+    t = torch.tensor([[[0.0, 1, 0, 0]]])
+    assert align.alignment_loss([s], [t], False).item() == pytest.approx(2.0)  # sum |s - t|
+    align.loss_type = "cosine"
+    assert align.alignment_loss([s], [t], False).item() == pytest.approx(1.0)
+    assert align.alignment_loss([s], [s], False).item() == pytest.approx(0.0)
+
+
+def test_teacher_cache_tool_round_trip_and_errors(assets, tiny_lvis_json, tmp_path, monkeypatch):
+    name = register_tiny(tiny_lvis_json)
+    out = str(tmp_path / "teacher.pt")
+    tool = runpy.run_path(os.path.join(REPO_ROOT, "tools", "cache_teacher_embeddings.py"))
+    common = [
+        "--dataset", name, "--output", out, "--grids", "1,2", "--no-progress",
+        "MODEL.CLIP.WEIGHTS", assets["clip"], "MODEL.CLIP.EMBED_DIM", str(D),
+        "MODEL.CLIP.TEACHER_INPUT_SIZE", "64", "MODEL.DEVICE", "cpu",
+    ]  # fmt: skip
+    tool["main"](["--limit", "1"] + common)
+    assert len(TeacherEmbeddingCache.load(out)) == 1
+    first = TeacherEmbeddingCache.load(out).get(TeacherEmbeddingCache.load(out).keys()[0])
+    tool["main"](common)  # resumes: embeds only the missing image
+    cache = TeacherEmbeddingCache.load(out, embed_dim=D, grids=[1, 2])
+    assert sorted(cache.keys()) == ["1", "2"] and cache.meta["dataset"] == name
+    torch.testing.assert_close(cache.get(cache.keys()[0])[1], first[1])
+
+    # the cached views equal the online teacher's (fp16 storage)
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    d = DatasetCatalog.get(name)[0]
+    image = torch.as_tensor(read_image(d["file_name"], format="RGB").copy()).permute(2, 0, 1)
+    cfg = make_cfg(
+        assets,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT",
+        1.0,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS",
+        "[1, 2]",
+    )
+    online = ImageAlignment(cfg)
+    inputs = [{"image": image, "image_id": d["image_id"]}]
+    expected = online.teacher_embeddings(inputs, "cpu")
+    cached = cache.get(teacher_cache_key(d), [1, 2])
+    for e, c in zip(expected, cached):
+        torch.testing.assert_close(e[0], c, atol=2e-3, rtol=0)
+
+    # a model trained from the cache builds no teacher and reads it
+    monkeypatch.setattr(gclip, "build_clip_teacher_from_cfg", None)
+    cfg.MODEL.GRIDCLIP.TEACHER_CACHE = out
+    model = build_model(cfg)
+    assert model.image_alignment.teacher is None
+    h, w = image.shape[1:]
+    batch = [
+        {"image": image, "instances": gt(h, w, [[10, 10, 40, 40]], [0]), "image_id": d["image_id"]}
+    ]
+    losses, _ = train_losses(model, batch)
+    assert torch.isfinite(losses["loss_image_align"])
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        train_losses(model, [dict(batch[0], image_id=999)])
+
+    # validation: wrong dimension, missing grid, not a cache
+    with pytest.raises(ValueError, match="64-d embeddings but the model's CLIP space is 32-d"):
+        TeacherEmbeddingCache.load(out, embed_dim=32)
+    with pytest.raises(ValueError, match="grids"):
+        TeacherEmbeddingCache.load(out, grids=[3])
+    torch.save({"hello": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a GridCLIP teacher cache"):
+        TeacherEmbeddingCache.load(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError, match="cache_teacher_embeddings"):
+        TeacherEmbeddingCache.load(str(tmp_path / "none.pt"))
+
+
+# ------------------------------------------------------------------------------------- backbone
+def test_clip_resnet_backbone_matches_clip_trunk(assets):
+    cfg = make_cfg(assets, "MODEL.CLIP_RESNET.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']")
+    model = build_model(cfg)
+    trunk = model.backbone.bottom_up
+    assert isinstance(trunk, CLIPResNet)
+    shapes = trunk.output_shape()
+    assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
+        "res2": (64, 4), "res3": (128, 8), "res4": (256, 16), "res5": (512, 32),
+    }  # fmt: skip
+    assert not any("attnpool" in n for n, _ in trunk.named_parameters())
+    # frozen stem (FREEZE_AT 1), FrozenBN everywhere when initialised from CLIP
+    assert not any(p.requires_grad for p in trunk.stem.parameters())
+    assert all(p.requires_grad for p in trunk.res2.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules())
+    visual = gclip.load_clip(assets["clip"]).visual
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ours, theirs = trunk(x), modified_resnet_features(visual, x)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-4, rtol=1e-4)
+    # random init keeps trainable BatchNorm in the trainable stages
+    rand = build_model(
+        make_cfg(assets, "MODEL.CLIP_RESNET.INIT_FROM_CLIP", False)
+    ).backbone.bottom_up
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in rand.res3.modules())
+    assert not torch.allclose(rand.res3[0].conv1.weight, trunk.res3[0].conv1.weight)
+
+
+def test_detectron2_resnet_backbone_also_works(assets):
+    cfg = make_cfg(
+        assets,
+        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
+        "MODEL.RESNETS.DEPTH", 18,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']",
+        "MODEL.RESNETS.NORM", "BN",
+        "MODEL.BACKBONE.FREEZE_AT", 0,
+    )  # fmt: skip
+    model = build_model(cfg)
+    losses, _ = train_losses(model, make_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_deepcopy_keeps_teacher_out_of_modules(assets):
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0))
+    twin = copy.deepcopy(model)
+    assert "_teacher" not in dict(twin.image_alignment.named_children())
+    assert set(twin.state_dict()) == set(model.state_dict())
