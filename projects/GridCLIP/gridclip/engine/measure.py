@@ -36,6 +36,7 @@ def time_inference(
 ) -> Dict[str, float]:
     """Median and mean seconds per image of ``predict`` (e.g. a Detectron2 ``DefaultPredictor``:
     BGR image in, resize + normalisation + model + postprocessing) over ``images``, batch 1.
+    ``times_s`` lists every timed call.
     """
     if not images:
         raise ValueError("time_inference needs at least one image")
@@ -53,6 +54,7 @@ def time_inference(
         "median_s": statistics.median(times),
         "mean_s": statistics.fmean(times),
         "num_images": len(times),
+        "times_s": times,
     }
 
 

@@ -1,0 +1,208 @@
+"""tools/benchmark.py: the quick mode end to end (what CI runs) and the ratio/goal logic."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_tool():
+    # Loaded by path: the detectron2 wheel installs a top-level ``tools`` package.
+    spec = importlib.util.spec_from_file_location(
+        "gridclip_benchmark_tool", os.path.join(ROOT, "tools", "benchmark.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive_finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark")
+    threads = torch.get_num_threads()
+    results = _load_tool().main(["--quick", "--threads", "1", "--output-dir", str(out)])
+    assert torch.get_num_threads() == threads, "main() must restore the thread count"
+    return out, results
+
+
+def test_quick_mode_writes_every_output(quick_run):
+    out, results = quick_run
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["format"] == "gridclip-benchmark" and saved["settings"]["quick"] is True
+    for key in ("machine", "settings", "inference", "costs", "train", "ratios", "goals"):
+        assert key in saved, key
+    md = (out / "results.md").read_text()
+    assert "## Headline ratios" in md and "## Training" in md and "## Vocabulary scaling" in md
+    with open(out / "benchmark.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert saved["ratios"] == pytest.approx(results["ratios"])
+
+
+def test_quick_mode_measures_every_model_and_path(quick_run):
+    from gridclip.engine.benchmark import INFERENCE_MODELS, TRAIN_MODELS
+
+    _, results = quick_run
+    s = results["settings"]
+    main = {r["model"]: r for r in results["inference"] if r["suite"] == "main"}
+    assert set(main) == set(INFERENCE_MODELS)
+    assert main["retinanet_80"]["num_classes"] == 80 and main["gridclip"]["num_classes"] == 20
+    for r in results["inference"]:
+        assert "skipped" not in r, r
+        assert _positive_finite(r["median_ms"]) and _positive_finite(r["mean_ms"]), r
+        assert len(r["times_ms"]) == s["iters"] and all(_positive_finite(t) for t in r["times_ms"])
+        assert r["peak_memory_mib"] is not None and r["peak_memory_mib"] >= 0
+    vocab = {(r["model"], r["num_classes"]) for r in results["inference"] if r["suite"] == "vocab"}
+    assert vocab == {(m, 60) for m in s["vocab_models"]}
+    sizes = {
+        (r["model"], tuple(r["image_size"]))
+        for r in results["inference"]
+        if r["suite"] == "resolution"
+    }
+    assert sizes == {(m, (96, 146)) for m in s["resolution_models"]}  # 128 px is the main point
+
+    costs = {c["model"]: c for c in results["costs"]}
+    assert set(costs) == set(INFERENCE_MODELS)
+    for c in costs.values():
+        assert _positive_finite(c["gflops"]), c
+        assert c["params"] >= c["trainable_params"] > 0
+    # the per-anchor head has A=9 times the embedding channels of the per-location head
+    assert costs["gridclip_anchor"]["params"] > costs["gridclip"]["params"]
+
+    train = {r["model"]: r for r in results["train"]}
+    assert set(train) == set(TRAIN_MODELS)
+    for r in train.values():
+        assert _positive_finite(r["median_s"]) and len(r["times_s"]) == s["train_iters"], r
+        assert all(math.isfinite(v) for v in r["losses"].values()), r
+    # the teacher is counted: online runs it every iteration, the caches never
+    assert train["gridclip_online"]["teacher_calls_per_iter"] == 1
+    assert train["gridclip_online"]["teacher_crops_per_image"] == 5  # grids [1, 2]
+    assert _positive_finite(train["gridclip_online"]["teacher_s"])
+    assert train["vild_online"]["teacher_crops_per_image"] == 8 * 2  # 8 proposals x 2 scales
+    assert "loss_image_align" in train["gridclip_cache"]["losses"]
+    assert "loss_vild_image" in train["vild_cache"]["losses"]
+    assert train["gridclip_cache"]["teacher_crops_per_image"] == 0
+
+    for key, value in results["ratios"].items():
+        assert _positive_finite(value), (key, value)
+    assert len(results["goals"]) == 5 and all(isinstance(g["met"], bool) for g in results["goals"])
+
+
+def _fake_results(times, train=None, vocab=(10, 100), sizes=(100, 200)):
+    from gridclip.engine.benchmark import image_size_for_short_side
+
+    main_size = list(image_size_for_short_side(200))
+    inference = []
+    for (model, k, size), ms in times.items():
+        size = list(size)
+        suite = (
+            "main"
+            if (k in (10, 80) and size == main_size)
+            else ("vocab" if size == main_size else "resolution")
+        )
+        inference.append(
+            {"suite": suite, "model": model, "num_classes": k, "image_size": size, "median_ms": ms}
+        )
+    return {
+        "settings": {
+            "num_classes": 10,
+            "image_size": main_size,
+            "vocab_sizes": list(vocab),
+            "vocab_models": ["gridclip"],
+            "image_sizes": list(sizes),
+            "resolution_models": ["gridclip"],
+        },
+        "inference": inference,
+        "train": [{"model": k, "median_s": v} for k, v in (train or {}).items()],
+    }
+
+
+def test_ratios_and_goals_from_known_times():
+    from gridclip.engine.benchmark import compute_ratios, evaluate_goals, image_size_for_short_side
+
+    big, small = image_size_for_short_side(200), image_size_for_short_side(100)
+    times = {
+        ("gridclip", 10, big): 100.0,
+        ("gridclip_anchor", 10, big): 300.0,
+        ("vild", 10, big): 600.0,
+        ("vild_ensemble", 10, big): 700.0,
+        ("retinanet_80", 80, big): 80.0,
+        ("retinanet", 10, big): 400.0,
+        ("gridclip", 100, big): 180.0,
+        ("gridclip", 10, small): 50.0,
+    }
+    results = _fake_results(times, train={"gridclip_online": 2.0, "vild_online": 30.0})
+    r = compute_ratios(results)
+    assert r["inference_speedup_gridclip_vs_vild"] == pytest.approx(6.0)
+    assert r["inference_speedup_gridclip_vs_vild_ensemble"] == pytest.approx(7.0)
+    assert r["inference_gridclip_over_retinanet_80"] == pytest.approx(1.25)
+    assert r["inference_speedup_gridclip_vs_retinanet_10"] == pytest.approx(4.0)
+    assert r["inference_per_anchor_over_per_location"] == pytest.approx(3.0)
+    assert r["vocab_growth_gridclip_10_to_100"] == pytest.approx(1.8)
+    assert r["resolution_growth_gridclip_100_to_200"] == pytest.approx(2.0)
+    assert r["train_speedup_gridclip_online_vs_vild_online"] == pytest.approx(15.0)
+    assert r["train_speedup_gridclip_cache_vs_vild_cache"] is None  # not measured
+    results["ratios"] = r
+    met = {g["goal"]: g["met"] for g in evaluate_goals(results)}
+    assert met == {
+        "GridCLIP inference >= 5x faster than ViLD": True,
+        "GridCLIP inference within 1.15x of RetinaNet-80": False,
+        "(DESIGN aim) GridCLIP within 1.3x of RetinaNet-80": True,
+        "Training with teacher >= 10x cheaper than ViLD online": True,
+        "Near-flat vocabulary cost (GridCLIP growth <= 1.5x)": False,
+    }
+
+
+def test_lvis_like_frequencies_match_lvis_mix():
+    from gridclip.engine.benchmark import lvis_like_frequencies
+
+    f = lvis_like_frequencies(1203)
+    counts = {c: f.count(c) for c in "fcr"}
+    assert (
+        abs(counts["f"] - 405) <= 3 and abs(counts["c"] - 461) <= 3 and abs(counts["r"] - 337) <= 3
+    )
+    assert set(lvis_like_frequencies(20)) == {"f", "c", "r"}
+
+
+def test_memory_estimate_skips_what_cannot_fit():
+    from gridclip.engine.benchmark import (
+        INFERENCE_MODELS,
+        BenchmarkSettings,
+        _skip_reason,
+        estimated_inference_bytes,
+        num_anchor_locations,
+    )
+
+    # P3..P7 of an 800x1216 input (padded to 800x1216): 100*152 + 50*76 + 25*38 + 13*19 + 7*10
+    assert num_anchor_locations(800, 1216) == 15200 + 3800 + 950 + 247 + 70
+    per_anchor = estimated_inference_bytes(INFERENCE_MODELS["retinanet"], 10000, 800, 1216)
+    per_location = estimated_inference_bytes(INFERENCE_MODELS["gridclip"], 10000, 800, 1216)
+    assert per_anchor == 9 * per_location and per_anchor > 16 * 2**30
+    assert estimated_inference_bytes(INFERENCE_MODELS["vild"], 10000, 800, 1216) == 0
+    settings = BenchmarkSettings(memory_fraction=1e-9)
+    reason = _skip_reason(
+        INFERENCE_MODELS["retinanet"], 1203, (800, 1216), settings, torch.device("cpu")
+    )
+    assert reason is not None and reason.startswith("skipped")
+    assert _skip_reason(INFERENCE_MODELS["vild"], 1203, (800, 1216), settings, "cpu") is None
+
+
+def test_bad_options_are_rejected():
+    tool = _load_tool()
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--models", "no_such_model"])
+    with pytest.raises(SystemExit, match="KEY VALUE"):
+        tool.settings_from_args(tool.parse_args(["--quick", "MODEL.FPN.OUT_CHANNELS"]))
+    with pytest.raises(ValueError, match="unknown inference models"):
+        from gridclip.engine.benchmark import _ordered
+
+        _ordered(["gridclip", "nope"])
