@@ -200,7 +200,7 @@ def test_class_count_mismatch_errors(assets, tiny_lvis_json):
         build_model(make_cfg(assets, "DATASETS.TRAIN", f"('{name}',)"))
     with pytest.raises(ValueError, match="EMBED_DIM"):
         resolve_text = make_cfg(assets, "MODEL.CLIP.EMBED_DIM", 32)
-        GridCLIP.text_embeddings_from_cfg(resolve_text)
+        GridCLIP.vocabulary_from_cfg(resolve_text)
 
 
 # ------------------------------------------------------------------------------------- training

@@ -258,7 +258,7 @@ class GridCLIP(RetinaNet):
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
         feature_shapes = [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
-        text_embeddings, class_names = cls.text_embeddings_from_cfg(cfg)
+        text_embeddings, class_names = cls.vocabulary_from_cfg(cfg)
         head = GridCLIPHead(cfg, feature_shapes, text_embeddings)
         vocabulary_cfg = cfg.clone()
         return {
@@ -291,7 +291,7 @@ class GridCLIP(RetinaNet):
         }
 
     @staticmethod
-    def text_embeddings_from_cfg(cfg) -> Tuple[Tensor, Optional[List[str]]]:
+    def vocabulary_from_cfg(cfg) -> Tuple[Tensor, Optional[List[str]]]:
         """The (K, D) class text embeddings of a config, checked against it and its dataset.
 
         ``MODEL.CLIP.TEXT_EMBEDDINGS`` if set, else CLIP text embeddings of the class names of

@@ -9,7 +9,12 @@ training images as "background") into the grid embeddings.
 
 The teacher costs one CLIP forward (of ``sum(g*g)`` crops) per image, or nothing when its
 embeddings are read from a cache built once by ``tools/cache_teacher_embeddings.py``
-(``MODEL.GRIDCLIP.TEACHER_CACHE``).
+(``MODEL.GRIDCLIP.TEACHER_CACHE``). The online teacher sees the augmented training image, as the
+student does. The cache holds embeddings of the un-augmented image: resizing does not matter
+(the teacher resizes anyway) and CLIP is nearly flip-invariant, but a horizontal flip swaps the
+left and right tiles; since the mapper does not tell whether an image was flipped, tiles (g > 1)
+from the cache are compared both as stored and mirrored, and the closer match counts. Random
+crops would invalidate cached tiles: use the online teacher with crop augmentation.
 
 The teacher is deliberately *not* a registered submodule of the detector: it is not saved in
 checkpoints, not seen by the optimizer or DDP, and is moved to the input device lazily.
