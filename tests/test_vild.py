@@ -86,39 +86,39 @@ def teacher(assets):
     return CLIPImageTeacher(make_tiny_clip(), input_size=64)
 
 
-def make_cfg(assets, *opts):
+def tiny_opts(assets):
     # fmt: off
-    cfg = get_gridclip_cfg(
-        "Base-ViLD.yaml",
-        [
-            "MODEL.DEVICE", "cpu",
-            "MODEL.CLIP.NAME", "tiny",
-            "MODEL.CLIP.WEIGHTS", assets["weights"],
-            "MODEL.CLIP.EMBED_DIM", str(D),
-            "MODEL.CLIP.TEACHER_INPUT_SIZE", "64",
-            "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
-            "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
-            "MODEL.CLIP.PROMPTS", "single",
-            "MODEL.CLIP_RESNET.FREEZE_AT", "0",
-            "MODEL.FPN.OUT_CHANNELS", "32",
-            "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
-            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-            "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
-            "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-            "MODEL.ROI_HEADS.NUM_CLASSES", str(K),
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-            "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-            "MODEL.VILD.NUM_DISTILL_PROPOSALS", "16",
-            "DATASETS.TRAIN", f"('{DATASET}',)",
-            "DATASETS.TEST", f"('{DATASET}',)",
-            "INPUT.MIN_SIZE_TEST", "96",
-            "INPUT.MAX_SIZE_TEST", "128",
-            *opts,
-        ],
-    )
+    return [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.CLIP.NAME", "tiny",
+        "MODEL.CLIP.WEIGHTS", assets["weights"],
+        "MODEL.CLIP.EMBED_DIM", str(D),
+        "MODEL.CLIP.TEACHER_INPUT_SIZE", "64",
+        "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
+        "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
+        "MODEL.CLIP.PROMPTS", "single",
+        "MODEL.CLIP_RESNET.FREEZE_AT", "0",
+        "MODEL.FPN.OUT_CHANNELS", "32",
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(K),
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+        "MODEL.VILD.NUM_DISTILL_PROPOSALS", "8",
+        "DATASETS.TRAIN", f"('{DATASET}',)",
+        "DATASETS.TEST", f"('{DATASET}',)",
+        "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "128",
+    ]
     # fmt: on
-    return cfg
+
+
+def make_cfg(assets, *opts):
+    """The shipped Base-ViLD.yaml on a tiny CLIP trunk (width 16) and tiny heads."""
+    return get_gridclip_cfg("Base-ViLD.yaml", tiny_opts(assets) + list(opts))
 
 
 def build(assets, teacher=None, *opts):
@@ -208,18 +208,30 @@ def test_teacher_gets_raw_rgb_crops_of_top_rpn_proposals(model):
             calls.append((image.clone(), boxes.clone(), tuple(scales)))
             return self.inner.embed_boxes(image, boxes, scales)
 
+    rpn_outputs = []
+    rpn_forward = model.proposal_generator.forward
+
+    def recording_rpn(*args, **kwargs):
+        rpn_outputs.append(rpn_forward(*args, **kwargs))
+        return rpn_outputs[-1]
+
     real = model.clip_teacher
     model.set_clip_teacher(Recorder(real))
+    model.proposal_generator.forward = recording_rpn
     try:
         x = make_input(77, 91, [[10, 10, 50, 60]], [0])
         train_losses(model, [x])
     finally:
         model.set_clip_teacher(real)
+        del model.proposal_generator.forward
     (image, boxes, scales), = calls
     assert torch.equal(image, x["image"])  # raw 0-255 RGB, not the normalised tensor
     assert scales == (1.0, 1.5)
-    assert 0 < len(boxes) <= 16
-    assert (boxes[:, 2] <= 91).all() and (boxes[:, 3] <= 77).all()
+    # the top-N (N = 8) RPN proposals by objectness (minus boxes under 1 px)
+    proposals = rpn_outputs[0][0][0]
+    top = proposals.proposal_boxes[:8]
+    assert torch.equal(boxes, top[top.nonempty(threshold=1.0)].tensor)
+    assert len(boxes) > 0 and (boxes[:, 2] <= 91).all() and (boxes[:, 3] <= 77).all()
     # BGR inputs are flipped to RGB for the teacher
     model.input_format = "BGR"
     try:
@@ -637,3 +649,21 @@ def test_cache_tool_round_trip_resume_corruption_and_training(
     model._clip_teacher_builder = None  # any teacher use would raise
     losses = train_losses(model, batch)
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_vild_image"] > 0
+
+
+def test_cache_tool_with_rpn_proposals_of_a_checkpoint(assets, model, tiny_lvis_json, tmp_path):
+    json_file, root = tiny_lvis_json
+    name = f"vild_test_lvis_rpn_{abs(hash(json_file))}"
+    register_lvis_format_dataset(name, json_file, root)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("rpn")
+    out = str(tmp_path / "cache_rpn")
+    args = ["--config-file", "Base-ViLD.yaml", "--dataset", name, "--output", out]
+    args += ["--weights", str(tmp_path / "rpn.pth"), "--num-proposals", "10", "--no-progress"]
+    counts = load_tool().main(args + tiny_opts(assets))
+    assert counts["computed"] == 2
+    cache = TeacherCache(out, embed_dim=D)
+    assert cache.meta["proposals"].startswith("rpn:")
+    boxes = cache.get(1, (80, 96))["boxes"]
+    assert 0 < len(boxes) <= 10
+    assert (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 80).all() and (boxes >= 0).all()
+    assert not torch.equal(boxes, sliding_window_proposals(80, 96, 10)[: len(boxes)])
