@@ -32,9 +32,9 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 
+from ..data.mapper import CheckedDatasetMapper
 from ..engine.checkpoint import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -221,12 +221,12 @@ class TeacherCache:
 
 
 # ------------------------------------------------------------------------------------ mapper
-class ViLDDatasetMapper(DatasetMapper):
-    """Detectron2's ``DatasetMapper`` that, for ``MODEL.VILD.TEACHER "cache"`` in training,
+class ViLDDatasetMapper(CheckedDatasetMapper):
+    """The project's ``DatasetMapper`` that, for ``MODEL.VILD.TEACHER "cache"`` in training,
     also attaches the cached distillation proposals of each image as
     ``dataset_dict["distill_proposals"]``: an ``Instances`` with ``proposal_boxes`` (the cached
     boxes under the same resize/flip as the image, clipped) and ``teacher_embeddings`` (R, D).
-    Otherwise it behaves exactly like ``DatasetMapper``.
+    Otherwise it behaves exactly like ``CheckedDatasetMapper`` (so it can serve any model).
     """
 
     @configurable
