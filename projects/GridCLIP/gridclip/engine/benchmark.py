@@ -36,7 +36,6 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -108,6 +107,7 @@ class ModelSpec:
     ensemble: bool = False
     fixed_classes: Optional[int] = None
     teacher: Optional[str] = None
+    embed_kernel: Optional[int] = None  # what-if: GridCLIP's grid-embedding conv kernel size
 
 
 INFERENCE_MODELS = {
@@ -115,6 +115,14 @@ INFERENCE_MODELS = {
     for s in (
         ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
         ModelSpec("gridclip_anchor", "GridCLIP (per-anchor)", "gridclip", per_anchor=True),
+        # Not a config of the project: the shipped head with its 3x3 grid-embedding conv
+        # replaced by a 1x1 one after building, to measure that proposed change.
+        ModelSpec(
+            "gridclip_1x1",
+            "GridCLIP (per-location, 1x1 embed conv; what-if)",
+            "gridclip",
+            embed_kernel=1,
+        ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
         ModelSpec("retinanet_80", "RetinaNet (80 classes)", "retinanet", fixed_classes=80),
@@ -154,9 +162,9 @@ class BenchmarkSettings:
     train_iters: int = 2
     train_num_gt: int = 8
     vocab_sizes: Sequence[int] = (1203, 4000, 10000)
-    vocab_models: Sequence[str] = ("gridclip", "gridclip_anchor", "vild", "retinanet")
+    vocab_models: Sequence[str] = ("gridclip", "vild", "retinanet")
     image_sizes: Sequence[int] = (512, 800, 1333)  # short sides, same aspect as image_size
-    resolution_models: Sequence[str] = ("gridclip", "vild", "retinanet_80", "retinanet")
+    resolution_models: Sequence[str] = ("gridclip", "vild", "retinanet_80")
     flops: bool = True
     profile: Sequence[str] = ()  # inference models to profile with torch.profiler
     clip_architecture: CLIPArchitecture = RN50_ARCHITECTURE
@@ -392,11 +400,21 @@ def build_cfg(
     return cfg
 
 
-def build_benchmark_model(cfg, seed: int = 0) -> torch.nn.Module:
+def build_benchmark_model(cfg, seed: int = 0, spec: Optional[ModelSpec] = None) -> torch.nn.Module:
+    """``build_model(cfg)`` with a fixed seed; ``spec.embed_kernel`` swaps GridCLIP's
+    grid-embedding conv for one of that kernel size (a what-if, not a project config)."""
     from detectron2.modeling import build_model
 
     torch.manual_seed(seed)
-    return build_model(cfg)
+    model = build_model(cfg)
+    if spec is not None and spec.embed_kernel is not None:
+        old = model.head.grid_embed
+        k = int(spec.embed_kernel)
+        new = torch.nn.Conv2d(old.in_channels, old.out_channels, kernel_size=k, padding=k // 2)
+        torch.nn.init.normal_(new.weight, std=0.01)
+        torch.nn.init.constant_(new.bias, 0.0)
+        model.head.grid_embed = new.to(old.weight.device)
+    return model
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -539,9 +557,14 @@ def measure_inference(
     predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), max_size or settings.max_size)
     device = next(model.parameters()).device
     model.eval()
+    last = {}
+
+    def predict(img):
+        last["output"] = predictor(img)
+
     with PeakMemory(device) as memory:
-        timing = time_inference(predictor, [image], warmup=settings.warmup, repeats=settings.iters)
-        output = predictor(image)
+        timing = time_inference(predict, [image], warmup=settings.warmup, repeats=settings.iters)
+    output = last["output"]
     times = timing.get("times_s") or [timing["median_s"]]
     return {
         "median_ms": 1000.0 * timing["median_s"],
@@ -849,7 +872,7 @@ def run_inference_suites(
     for key in _ordered(settings.models, settings.vocab_models, settings.resolution_models):
         spec = INFERENCE_MODELS[key]
         cfg = build_cfg(spec, main_k, assets, settings)
-        model = build_benchmark_model(cfg, settings.seed)
+        model = build_benchmark_model(cfg, settings.seed, spec)
         device = next(model.parameters()).device
         # The main point (LVIS settings) of every model: the base of its sweeps too.
         progress(f"inference {spec.label}, {spec.fixed_classes or main_k} classes, {main_size}")
@@ -901,7 +924,7 @@ def run_inference_suites(
                 if spec.family == "retinanet":
                     del model
                     cfg_k = build_cfg(spec, k, assets, settings)
-                    model = build_benchmark_model(cfg_k, settings.seed)
+                    model = build_benchmark_model(cfg_k, settings.seed, spec)
                 else:
                     cfg_k = cfg
                     model.set_vocabulary(
@@ -1051,7 +1074,16 @@ def compute_ratios(results: Dict) -> Dict[str, Optional[float]]:
         "inference_gridclip_over_retinanet_80": _ratio(t["gridclip"], t["retinanet_80"]),
         f"inference_speedup_gridclip_vs_retinanet_{k}": _ratio(t["retinanet"], t["gridclip"]),
         "inference_per_anchor_over_per_location": _ratio(t["gridclip_anchor"], t["gridclip"]),
+        "inference_whatif_1x1_embed_over_retinanet_80": _ratio(
+            t["gridclip_1x1"], t["retinanet_80"]
+        ),
     }
+    flops = {c["model"]: c.get("gflops") for c in results.get("costs", [])}
+    if flops:
+        ratios["gflops_vild_over_gridclip"] = _ratio(flops.get("vild"), flops.get("gridclip"))
+        ratios["gflops_gridclip_over_retinanet_80"] = _ratio(
+            flops.get("gridclip"), flops.get("retinanet_80")
+        )
     vocab = sorted(set(s["vocab_sizes"]))
     if len(vocab) > 1:
         lo, hi = vocab[0], vocab[-1]
@@ -1191,7 +1223,8 @@ def markdown_report(results: Dict) -> str:
         c = costs.get(r["model"], {})
         lines.append(
             f"| {r['label']} | {r['num_classes']} | {_size(r['image_size'])} | "
-            f"{_fmt(r.get('median_ms')) if 'median_ms' in r else r.get('skipped')} | {_fmt(r.get('mean_ms'))} | "
+            f"{_fmt(r['median_ms']) if 'median_ms' in r else r.get('skipped')} | "
+            f"{_fmt(r.get('mean_ms'))} | "
             f"{_fmt(r.get('peak_memory_mib'), 0)} | {_fmt(c.get('gflops'))} | "
             f"{_fmt(c['params'] / 1e6, 1) if 'params' in c else '–'} |"
         )
@@ -1202,7 +1235,8 @@ def markdown_report(results: Dict) -> str:
             "",
             "## Training (s/iter, teacher included)",
             "",
-            "| variant | s/iter (median) | of which teacher | teacher crops/img | peak mem MiB | trainable params (M) |",
+            "| variant | s/iter (median) | of which teacher | teacher crops/img | peak mem MiB "
+            "| trainable params (M) |",
             "|---|---|---|---|---|---|",
         ]
         for r in results["train"]:
