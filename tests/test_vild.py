@@ -534,6 +534,18 @@ def test_novel_mask_needs_frequencies(assets, tmp_path):
     assert not ok.roi_heads.box_predictor.novel_class_mask.any()
 
 
+def test_no_distillation_needs_no_teacher(assets, caplog):
+    model = build(assets, None, "MODEL.VILD.IMAGE_DISTILL_WEIGHT", "0.0")
+    model._clip_teacher_builder = None  # any teacher use would raise
+    losses = train_losses(model, [make_input(64, 80, [[4, 4, 40, 40]], [0])])
+    assert "loss_vild_image" not in losses and model._clip_teacher is None
+    # an ensemble model loading a checkpoint trained without the image branch says so
+    ensemble = build(assets, None, "MODEL.VILD.ENSEMBLE", "True")
+    with caplog.at_level("WARNING"):
+        ensemble.load_state_dict(model.state_dict(), strict=False)
+    assert "image-branch projection" in caplog.text
+
+
 def test_cache_mode_without_mapper_or_directory(assets, teacher):
     with pytest.raises(ValueError, match="TEACHER_CACHE"):
         build(assets, None, "MODEL.VILD.TEACHER", "cache")

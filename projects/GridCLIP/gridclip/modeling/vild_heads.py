@@ -252,6 +252,13 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         key = prefix + "novel_class_mask"
         if key in state_dict and state_dict[key].shape != self.novel_class_mask.shape:
             self._set_novel_class_mask(state_dict[key], state_dict[key].numel())
+        image_key = prefix + "image_projection.weight"
+        if self.image_projection is not None and image_key not in state_dict:
+            logger.warning(
+                "MODEL.VILD.ENSEMBLE is on but the checkpoint has no image-branch projection "
+                f"({prefix}image_projection): it was trained without the ensemble, so the image "
+                "branch stays untrained and the ensembled scores are meaningless"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------- forward
