@@ -16,13 +16,15 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 import gridclip  # noqa: F401  (registers models and datasets)
-from gridclip.config import get_gridclip_cfg
+from gridclip.config import get_gridclip_cfg, resolve_config_path
 from gridclip.engine import AtomicCheckpointer, Trainer, write_results
 
 logger = logging.getLogger("gridclip")
 
 
 def setup(args):
+    if args.config_file:  # a path, or a name under projects/GridCLIP/configs/
+        args.config_file = resolve_config_path(args.config_file)
     cfg = get_gridclip_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""The embedded default, end to end: `make demo`.
+
+1. Generates the offline open-vocabulary world (LVIS format; cached).
+2. Trains GridCLIP, GridCLIP without image-level alignment (ablation) and the ViLD baseline on
+   its base classes with the project's own ``train_net.py`` and configs
+   (``projects/GridCLIP/configs/embedded/``), evaluating each on val with ``LVISEval``.
+3. Times inference (batch 1, pre/post-processing included) on the same machine.
+4. Writes to ``--output-dir`` (default ``output/demo``):
+   ``summary.json`` (machine-readable), ``comparison.md`` (the table), ``comparison.png``
+   (accuracy vs speed), ``predictions/*.png`` (Detectron2 ``Visualizer``), and per-model
+   training folders (checkpoints, ``metrics.json``, TensorBoard events, logs).
+
+Trained models are reused when their folder holds ``results.json`` from the same config and
+iterations (``--force`` retrains). ``--preset ci`` runs the same pipeline on a tiny world with
+few iterations (what the test suite runs).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
+from gridclip.data import datasets_root
+from gridclip.data.world import generate_world, register_world
+from gridclip.engine.checkpoint import atomic_open
+from gridclip.engine.measure import load_images, time_inference, train_seconds_per_iter
+
+logger = logging.getLogger("gridclip.demo")
+
+TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
+
+#: name -> (label, config under configs/, extra opts)
+MODELS = {
+    "gridclip": ("GridCLIP", "embedded/GridCLIP_world.yaml", []),
+    "gridclip_no_ila": (
+        "GridCLIP w/o image-level alignment",
+        "embedded/GridCLIP_world.yaml",
+        ["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", "0.0"],
+    ),
+    "vild": ("ViLD (text + image distillation)", "embedded/ViLD_world.yaml", []),
+}
+
+#: preset -> world generation kwargs, dataset prefix, overrides for every model
+PRESETS = {
+    "demo": {"world": {"preset": "demo"}, "prefix": "gridclip_world", "opts": []},
+    "ci": {
+        "world": {"preset": "ci"},
+        "prefix": "gridclip_world_ci",
+        "opts": ["SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10"],
+    },
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--output-dir", default="output/demo")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--world-root", default=None, help="default: $DETECTRON2_DATASETS/<prefix>")
+    p.add_argument("--timing-images", type=int, default=20, help="val images timed per model")
+    p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
+    p.add_argument("--force", action="store_true", help="retrain even if results exist")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model")
+    return p.parse_args(argv)
+
+
+def _stage(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def _run_key(config: str, opts) -> str:
+    with open(os.path.join(PROJECT_ROOT, "configs", config), "rb") as f:
+        text = f.read()
+    return hashlib.sha256(text + json.dumps(list(opts)).encode()).hexdigest()[:16]
+
+
+def train_and_evaluate(name, config, opts, out_dir, force) -> dict:
+    """Train + evaluate one model with train_net.py in a subprocess (reused when up to date)."""
+    results_path = os.path.join(out_dir, "results.json")
+    key_path = os.path.join(out_dir, "run_key.txt")
+    key = _run_key(config, opts)
+    if not force and os.path.isfile(results_path) and os.path.isfile(key_path):
+        if open(key_path).read().strip() == key:
+            print(f"    reusing {results_path} (same config; --force retrains)")
+            return json.load(open(results_path))
+    os.makedirs(out_dir, exist_ok=True)
+    cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
+    cmd += list(opts)
+    print("    $ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=os.getcwd())
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+    if not os.path.isfile(results_path):
+        raise RuntimeError(f"training {name} wrote no {results_path}")
+    with atomic_open(key_path, "w") as f:
+        f.write(key)
+    results = json.load(open(results_path))
+    results["train_wall_s"] = time.perf_counter() - start
+    with atomic_open(results_path, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def build_predictor(config, opts, out_dir):
+    """Detectron2's DefaultPredictor on the trained weights (BGR in; resize, model, postprocess)."""
+    from detectron2.engine import DefaultPredictor
+
+    weights = os.path.join(out_dir, "model_final.pth")
+    cfg = get_gridclip_cfg(config, list(opts) + ["OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", weights])
+    return cfg, DefaultPredictor(cfg)
+
+
+def visualise(predictor, dataset_dicts, metadata, out_prefix, threshold=0.3):
+    """Draw predictions with Detectron2's Visualizer; returns the PNG paths."""
+    from detectron2.data import detection_utils as utils
+    from detectron2.utils.visualizer import Visualizer
+
+    paths = []
+    for d in dataset_dicts:
+        bgr = utils.read_image(d["file_name"], format="BGR")
+        inst = predictor(bgr)["instances"].to("cpu")
+        inst = inst[inst.scores >= threshold]
+        vis = Visualizer(bgr[:, :, ::-1], metadata=metadata, scale=2.0)
+        path = f"{out_prefix}_{os.path.splitext(os.path.basename(d['file_name']))[0]}.png"
+        vis.draw_instance_predictions(inst).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(summary, output_dir):
+    rows = summary["models"]
+    header = (
+        "| model | AP | APr (novel) | APc | APf | train s/iter | inference ms/img "
+        "| teacher CLIP forwards / train image |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        m = r["bbox"]
+        lines.append(
+            f"| {r['label']} | {m['AP']:.1f} | {m['APr']:.1f} | {m['APc']:.1f} | {m['APf']:.1f} "
+            f"| {r['train_s_per_iter']:.2f} | {r['inference_ms_per_img']:.0f} "
+            f"| {r['teacher_forwards_per_image']} |"
+        )
+    table = header + "\n".join(lines) + "\n"
+    md = (
+        f"# Embedded default: GridCLIP vs ViLD\n\n{table}\n"
+        f"Machine: {summary['machine']}. Preset `{summary['preset']}`. "
+        f"Produced by `{summary['command']}` in {summary['wall_s'] / 60:.1f} min.\n"
+    )
+    with atomic_open(os.path.join(output_dir, "comparison.md"), "w") as f:
+        f.write(md)
+    with atomic_open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print("\n" + table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x = r["inference_ms_per_img"]
+        ax.scatter([x], [r["bbox"]["AP"]], marker="o", s=80)
+        ax.scatter([x], [r["bbox"]["APr"]], marker="^", s=80)
+        ax.annotate(r["label"], (x, r["bbox"]["AP"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("inference ms / image (batch 1, CPU)" if not torch.cuda.is_available() else "inference ms / image")
+    ax.set_ylabel("AP (o) and APr = novel (^)")
+    ax.set_title("Embedded default: accuracy vs speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "comparison.png"), dpi=120)
+    plt.close(fig)
+
+
+def teacher_forwards(cfg) -> str:
+    if cfg.MODEL.META_ARCHITECTURE == "GridCLIP":
+        if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT <= 0:
+            return "0"
+        n = sum(g * g for g in cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
+        return f"{n} (cacheable)"
+    if cfg.MODEL.VILD.IMAGE_DISTILL_WEIGHT <= 0:
+        return "0"
+    n = cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS * len(cfg.MODEL.VILD.CROP_SCALES)
+    return f"{n} crops ({cfg.MODEL.VILD.TEACHER})"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    preset = PRESETS[args.preset]
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    _stage(f"1/4 world ({args.preset}): generating or reusing")
+    root = args.world_root or os.path.join(datasets_root(), preset["prefix"])
+    generate_world(root, **preset["world"])
+    register_world(root, prefix=preset["prefix"])
+    train_ds, val_ds = f"{preset['prefix']}_train", f"{preset['prefix']}_val"
+    data_opts = ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)"]
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    val_dicts = DatasetCatalog.get(val_ds)
+    metadata = MetadataCatalog.get(val_ds)
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+
+    rows = []
+    vis_dir = os.path.join(args.output_dir, "predictions")
+    os.makedirs(vis_dir, exist_ok=True)
+    for i, name in enumerate(names, 1):
+        label, config, model_opts = MODELS[name]
+        opts = data_opts + preset["opts"] + model_opts + list(args.opts)
+        out_dir = os.path.join(args.output_dir, name)
+        _stage(f"2/4 [{i}/{len(names)}] train + evaluate {label}")
+        results = train_and_evaluate(name, config, opts, out_dir, args.force)
+
+        _stage(f"3/4 [{i}/{len(names)}] time inference and visualise {label}")
+        cfg, predictor = build_predictor(config, opts, out_dir)
+        images = load_images([d["file_name"] for d in val_dicts[: args.timing_images]], "BGR")
+        timing = time_inference(predictor, images)
+        vis = visualise(predictor, val_dicts[: args.num_vis], metadata, os.path.join(vis_dir, name))
+        rows.append(
+            {
+                "name": name,
+                "label": label,
+                "config": config,
+                "opts": opts,
+                "bbox": results["results"]["bbox"],
+                "train_s_per_iter": train_seconds_per_iter(out_dir),
+                "train_wall_s": results.get("train_wall_s"),
+                "max_iter": cfg.SOLVER.MAX_ITER,
+                "inference_ms_per_img": 1000 * timing["median_s"],
+                "teacher_forwards_per_image": teacher_forwards(cfg),
+                "predictions": vis,
+            }
+        )
+
+    _stage("4/4 writing the comparison")
+    summary = {
+        "preset": args.preset,
+        "command": "make demo" if args.preset == "demo" else "tools/run_embedded_demo.py --preset ci",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "world_root": root,
+        "models": rows,
+        "wall_s": time.perf_counter() - start,
+    }
+    write_outputs(summary, args.output_dir)
+    print(f"Wrote {args.output_dir}/summary.json, comparison.md, comparison.png, predictions/")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
