@@ -317,9 +317,10 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         base-only split) are left out of the CE with a warning.
         """
         scores, deltas = predictions[:2]
-        gt_classes = cat([p.gt_classes for p in proposals]) if proposals else scores.new_zeros(
-            (0,), dtype=torch.long
-        )
+        if proposals:
+            gt_classes = cat([p.gt_classes for p in proposals])
+        else:
+            gt_classes = scores.new_zeros((0,), dtype=torch.long)
         scores = self.mask_novel_logits(scores)
         _log_classification_stats(scores, gt_classes)
         labels = gt_classes
