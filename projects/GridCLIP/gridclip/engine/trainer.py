@@ -73,7 +73,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        if cfg.MODEL.META_ARCHITECTURE == "ViLD":
+            # also attaches cached teacher proposals (MODEL.VILD.TEACHER "cache"), transformed
+            # with the image's own resize/flip
+            from ..modeling.vild_teacher import ViLDDatasetMapper
+
+            mapper = ViLDDatasetMapper(cfg, True)
+        else:
+            mapper = CheckedDatasetMapper(cfg, True)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
