@@ -55,3 +55,23 @@ def tiny_lvis_json(tmp_path):
     path = tmp_path / "tiny_lvis.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return str(path), str(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def ci_demo(tmp_path_factory):
+    """One CI-sized run of the embedded demo pipeline (tiny world, 20 iterations per model),
+    shared by every test that needs trained embedded models. Returns the summary dict; the
+    models are under ``summary["output_dir"]/<name>/model_final.pth``."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("run_embedded_demo", root / "tools/run_embedded_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path_factory.mktemp("ci_demo")
+    summary = demo.main(
+        ["--preset", "ci", "--output-dir", str(out), "--timing-images", "3", "--num-vis", "2"]
+    )
+    summary["output_dir"] = str(out)
+    return summary

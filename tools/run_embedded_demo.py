@@ -57,7 +57,11 @@ PRESETS = {
     "ci": {
         "world": {"preset": "ci"},
         "prefix": "gridclip_world_ci",
-        "opts": ["SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10"],
+        "opts": [
+            "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10",
+            "SOLVER.IMS_PER_BATCH", "4", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+            "INPUT.MIN_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0",
+        ],
     },
 }
 
@@ -67,7 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="output/demo")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    p.add_argument("--world-root", default=None, help="default: $DETECTRON2_DATASETS/<prefix>")
     p.add_argument("--timing-images", type=int, default=20, help="val images timed per model")
     p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
     p.add_argument("--force", action="store_true", help="retrain even if results exist")
@@ -205,7 +208,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     _stage(f"1/4 world ({args.preset}): generating or reusing")
-    root = args.world_root or os.path.join(datasets_root(), preset["prefix"])
+    # The world lives where train_net.py's registration (at import) looks for it:
+    # $DETECTRON2_DATASETS/<prefix> (set DETECTRON2_DATASETS to put it elsewhere).
+    root = os.path.join(datasets_root(), preset["prefix"])
     generate_world(root, **preset["world"])
     register_world(root, prefix=preset["prefix"])
     train_ds, val_ds = f"{preset['prefix']}_train", f"{preset['prefix']}_val"

@@ -1,0 +1,57 @@
+"""The CI-sized run of `make demo`'s pipeline: world -> train_net.py x3 -> LVISEval -> outputs."""
+import json
+import math
+import os
+
+
+def test_ci_demo_writes_every_output(ci_demo):
+    out = ci_demo["output_dir"]
+    for name in ("summary.json", "comparison.md", "comparison.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    on_disk = json.load(open(os.path.join(out, "summary.json")))
+    assert [m["name"] for m in on_disk["models"]] == ["gridclip", "gridclip_no_ila", "vild"]
+    table = open(os.path.join(out, "comparison.md")).read()
+    for m in on_disk["models"]:
+        assert m["label"] in table
+        for key in ("AP", "APr", "APc", "APf"):
+            value = m["bbox"][key]
+            assert math.isnan(value) or 0.0 <= value <= 100.0, (m["name"], key, value)
+        assert m["train_s_per_iter"] > 0 and math.isfinite(m["train_s_per_iter"])
+        assert m["inference_ms_per_img"] > 0
+        assert m["predictions"] and all(os.path.getsize(p) > 0 for p in m["predictions"])
+        assert os.path.isfile(os.path.join(out, m["name"], "model_final.pth"))
+        assert os.path.isfile(os.path.join(out, m["name"], "metrics.json"))
+
+
+def test_ci_demo_ablation_really_disables_image_alignment(ci_demo):
+    by_name = {m["name"]: m for m in ci_demo["models"]}
+    assert by_name["gridclip"]["teacher_forwards_per_image"] != "0"
+    assert by_name["gridclip_no_ila"]["teacher_forwards_per_image"] == "0"
+    metrics = [
+        json.loads(line)
+        for line in open(os.path.join(ci_demo["output_dir"], "gridclip_no_ila", "metrics.json"))
+    ]
+    assert not any("loss_image_align" in r for r in metrics)
+    metrics = [
+        json.loads(line)
+        for line in open(os.path.join(ci_demo["output_dir"], "gridclip", "metrics.json"))
+    ]
+    assert any("loss_image_align" in r for r in metrics)
+
+
+def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):
+    import importlib.util
+    import pathlib
+    import shutil
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo2", root / "tools/run_embedded_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = str(tmp_path / "copy")  # a copy: the shared fixture's outputs stay as they are
+    shutil.copytree(ci_demo["output_dir"], out)
+    before = os.path.getmtime(os.path.join(out, "vild", "model_final.pth"))
+    demo.main(["--preset", "ci", "--output-dir", out, "--models", "vild", "--timing-images", "1",
+               "--num-vis", "1"])
+    assert "reusing" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "vild", "model_final.pth")) == before
