@@ -6,8 +6,10 @@ from .lvis_ovd import (
     register_lvis_format_dataset,
     register_lvis_v1_ovd,
 )
+from .world import register_default_worlds
 
 register_lvis_v1_ovd()
+register_default_worlds()  # the embedded world (gridclip_world_*, gridclip_world_ci_*)
 
 __all__ = [
     "datasets_root",
