@@ -26,6 +26,7 @@ models here use the same LVIS test settings (score threshold 1e-4, 300 detection
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -45,10 +46,10 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
+from detectron2.utils.events import EventStorage, get_event_storage
 
 from ..config import get_gridclip_cfg
-from .measure import time_inference
+from .measure import time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -549,33 +550,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_inference(
-    model, cfg, image: np.ndarray, settings: BenchmarkSettings, max_size: Optional[int] = None
-) -> Dict:
-    """Median ms/img of ``model`` on ``image`` at batch 1 (resize to the image's short side)."""
+class InferenceJob:
+    """One timed point: ``predictor(image)``, keeping the last output and the peak memory.
+
+    Calling it runs one inference (what :func:`~gridclip.engine.measure.time_interleaved`
+    times); :meth:`record` turns the timing into a results record.
+    """
+
+    def __init__(self, predictor: "Predictor", image: np.ndarray, device: torch.device):
+        self.predictor = predictor
+        self.image = image
+        self.device = torch.device(device)
+        self.output: Optional[Dict] = None
+        self.peak_mib = 0.0
+        self.memory_method = ""
+
+    def __call__(self) -> None:
+        with PeakMemory(self.device) as memory:
+            self.output = self.predictor(self.image)
+        self.peak_mib = max(self.peak_mib, memory.peak_mib or 0.0)
+        self.memory_method = memory.method
+
+    def record(self, timing: Dict, warmup: int) -> Dict:
+        return {
+            "median_ms": 1000.0 * timing["median_s"],
+            "mean_ms": 1000.0 * timing["mean_s"],
+            "times_ms": [1000.0 * t for t in timing["times_s"]],
+            "iters": timing["num_runs"],
+            "warmup": warmup,
+            "num_detections": len(self.output["instances"]) if self.output else None,
+            "peak_memory_mib": self.peak_mib,
+            "memory_method": self.memory_method,
+        }
+
+
+def inference_job(model, cfg, image: np.ndarray, max_size: int) -> InferenceJob:
+    """A job running ``model`` (eval mode) on ``image`` resized to its own short side."""
     h, w = image.shape[:2]
-    predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), max_size or settings.max_size)
-    device = next(model.parameters()).device
     model.eval()
-    last = {}
+    predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), max_size)
+    return InferenceJob(predictor, image, next(model.parameters()).device)
 
-    def predict(img):
-        last["output"] = predictor(img)
 
-    with PeakMemory(device) as memory:
-        timing = time_inference(predict, [image], warmup=settings.warmup, repeats=settings.iters)
-    output = last["output"]
-    times = timing.get("times_s") or [timing["median_s"]]
-    return {
-        "median_ms": 1000.0 * timing["median_s"],
-        "mean_ms": 1000.0 * timing["mean_s"],
-        "times_ms": [1000.0 * t for t in times],
-        "iters": timing["num_images"],
-        "warmup": settings.warmup,
-        "num_detections": len(output["instances"]),
-        "peak_memory_mib": memory.peak_mib,
-        "memory_method": memory.method,
-    }
+def measure_interleaved(jobs: Dict, settings: "BenchmarkSettings", progress: Callable) -> Dict:
+    """Time ``jobs`` (name -> InferenceJob) round-robin; name -> record."""
+    progress(
+        f"  timing {list(jobs)} interleaved: {settings.warmup} warm-up + {settings.iters} rounds"
+    )
+    timings = time_interleaved(
+        jobs,
+        warmup=settings.warmup,
+        repeats=settings.iters,
+        on_done=lambda name, i, sec: progress(f"    round {i + 1}: {name} {1000 * sec:,.0f} ms"),
+    )
+    return {name: jobs[name].record(timings[name], settings.warmup) for name in jobs}
 
 
 def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
@@ -647,9 +675,7 @@ def profile_inference(predictor: Predictor, image: np.ndarray, path: str, top: i
     ]
 
 
-def _training_inputs(
-    height: int, width: int, num_classes: int, base: torch.Tensor, num_gt: int, seed: int
-):
+def _training_inputs(height: int, width: int, base: torch.Tensor, num_gt: int, seed: int):
     """One training input dict: a random image (3, H, W) uint8 and ``num_gt`` boxes of base
     classes (``base``: (K,) bool)."""
     g = torch.Generator().manual_seed(seed)
@@ -702,109 +728,120 @@ def _vild_cached_proposals(cache, n: int, image_id: int, height: int, width: int
     return proposals
 
 
-def measure_training(spec: ModelSpec, cfg, model, settings: BenchmarkSettings) -> Dict:
-    """Median s/iter of forward + backward + SGD step on one image, teacher cost included.
+class TrainingJob:
+    """One training variant: calling it runs one timed iteration (forward + backward + SGD
+    step on one image, the teacher's cost included) and records the teacher's share.
 
-    The optimizer is SGD with learning rate 0 (the arithmetic of a step is done, the random
-    model cannot diverge while it is timed). ViLD-online warm-up iterations distil only
-    ``settings.vild_warmup_proposals`` crops (the timed ones distil NUM_DISTILL_PROPOSALS).
+    The optimizer is SGD with learning rate 0 (a step's arithmetic is done, the random model
+    cannot diverge while it is timed). :meth:`warmup` runs an untimed iteration; for ViLD with
+    the online teacher it distils only ``settings.vild_warmup_proposals`` crops (the timed
+    iterations distil MODEL.VILD.NUM_DISTILL_PROPOSALS). Must run inside an ``EventStorage``.
     """
-    h, w = settings.train_image_size
-    device = next(model.parameters()).device
-    k = (
-        cfg.MODEL.RETINANET.NUM_CLASSES
-        if spec.family != "vild"
-        else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    )
-    if spec.family == "retinanet":
-        base = torch.ones(k, dtype=torch.bool)
-    else:
-        base = torch.tensor(
-            [f != "r" for f in MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).class_frequencies]
+
+    def __init__(self, spec: ModelSpec, cfg, model, settings: "BenchmarkSettings"):
+        self.spec, self.cfg, self.model, self.settings = spec, cfg, model, settings
+        self.height, self.width = settings.train_image_size
+        self.device = next(model.parameters()).device
+        if spec.family == "retinanet":
+            k = cfg.MODEL.RETINANET.NUM_CLASSES
+            base = torch.ones(k, dtype=torch.bool)
+        else:
+            freqs = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).class_frequencies
+            base = torch.tensor([f != "r" for f in freqs])
+        self.inputs = _training_inputs(
+            self.height, self.width, base, settings.train_num_gt, settings.seed
         )
-    inputs = _training_inputs(h, w, k, base, settings.train_num_gt, settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    teacher_times: List[float] = []
-    timers = contextlib.ExitStack()
-    if spec.family == "gridclip" and model.image_alignment is not None:
-        timers.enter_context(
-            _timed_method(model.image_alignment, "teacher_embeddings", teacher_times, device)
-        )
-    elif spec.family == "vild" and model.distillation_enabled:
-        timers.enter_context(_timed_method(model, "distillation_proposals", teacher_times, device))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
+        self.vild_cache = None
+        if spec.family == "vild" and spec.teacher == "cache":
+            from ..modeling.vild_teacher import TeacherCache
 
-    vild_cache = None
-    if spec.family == "vild" and spec.teacher == "cache":
-        from ..modeling.vild_teacher import TeacherCache
-
-        vild_cache = TeacherCache(cfg.MODEL.VILD.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM)
-
-    def step(batch):
-        if vild_cache is not None:  # what ViLDDatasetMapper does per image, timed
-            distill = _vild_cached_proposals(
-                vild_cache, cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS, 0, h, w
+            self.vild_cache = TeacherCache(
+                cfg.MODEL.VILD.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM
             )
+        self.teacher_times: List[float] = []
+        self.distilled: List[float] = []
+        self.losses: Dict[str, float] = {}
+        self.peak_mib = 0.0
+        self.memory_method = ""
+        self._timers = contextlib.ExitStack()
+        if spec.family == "gridclip" and model.image_alignment is not None:
+            self._timers.enter_context(
+                _timed_method(
+                    model.image_alignment, "teacher_embeddings", self.teacher_times, self.device
+                )
+            )
+        elif spec.family == "vild" and model.distillation_enabled:
+            self._timers.enter_context(
+                _timed_method(model, "distillation_proposals", self.teacher_times, self.device)
+            )
+
+    def close(self) -> None:
+        self._timers.close()
+
+    def _step(self) -> Dict[str, float]:
+        batch = self.inputs
+        if self.vild_cache is not None:  # what ViLDDatasetMapper does per image, timed
+            n = self.cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS
+            distill = _vild_cached_proposals(self.vild_cache, n, 0, self.height, self.width)
             batch = dict(batch, distill_proposals=distill)
-        losses = model([batch])
+        self.model.train()
+        losses = self.model([batch])
         total = sum(losses.values())
-        optimizer.zero_grad()
+        self.optimizer.zero_grad()
         total.backward()
-        optimizer.step()
-        _sync(device)
+        self.optimizer.step()
+        _sync(self.device)
+        latest = get_event_storage().latest()
+        if "vild/num_distill_proposals" in latest:
+            self.distilled.append(float(latest["vild/num_distill_proposals"][0]))
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    times: List[float] = []
-    losses: Dict[str, float] = {}
-    with timers, EventStorage(0) as storage:
-        full_n = getattr(model, "num_distill_proposals", None)
-        for i in range(settings.train_warmup):
-            storage.iter = i
-            if spec.family == "vild" and spec.teacher == "online":
-                model.num_distill_proposals = min(full_n, settings.vild_warmup_proposals)
-            try:
-                step(inputs)
-            finally:
-                if full_n is not None:
-                    model.num_distill_proposals = full_n
-        teacher_times.clear()
-        with PeakMemory(device) as memory:
-            for i in range(settings.train_iters):
-                storage.iter = settings.train_warmup + i
-                start = time.perf_counter()
-                losses = step(inputs)
-                times.append(time.perf_counter() - start)
-        distilled = None
-        if "vild/num_distill_proposals" in storage.histories():
-            distilled = storage.history("vild/num_distill_proposals").latest()
-    median = statistics.median(times)
-    record = {
-        "median_s": median,
-        "mean_s": statistics.fmean(times),
-        "times_s": times,
-        "iters": len(times),
-        "warmup": settings.train_warmup,
-        "teacher_s": statistics.median(teacher_times) if teacher_times else 0.0,
-        "teacher_calls_per_iter": len(teacher_times) / max(len(times), 1),
-        "losses": losses,
-        "peak_memory_mib": memory.peak_mib,
-        "memory_method": memory.method,
-    }
-    if spec.family == "vild":
-        record["distilled_proposals_per_image"] = distilled
-        record["crop_scales"] = list(cfg.MODEL.VILD.CROP_SCALES)
-        record["teacher_crops_per_image"] = (
-            distilled * len(cfg.MODEL.VILD.CROP_SCALES)
-            if (distilled is not None and spec.teacher == "online")
-            else 0
-        )
-    if spec.family == "gridclip":
-        grids = list(cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
-        record["teacher_crops_per_image"] = (
-            sum(g * g for g in grids) if spec.teacher == "online" else 0
-        )
-    return record
+    def warmup(self) -> None:
+        full = getattr(self.model, "num_distill_proposals", None)
+        if self.spec.family == "vild" and self.spec.teacher == "online":
+            self.model.num_distill_proposals = min(full, self.settings.vild_warmup_proposals)
+        try:
+            self._step()
+        finally:
+            if full is not None:
+                self.model.num_distill_proposals = full
+        self.teacher_times.clear()
+        self.distilled.clear()
+
+    def __call__(self) -> None:
+        with PeakMemory(self.device) as memory:
+            self.losses = self._step()
+        self.peak_mib = max(self.peak_mib, memory.peak_mib or 0.0)
+        self.memory_method = memory.method
+
+    def record(self, timing: Dict) -> Dict:
+        cfg, spec = self.cfg, self.spec
+        record = {
+            "median_s": timing["median_s"],
+            "mean_s": timing["mean_s"],
+            "times_s": timing["times_s"],
+            "iters": timing["num_runs"],
+            "warmup": self.settings.train_warmup,
+            "teacher_s": statistics.median(self.teacher_times) if self.teacher_times else 0.0,
+            "teacher_calls_per_iter": len(self.teacher_times) / max(timing["num_runs"], 1),
+            "losses": self.losses,
+            "peak_memory_mib": self.peak_mib,
+            "memory_method": self.memory_method,
+        }
+        if spec.family == "vild":
+            distilled = statistics.median(self.distilled) if self.distilled else None
+            record["distilled_proposals_per_image"] = distilled
+            record["crop_scales"] = list(cfg.MODEL.VILD.CROP_SCALES)
+            online = distilled is not None and spec.teacher == "online"
+            record["teacher_crops_per_image"] = (
+                distilled * len(cfg.MODEL.VILD.CROP_SCALES) if online else 0
+            )
+        if spec.family == "gridclip":
+            views = sum(g * g for g in cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
+            record["teacher_crops_per_image"] = views if spec.teacher == "online" else 0
+        return record
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -864,78 +901,99 @@ def _skip_reason(spec, k, size, settings, device) -> Optional[str]:
 def run_inference_suites(
     settings: BenchmarkSettings, assets: BenchmarkAssets, output_dir: str, progress: Callable
 ) -> Tuple[List[Dict], List[Dict], Dict]:
-    """Main inference suite, vocabulary and resolution scaling; FLOPs and parameters."""
+    """Main inference suite (every model, interleaved), then per model its resolution sweep
+    and its vocabulary sweep (each interleaved over its points); FLOPs and parameters."""
     records, costs, profiles = [], [], {}
     main_size = tuple(settings.image_size)
     main_image = synthetic_image(*main_size, seed=settings.seed)
     main_k = settings.num_classes
+    built, jobs = {}, {}
     for key in _ordered(settings.models, settings.vocab_models, settings.resolution_models):
         spec = INFERENCE_MODELS[key]
+        progress(f"building {spec.label} ({spec.fixed_classes or main_k} classes)")
         cfg = build_cfg(spec, main_k, assets, settings)
         model = build_benchmark_model(cfg, settings.seed, spec)
-        device = next(model.parameters()).device
-        # The main point (LVIS settings) of every model: the base of its sweeps too.
-        progress(f"inference {spec.label}, {spec.fixed_classes or main_k} classes, {main_size}")
-        reason = _skip_reason(spec, main_k, main_size, settings, device)
+        reason = _skip_reason(spec, main_k, main_size, settings, model.device)
         if reason:
             records.append(_record("main", spec, main_k, main_size, skipped=reason))
-        else:
-            rec = measure_inference(model, cfg, main_image, settings)
-            records.append(_record("main", spec, main_k, main_size, **rec))
-        if key in settings.models:
-            cost = {"model": key, "label": spec.label, "num_classes": spec.fixed_classes or main_k}
-            cost.update(count_parameters(model))
-            if settings.flops:
-                progress(f"FLOPs {spec.label}")
-                cost.update(measure_flops(model, cfg, main_image))
-            costs.append(cost)
-            if key in settings.profile:
-                progress(f"profile {spec.label}")
-                h, w = main_size
-                predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), settings.max_size)
-                path = os.path.join(output_dir, f"profile_{key}.txt")
-                profiles[key] = {
-                    "file": os.path.basename(path),
-                    "top_ops": profile_inference(predictor, main_image, path),
-                }
-        if key in settings.resolution_models:
-            for short in settings.image_sizes:
-                size = image_size_for_short_side(short)
-                if size == main_size:
-                    continue
-                progress(f"inference {spec.label} at {size}")
-                reason = _skip_reason(spec, main_k, size, settings, device)
-                if reason:
-                    records.append(_record("resolution", spec, main_k, size, skipped=reason))
-                    continue
-                image = synthetic_image(*size, seed=settings.seed)
-                # max size not binding: the image is measured at its own size
-                rec = measure_inference(model, cfg, image, settings, max_size=max(size) + 1)
-                records.append(_record("resolution", spec, main_k, size, **rec))
+            continue
+        built[key] = (spec, cfg, model)
+        jobs[key] = inference_job(model, cfg, main_image, settings.max_size)
+    progress(f"inference at {main_size[0]}x{main_size[1]}, {main_k} classes")
+    for key, rec in measure_interleaved(jobs, settings, progress).items():
+        records.append(_record("main", built[key][0], main_k, main_size, **rec))
+    del jobs
+
+    for key in [k for k in built if k in settings.models]:
+        spec, cfg, model = built[key]
+        cost = {"model": key, "label": spec.label, "num_classes": spec.fixed_classes or main_k}
+        cost.update(count_parameters(model))
+        if settings.flops:
+            progress(f"FLOPs {spec.label}")
+            cost.update(measure_flops(model, cfg, main_image))
+        costs.append(cost)
+        if key in settings.profile:
+            progress(f"profile {spec.label}")
+            h, w = main_size
+            predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), settings.max_size)
+            path = os.path.join(output_dir, f"profile_{key}.txt")
+            profiles[key] = {
+                "file": os.path.basename(path),
+                "top_ops": profile_inference(predictor, main_image, path),
+            }
+
+    for key in list(built):
+        spec, cfg, model = built.pop(key)
+        if key in settings.resolution_models and len(settings.image_sizes) > 1:
+            records += _resolution_sweep(spec, cfg, model, settings, progress)
         if key in settings.vocab_models and spec.fixed_classes is None:
-            for k in settings.vocab_sizes:
-                if k == main_k:
-                    continue
-                progress(f"inference {spec.label} with {k} classes")
-                reason = _skip_reason(spec, k, main_size, settings, device)
-                if reason:
-                    records.append(_record("vocab", spec, k, main_size, skipped=reason))
-                    continue
-                if spec.family == "retinanet":
-                    del model
-                    cfg_k = build_cfg(spec, k, assets, settings)
-                    model = build_benchmark_model(cfg_k, settings.seed, spec)
-                else:
-                    cfg_k = cfg
-                    model.set_vocabulary(
-                        random_text_embeddings(
-                            k, settings.clip_architecture.embed_dim, settings.seed
-                        )
-                    )
-                rec = measure_inference(model, cfg_k, main_image, settings)
-                records.append(_record("vocab", spec, k, main_size, **rec))
+            if len(settings.vocab_sizes) > 1:
+                records += _vocab_sweep(spec, cfg, model, assets, main_image, settings, progress)
         del model
     return records, costs, profiles
+
+
+def _resolution_sweep(spec, cfg, model, settings, progress) -> List[Dict]:
+    records, jobs = [], {}
+    k = settings.num_classes
+    for short in sorted(set(settings.image_sizes)):
+        size = image_size_for_short_side(short)
+        reason = _skip_reason(spec, k, size, settings, model.device)
+        if reason:
+            records.append(_record("resolution", spec, k, size, skipped=reason))
+            continue
+        # The max size is not binding: each image is measured at its own size.
+        image = synthetic_image(*size, seed=settings.seed)
+        jobs[size] = inference_job(model, cfg, image, max_size=max(size) + 1)
+    progress(f"resolution sweep of {spec.label}: {[f'{h}x{w}' for h, w in jobs]}")
+    for size, rec in measure_interleaved(jobs, settings, progress).items():
+        records.append(_record("resolution", spec, k, size, **rec))
+    return records
+
+
+def _vocab_sweep(spec, cfg, model, assets, image, settings, progress) -> List[Dict]:
+    """GridCLIP / ViLD: copies of the model with each vocabulary (``set_vocabulary``, the
+    user's path); RetinaNet: one model per class count (its classifier changes)."""
+    records, jobs, models = [], {}, []
+    size = tuple(image.shape[:2])
+    for k in sorted(set(settings.vocab_sizes)):
+        reason = _skip_reason(spec, k, size, settings, model.device)
+        if reason:
+            records.append(_record("vocab", spec, k, size, skipped=reason))
+            continue
+        if spec.family == "retinanet":
+            cfg_k = build_cfg(spec, k, assets, settings)
+            model_k = build_benchmark_model(cfg_k, settings.seed, spec)
+        else:
+            cfg_k, model_k = cfg, copy.deepcopy(model)
+            embed_dim = settings.clip_architecture.embed_dim
+            model_k.set_vocabulary(random_text_embeddings(k, embed_dim, settings.seed))
+        models.append(model_k)
+        jobs[k] = inference_job(model_k, cfg_k, image, settings.max_size)
+    progress(f"vocabulary sweep of {spec.label}: {list(jobs)} classes")
+    for k, rec in measure_interleaved(jobs, settings, progress).items():
+        records.append(_record("vocab", spec, k, size, **rec))
+    return records
 
 
 def _ordered(*groups: Sequence[str]) -> List[str]:
@@ -952,20 +1010,46 @@ def _ordered(*groups: Sequence[str]) -> List[str]:
 
 
 def run_training_suite(settings, assets, progress) -> List[Dict]:
-    records = []
+    """Every training variant built at once, timed round-robin (one iteration each per
+    round) so that all of them see the same machine load."""
     unknown = [k for k in settings.train_models if k not in TRAIN_MODELS]
     if unknown:
         raise ValueError(f"unknown training models {unknown}; choose from {list(TRAIN_MODELS)}")
     h, w = settings.train_image_size
-    for key in settings.train_models:
-        spec = TRAIN_MODELS[key]
-        progress(f"training {spec.label} at {h}x{w}")
-        cfg = build_cfg(spec, settings.num_classes, assets, settings, train_image=(h, w, "0"))
-        model = build_benchmark_model(cfg, settings.seed)
-        rec = measure_training(spec, cfg, model, settings)
-        rec.update(count_parameters(model))
-        records.append(_record("train", spec, settings.num_classes, (h, w), **rec))
-        del model
+    jobs: Dict[str, TrainingJob] = {}
+    records = []
+    with EventStorage(0) as storage:
+        try:
+            for key in settings.train_models:
+                spec = TRAIN_MODELS[key]
+                progress(f"building {spec.label} for training at {h}x{w}")
+                cfg = build_cfg(
+                    spec, settings.num_classes, assets, settings, train_image=(h, w, "0")
+                )
+                jobs[key] = TrainingJob(
+                    spec, cfg, build_benchmark_model(cfg, settings.seed), settings
+                )
+            for i in range(settings.train_warmup):
+                for key, job in jobs.items():
+                    progress(f"  training warm-up {i + 1}: {key}")
+                    storage.iter = i
+                    job.warmup()
+
+            def on_done(name, i, seconds):
+                storage.iter += 1
+                progress(f"    round {i + 1}: {name} {seconds:,.2f} s")
+
+            progress(f"training {list(jobs)} interleaved: {settings.train_iters} rounds")
+            timings = time_interleaved(
+                jobs, warmup=0, repeats=settings.train_iters, on_done=on_done
+            )
+            for key, job in jobs.items():
+                rec = job.record(timings[key])
+                rec.update(count_parameters(job.model))
+                records.append(_record("train", job.spec, settings.num_classes, (h, w), **rec))
+        finally:
+            for job in jobs.values():
+                job.close()
     return records
 
 
@@ -1049,10 +1133,12 @@ def _lookup(records, suite, model, num_classes=None, size=None, field="median_ms
     return None
 
 
-def _point(records, model, num_classes, size):
-    """ms/img of ``model`` at (num_classes, size) from whichever suite measured it."""
-    for suite in ("main", "vocab", "resolution"):
-        value = _lookup(records, suite, model, num_classes, size)
+def _point(records, model, num_classes, size, suite="main"):
+    """ms/img of ``model`` at (num_classes, size): from ``suite`` if it measured that point
+    (a sweep's points were timed together, so its ratios are the consistent ones), else from
+    whichever suite did."""
+    for name in (suite, "main", "vocab", "resolution"):
+        value = _lookup(records, name, model, num_classes, size)
         if value is not None:
             return value
     return None
@@ -1089,7 +1175,7 @@ def compute_ratios(results: Dict) -> Dict[str, Optional[float]]:
         lo, hi = vocab[0], vocab[-1]
         for m in s["vocab_models"]:
             ratios[f"vocab_growth_{m}_{lo}_to_{hi}"] = _ratio(
-                _point(inf, m, hi, size), _point(inf, m, lo, size)
+                _point(inf, m, hi, size, "vocab"), _point(inf, m, lo, size, "vocab")
             )
     sizes = sorted(set(s["image_sizes"]))
     if len(sizes) > 1:
@@ -1097,7 +1183,8 @@ def compute_ratios(results: Dict) -> Dict[str, Optional[float]]:
         for m in s["resolution_models"]:
             mk = INFERENCE_MODELS[m].fixed_classes or k
             ratios[f"resolution_growth_{m}_{sizes[0]}_to_{sizes[-1]}"] = _ratio(
-                _point(inf, m, mk, list(hi)), _point(inf, m, mk, list(lo))
+                _point(inf, m, mk, list(hi), "resolution"),
+                _point(inf, m, mk, list(lo), "resolution"),
             )
     tr = {r["model"]: r.get("median_s") for r in train}
     ratios.update(
@@ -1290,9 +1377,9 @@ def _scaling_table(results, suite, axis, title) -> List[str]:
         row = []
         for p in points:
             if suite == "vocab":
-                row.append(_point(inf, mkey, p, size))
+                row.append(_point(inf, mkey, p, size, "vocab"))
             else:
-                row.append(_point(inf, mkey, spec.fixed_classes or s["num_classes"], p))
+                row.append(_point(inf, mkey, spec.fixed_classes or s["num_classes"], p, suite))
         skipped = [r for r in inf if r["suite"] == suite and r["model"] == mkey and "skipped" in r]
         cells = [_fmt(v) if v is not None else ("skipped" if skipped else "–") for v in row]
         growth = _ratio(row[-1], row[0])
@@ -1315,7 +1402,7 @@ def write_plot(results: Dict, path: str) -> Optional[str]:
     for mkey in s["vocab_models"]:
         xs, ys = [], []
         for k in sorted(set(s["vocab_sizes"])):
-            v = _point(inf, mkey, k, size)
+            v = _point(inf, mkey, k, size, "vocab")
             if v is not None:
                 xs.append(k)
                 ys.append(v)
@@ -1330,12 +1417,8 @@ def write_plot(results: Dict, path: str) -> Optional[str]:
         spec = INFERENCE_MODELS[mkey]
         xs, ys = [], []
         for short in sorted(set(s["image_sizes"])):
-            v = _point(
-                inf,
-                mkey,
-                spec.fixed_classes or s["num_classes"],
-                list(image_size_for_short_side(short)),
-            )
+            size_s = list(image_size_for_short_side(short))
+            v = _point(inf, mkey, spec.fixed_classes or s["num_classes"], size_s, "resolution")
             if v is not None:
                 xs.append(short)
                 ys.append(v)

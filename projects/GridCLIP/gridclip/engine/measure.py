@@ -19,7 +19,7 @@ from detectron2.data import detection_utils as utils
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["time_inference", "train_seconds_per_iter", "load_images"]
+__all__ = ["time_inference", "time_interleaved", "train_seconds_per_iter", "load_images"]
 
 
 def load_images(paths: Sequence[str], image_format: str = "BGR") -> List[np.ndarray]:
@@ -55,6 +55,49 @@ def time_inference(
         "mean_s": statistics.fmean(times),
         "num_images": len(times),
         "times_s": times,
+    }
+
+
+def time_interleaved(
+    jobs: Dict[str, Callable[[], object]],
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    on_done: Callable[[str, int, float], None] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Time several zero-argument jobs round-robin: every job's warm-up first, then ``repeats``
+    rounds that run each job once.
+
+    On a shared machine the load changes over minutes; interleaving exposes every job to the
+    same load, so their ratios stay meaningful where back-to-back blocks would not.
+
+    Returns:
+        per job name: ``median_s``, ``mean_s``, ``num_runs``, ``times_s``.
+    """
+    if not jobs:
+        raise ValueError("time_interleaved needs at least one job")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for job in jobs.values():
+            job()
+    times: Dict[str, List[float]] = {name: [] for name in jobs}
+    for round_index in range(repeats):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            sync()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            if on_done is not None:
+                on_done(name, round_index, elapsed)
+    return {
+        name: {
+            "median_s": statistics.median(t),
+            "mean_s": statistics.fmean(t),
+            "num_runs": len(t),
+            "times_s": t,
+        }
+        for name, t in times.items()
     }
 
 
