@@ -1,0 +1,354 @@
+"""A Detectron2 ``DefaultPredictor`` that detects any vocabulary.
+
+Shared by ``tools/demo.py`` and the notebook (``projects/GridCLIP/notebooks``)::
+
+    predictor = OpenVocabularyPredictor.from_config(
+        "embedded/GridCLIP_world.yaml", weights="output/demo/gridclip/model_final.pth"
+    )
+    predictor.set_vocabulary("world_novel")           # a built-in vocabulary
+    predictor.set_vocabulary("red star, blue ring")   # names typed by a user
+    outputs = predictor(cv2.imread("image.png"))      # BGR in, like DefaultPredictor
+    rgb = predictor.visualize(bgr, outputs, threshold=0.3)
+    detections = predictor.detections_to_json(outputs)
+
+Every vocabulary gets its own ``MetadataCatalog`` entry, named after a hash of its class names
+(``gridclip_vocabulary_<hash>``), so switching vocabularies any number of times in one process
+never collides with an earlier entry (``Metadata`` refuses to change ``thing_classes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_VOCABULARIES",
+    "OpenVocabularyPredictor",
+    "builtin_vocabulary",
+    "detections_to_json",
+    "parse_vocabulary",
+    "vocabulary_metadata",
+]
+
+#: name -> what it is (see :func:`builtin_vocabulary`)
+BUILTIN_VOCABULARIES = {
+    "lvis": "LVIS v1's 1,203 categories",
+    "lvis_base": "LVIS v1 frequent + common categories (866, boxed in OVD training)",
+    "lvis_novel": "LVIS v1 rare categories (337, the OVD novel classes)",
+    "world": "the embedded world's 48 categories",
+    "world_base": "the embedded world's frequent + common categories (boxed in training)",
+    "world_novel": "the embedded world's rare categories (never boxed in training)",
+}
+
+#: small images are drawn enlarged to at least this many pixels on their longer side
+MIN_DRAWING_SIDE = 640
+
+Vocabulary = Union[str, os.PathLike, Sequence[str]]
+
+
+def builtin_vocabulary(name: str) -> List[str]:
+    """Class names of a built-in vocabulary (``BUILTIN_VOCABULARIES``), in category-id order.
+
+    ``*_base`` keeps LVIS frequencies ``f`` and ``c``, ``*_novel`` keeps ``r``.
+    """
+    key = str(name).strip().lower()
+    if key not in BUILTIN_VOCABULARIES:
+        raise KeyError(
+            f"unknown built-in vocabulary {name!r}; choose one of {sorted(BUILTIN_VOCABULARIES)} "
+            "or give class names (a list, a comma-separated string or a .txt file)"
+        )
+    source, _, subset = key.partition("_")
+    if source == "lvis":
+        from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+        categories = sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
+    else:
+        from gridclip.data.world import world_categories
+
+        categories = world_categories()
+    keep = {"": "fcr", "base": "fc", "novel": "r"}[subset]
+    return [c["name"] for c in categories if c["frequency"] in keep]
+
+
+def _read_vocabulary_file(path: str) -> List[str]:
+    """One class name per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read vocabulary file {path!r}: {e}") from e
+    names = [line.strip() for line in lines]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise ValueError(
+            f"vocabulary file {path!r} holds no class names (expected one name per line)"
+        )
+    return names
+
+
+def parse_vocabulary(vocabulary: Vocabulary) -> Tuple[List[str], str]:
+    """Turn what a user typed into ``(class_names, description)``.
+
+    Args:
+        vocabulary: a built-in name (``lvis``, ``world``, ``world_base``, ``world_novel``, ...),
+            a list/tuple of class names, a path to a text file with one name per line, or a
+            comma-separated string of names (``"red star, blue ring"``; one name is fine too).
+
+    Returns:
+        class_names: stripped names, non-empty, without duplicates (case-insensitive).
+        description: a short human description (for logs and titles).
+    """
+    from gridclip.modeling.text_classifier import normalize_class_names
+
+    if isinstance(vocabulary, os.PathLike):
+        vocabulary = os.fspath(vocabulary)
+    if isinstance(vocabulary, str):
+        text = vocabulary.strip()
+        if text.lower() in BUILTIN_VOCABULARIES:
+            names, description = builtin_vocabulary(text), f"built-in {text.lower()!r}"
+        elif os.path.isfile(os.path.expanduser(text)):
+            path = os.path.expanduser(text)
+            names, description = _read_vocabulary_file(path), f"file {path!r}"
+        elif text.lower().endswith(".txt") or (os.sep in text and "," not in text):
+            raise FileNotFoundError(
+                f"vocabulary file {text!r} does not exist (give an existing .txt file with one "
+                "class name per line, comma-separated names, or a built-in vocabulary: "
+                f"{sorted(BUILTIN_VOCABULARIES)})"
+            )
+        else:
+            names, description = text.split(","), "custom"
+    elif isinstance(vocabulary, (list, tuple)):
+        if any(not isinstance(n, str) for n in vocabulary):
+            raise TypeError(
+                "vocabulary: a list must hold class names (str); got "
+                f"{sorted({type(n).__name__ for n in vocabulary})}"
+            )
+        names, description = list(vocabulary), "custom"
+    else:
+        raise TypeError(
+            "vocabulary must be a built-in name, a list of class names, a comma-separated string "
+            f"or a .txt path; got {type(vocabulary).__name__}"
+        )
+    names = normalize_class_names(names, source=f"vocabulary ({description})")
+    return names, f"{description}, {len(names)} classes"
+
+
+def vocabulary_metadata(class_names: Sequence[str], prefix: str = "gridclip_vocabulary"):
+    """The ``MetadataCatalog`` entry of a vocabulary: ``<prefix>_<hash of the names>``.
+
+    The same names always map to the same entry; different names never share one, so
+    vocabularies can be switched any number of times in one process.
+    """
+    names = [str(n) for n in class_names]
+    digest = hashlib.sha256(json.dumps(names).encode("utf-8")).hexdigest()[:16]
+    metadata = MetadataCatalog.get(f"{prefix}_{digest}")
+    if "thing_classes" not in metadata.as_dict():
+        metadata.thing_classes = names
+    assert list(metadata.thing_classes) == names, (
+        f"MetadataCatalog entry {metadata.name!r} holds other classes; is another library using "
+        f"the prefix {prefix!r}?"
+    )
+    return metadata
+
+
+def detections_to_json(
+    outputs: Dict, class_names: Sequence[str], threshold: float = 0.0
+) -> List[Dict]:
+    """Detections of one image as JSON-ready dicts, highest score first.
+
+    Args:
+        outputs: a model output for one image (``{"instances": Instances}`` with
+            ``pred_boxes``, ``scores``, ``pred_classes`` in input-image pixels).
+        class_names: the K names of the vocabulary the outputs were predicted with.
+        threshold: keep detections with score >= threshold.
+
+    Returns:
+        ``[{"box": [x0, y0, x1, y1], "score": s, "class_id": k, "class_name": name}, ...]``
+        (boxes XYXY in the pixels of the image given to the predictor).
+    """
+    instances = outputs["instances"].to("cpu")
+    boxes = instances.pred_boxes.tensor.tolist()
+    scores = instances.scores.tolist()
+    classes = instances.pred_classes.tolist()
+    detections = []
+    for box, score, k in zip(boxes, scores, classes):
+        if score < threshold:
+            continue
+        if not 0 <= k < len(class_names):
+            raise ValueError(
+                f"detection of class {k} but the vocabulary has {len(class_names)} classes: were "
+                "the outputs predicted with another vocabulary?"
+            )
+        detections.append(
+            {
+                "box": [round(float(v), 2) for v in box],
+                "score": round(float(score), 5),
+                "class_id": int(k),
+                "class_name": class_names[k],
+            }
+        )
+    detections.sort(key=lambda d: -d["score"])
+    return detections
+
+
+class OpenVocabularyPredictor(DefaultPredictor):
+    """``DefaultPredictor`` (BGR image in, ``cfg.INPUT.MIN_SIZE_TEST`` resize, weights from
+    ``cfg.MODEL.WEIGHTS``, on ``cfg.MODEL.DEVICE``) for GridCLIP and ViLD, plus a vocabulary
+    that can be changed at any time with :meth:`set_vocabulary`.
+
+    Attributes:
+        class_names (list[str]): the current vocabulary.
+        metadata (Metadata): its ``MetadataCatalog`` entry (``thing_classes`` = class_names),
+            what :meth:`visualize` draws with.
+    """
+
+    def __init__(self, cfg, vocabulary: Optional[Vocabulary] = None):
+        """
+        Args:
+            cfg: a config from ``gridclip.get_gridclip_cfg`` (``MODEL.WEIGHTS``: the trained
+                model; ``MODEL.DEVICE``: cpu, or cuda when present).
+            vocabulary: anything :meth:`set_vocabulary` takes; default: the vocabulary the model
+                was trained with (its checkpoint's classes, named by ``DATASETS.TRAIN/TEST``).
+        """
+        super().__init__(cfg)
+        for attr in ("set_vocabulary", "num_classes"):
+            if not hasattr(self.model, attr):
+                raise TypeError(
+                    f"{type(self.model).__name__} ({cfg.MODEL.META_ARCHITECTURE}) has no {attr!r}:"
+                    " OpenVocabularyPredictor needs an open-vocabulary model (GridCLIP or ViLD)"
+                )
+        names = getattr(self.model, "class_names", None)
+        if names is None:
+            dataset_meta = getattr(self, "metadata", None)
+            names = getattr(dataset_meta, "thing_classes", None) if dataset_meta else None
+        if names is None or len(names) != self.model.num_classes:
+            names = [f"class_{i}" for i in range(self.model.num_classes)]
+        self.class_names: List[str] = list(names)
+        self.description = f"trained vocabulary, {len(names)} classes"
+        self.metadata = vocabulary_metadata(self.class_names)
+        self._trained_base_names = self._base_names()
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    @classmethod
+    def from_config(
+        cls,
+        config_file: str,
+        weights: Optional[str] = None,
+        opts: Sequence[str] = (),
+        vocabulary: Optional[Vocabulary] = None,
+    ) -> "OpenVocabularyPredictor":
+        """Build from a config path or a name under ``projects/GridCLIP/configs`` (e.g.
+        ``"embedded/GridCLIP_world.yaml"``), a checkpoint and config overrides."""
+        from gridclip.config import get_gridclip_cfg
+
+        opts = list(opts)
+        if weights:
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"weights {weights!r} do not exist; train a model first (e.g. `make demo` "
+                    "writes output/demo/<model>/model_final.pth)"
+                )
+            opts += ["MODEL.WEIGHTS", weights]
+        cfg = get_gridclip_cfg(config_file, opts)
+        cfg.freeze()
+        return cls(cfg, vocabulary=vocabulary)
+
+    # ------------------------------------------------------------------------- vocabulary
+    def _base_names(self) -> Optional[set]:
+        """Lower-cased names of the classes the model was trained on with boxes (ViLD keeps a
+        per-class novel mask for its ensemble weights); None when unknown."""
+        predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        novel = getattr(predictor, "novel_class_mask", None)
+        if novel is None or len(novel) != len(self.class_names):
+            return None
+        return {n.lower() for n, is_novel in zip(self.class_names, novel.tolist()) if not is_novel}
+
+    def set_vocabulary(self, vocabulary: Vocabulary) -> List[str]:
+        """Detect another vocabulary from now on.
+
+        Args:
+            vocabulary: a built-in name (``lvis``, ``world``, ``world_base``, ``world_novel``,
+                ``lvis_base``, ``lvis_novel``), a list of class names, a comma-separated string
+                of names, or a path to a text file with one name per line.
+
+        Returns:
+            The class names (also ``self.class_names``; ``self.metadata`` is their catalog entry).
+        """
+        names, description = parse_vocabulary(vocabulary)
+        kwargs = {}
+        # ViLD weighs its ensemble per class by base/novel: base = boxed in the model's training,
+        # judged by name against the vocabulary it was built with (not the previous swap's).
+        if (
+            self._trained_base_names is not None
+            and "novel_class_mask" in inspect.signature(self.model.set_vocabulary).parameters
+        ):
+            kwargs["novel_class_mask"] = torch.tensor(
+                [n.lower() not in self._trained_base_names for n in names], dtype=torch.bool
+            )
+        self.model.set_vocabulary(names, **kwargs)
+        assert self.model.num_classes == len(names), (
+            f"{type(self.model).__name__}.set_vocabulary left {self.model.num_classes} classes for "
+            f"a vocabulary of {len(names)}"
+        )
+        self.class_names = names
+        self.description = description
+        self.metadata = vocabulary_metadata(names)
+        logger.info(f"Vocabulary: {description} (metadata {self.metadata.name!r})")
+        return names
+
+    # ---------------------------------------------------------------------------- outputs
+    def detections_to_json(self, outputs: Dict, threshold: float = 0.0) -> List[Dict]:
+        """:func:`detections_to_json` with the current vocabulary's names."""
+        return detections_to_json(outputs, self.class_names, threshold)
+
+    def visualize(
+        self,
+        image_bgr: np.ndarray,
+        outputs: Dict,
+        threshold: float = 0.3,
+        scale: Optional[float] = None,
+    ) -> np.ndarray:
+        """Draw detections with score >= threshold on the image with Detectron2's Visualizer.
+
+        Args:
+            image_bgr: (H, W, 3) uint8 BGR image, the one given to the predictor.
+            outputs: the predictor's output for it.
+            threshold: score threshold of drawn detections.
+            scale: drawing scale; default: enlarge small images so that the longer side is at
+                least ``MIN_DRAWING_SIDE`` pixels (labels stay readable), else 1.
+
+        Returns:
+            (H * scale, W * scale, 3) uint8 RGB image.
+        """
+        assert (
+            image_bgr.ndim == 3 and image_bgr.shape[2] == 3
+        ), f"visualize expects an (H, W, 3) BGR image, got shape {image_bgr.shape}"
+        instances = outputs["instances"].to("cpu")
+        instances = instances[instances.scores >= threshold]
+        if len(instances) and int(instances.pred_classes.max()) >= len(self.class_names):
+            raise ValueError(
+                f"outputs hold class {int(instances.pred_classes.max())} but the vocabulary has "
+                f"{len(self.class_names)} classes: predict again after set_vocabulary"
+            )
+        if scale is None:
+            scale = max(1.0, MIN_DRAWING_SIDE / max(image_bgr.shape[:2]))
+        visualizer = Visualizer(
+            image_bgr[:, :, ::-1],
+            metadata=self.metadata,
+            scale=scale,
+            instance_mode=ColorMode.IMAGE,
+        )
+        return visualizer.draw_instance_predictions(instances).get_image()
