@@ -122,7 +122,11 @@ def resolve_datasets(runs, common_opts, dataset) -> List[str]:
         return [dataset]
     seen = {}
     for run in runs:
-        cfg = get_gridclip_cfg(run["config"], list(common_opts) + run["opts"])
+        opts = list(common_opts) + run["opts"]
+        try:
+            cfg = get_gridclip_cfg(run["config"], opts)
+        except (AssertionError, KeyError) as e:  # yacs reports unknown keys/bad values this way
+            raise ValueError(f"--run {run['name']!r}: config with overrides {opts}: {e}") from e
         seen[run["name"]] = list(cfg.DATASETS.TEST)
     distinct = {tuple(v) for v in seen.values()}
     if len(distinct) != 1 or not next(iter(distinct)):

@@ -161,7 +161,10 @@ def build_cfg(args):
         if not os.path.isfile(args.weights):
             raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
         opts += ["MODEL.WEIGHTS", args.weights]
-    cfg = get_gridclip_cfg(args.config_file, opts)
+    try:
+        cfg = get_gridclip_cfg(args.config_file, opts)
+    except (AssertionError, KeyError) as e:  # yacs reports unknown keys/bad values this way
+        raise ValueError(f"config {args.config_file!r} with overrides {opts}: {e}") from e
     if not cfg.MODEL.WEIGHTS:
         raise ValueError(
             "no trained weights: pass --weights FILE (or MODEL.WEIGHTS FILE); `make demo` writes "
