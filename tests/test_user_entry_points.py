@@ -48,7 +48,7 @@ def world_predictor(ci_demo):
     from gridclip.engine.predictor import OpenVocabularyPredictor
 
     config, weights, opts = _run(ci_demo, "gridclip")
-    return OpenVocabularyPredictor.from_config(config, weights, opts)
+    return OpenVocabularyPredictor.from_config_file(config, weights, opts)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,9 @@ def test_vild_predictor_keeps_trained_base_classes(ci_demo, val_image):
     from gridclip.engine.predictor import OpenVocabularyPredictor
 
     config, weights, opts = _run(ci_demo, "vild")
-    predictor = OpenVocabularyPredictor.from_config(config, weights, opts, vocabulary="world_novel")
+    predictor = OpenVocabularyPredictor.from_config_file(
+        config, weights, opts, vocabulary="world_novel"
+    )
     novel_mask = predictor.model.roi_heads.box_predictor.novel_class_mask
     assert novel_mask.tolist() == [True] * 10
     # After a novel-only vocabulary, the full one still knows which classes had boxes in training.

@@ -2,7 +2,7 @@
 """Detect any vocabulary on images with a trained GridCLIP or ViLD (Detectron2's demo, open-vocab).
 
     # the embedded world's novel classes, with the model trained by `make demo`
-    python tools/demo.py --input datasets/gridclip_world/val/*.png --output output/demo_vis \\
+    python tools/demo.py --input "datasets/gridclip_world/val/*.jpg" --output output/demo_vis \\
         --weights output/demo/gridclip/model_final.pth --vocabulary world_novel
     # classes typed by a user (or a .txt file with one name per line)
     python tools/demo.py --input my_images/ --output out/ --weights model.pth \\

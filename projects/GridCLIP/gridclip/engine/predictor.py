@@ -2,7 +2,7 @@
 
 Shared by ``tools/demo.py`` and the notebook (``projects/GridCLIP/notebooks``)::
 
-    predictor = OpenVocabularyPredictor.from_config(
+    predictor = OpenVocabularyPredictor.from_config_file(
         "embedded/GridCLIP_world.yaml", weights="output/demo/gridclip/model_final.pth"
     )
     predictor.set_vocabulary("world_novel")           # a built-in vocabulary
@@ -243,7 +243,7 @@ class OpenVocabularyPredictor(DefaultPredictor):
             self.set_vocabulary(vocabulary)
 
     @classmethod
-    def from_config(
+    def from_config_file(
         cls,
         config_file: str,
         weights: Optional[str] = None,
