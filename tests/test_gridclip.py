@@ -496,11 +496,16 @@ def test_set_vocabulary_with_tensor_to_and_state_dict(assets):
     assert "head.classifier.text_embeddings" in dict(model.named_buffers())
     assert model.state_dict()["head.classifier.text_embeddings"].shape == (7, D)
     _random_head(model)
-    model.test_score_thresh, model.test_nms_thresh = 0.0, 1.0
-    model.test_topk_candidates, model.max_detections_per_image = 10**6, 10**6
+    images, features = dense_inputs(model, n=1, size=(2, 64, 72), seed=3)
     with torch.no_grad():
-        out = model(make_inputs())
-    assert set(out[0]["instances"].pred_classes.tolist()) == set(range(7))  # all new classes
+        grid_embeddings = model.head.forward_embeddings(features)[0]
+        rows = torch.cat([model.head.embedding_rows(x) for x in grid_embeddings], dim=1)[0]
+        new[6] = F.normalize(rows, dim=1).mean(dim=0)  # a new class close to every location
+        model.set_vocabulary(new)
+        out = model.forward_inference(
+            images, features, list(model.head.forward_embeddings(features))
+        )
+    assert out[0].pred_classes[0] == 6  # the new classes are scored
     model.to("meta")
     assert model.text_embeddings.device.type == "meta"
     assert model.trained_class_mask.device.type == "meta"

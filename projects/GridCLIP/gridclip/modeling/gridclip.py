@@ -164,7 +164,9 @@ class GridCLIPHead(RetinaNetHead):
             box_deltas.append(self.bbox_pred(box_features))
             if self.anchor_offset is not None:
                 anchor_offsets.append(self.anchor_offset(box_features))
-        return grid_embeddings, box_deltas, anchor_offsets if self.anchor_offset else None
+        if self.anchor_offset is None:
+            anchor_offsets = None
+        return grid_embeddings, box_deltas, anchor_offsets
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
         """(N, E, Hi, Wi) -> (N, Hi*Wi*G, D), G = A per anchor, 1 per location ((h, w, a) order)."""
