@@ -4,19 +4,28 @@ fvcore's ``Checkpointer`` writes every file through ``self.path_manager.open(pat
 Instead of re-implementing ``save``, :class:`AtomicCheckpointer` swaps in a path manager whose
 write-mode ``open`` goes to a temporary file in the same folder, fsyncs it and ``os.replace``-s it
 over the target on a clean close (and deletes it if the writer raised). Reading is unchanged.
+
+It also refuses to save non-finite weights (a diverged run must not overwrite good checkpoints with
+NaN/inf ones), turns a corrupt file into an error that says what to do, and on resume deletes the
+temporary files a killed writer left behind.
 """
+
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, List
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointer", "atomic_open", "AtomicWritePathManager"]
+__all__ = ["AtomicCheckpointer", "atomic_open", "AtomicWritePathManager", "non_finite_entries"]
+
+_TMP_SUFFIX = ".tmp"
 
 
 class _AtomicFile:
@@ -26,7 +35,7 @@ class _AtomicFile:
         directory = os.path.dirname(os.path.abspath(path)) or "."
         os.makedirs(directory, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+            prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX, dir=directory
         )
         self._file = os.fdopen(fd, mode)
         self._path = path
@@ -88,12 +97,53 @@ class AtomicWritePathManager:
         return getattr(self._base, name)
 
 
+def non_finite_entries(state_dict) -> List[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or inf."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose checkpoint files and ``last_checkpoint`` are atomic."""
+    """``DetectionCheckpointer`` whose checkpoint files and ``last_checkpoint`` are atomic, which
+    never saves non-finite weights, and which reports a corrupt checkpoint clearly."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Like ``Checkpointer.save``; raises ``FloatingPointError`` (writing nothing, so
+        ``last_checkpoint`` keeps naming the previous good file) if a weight is NaN or inf."""
+        if self.save_dir and self.save_to_disk:
+            bad = non_finite_entries(self.model.state_dict())
+            if bad:
+                raise FloatingPointError(
+                    f"Refusing to save checkpoint {name!r} in {self.save_dir}: the model has "
+                    f"non-finite (NaN/inf) values in {bad[:5]}"
+                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                    + ". Training diverged; the previous checkpoint is kept. Lower SOLVER.BASE_LR "
+                    "or enable SOLVER.CLIP_GRADIENTS, then rerun with --resume."
+                )
+        super().save(name, **kwargs)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        if resume and self.save_dir and self.save_to_disk:
+            self._remove_stale_temp_files()
+        return super().resume_or_load(path, resume=resume)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete ``.<file>.<random>.tmp`` files that a killed run left in ``save_dir``."""
+        for tmp in glob.glob(os.path.join(glob.escape(self.save_dir), ".*" + _TMP_SUFFIX)):
+            if not os.path.isfile(tmp):
+                continue
+            logger.warning(f"Removing {tmp}: a checkpoint write interrupted by a previous run")
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
 
     def _load_file(self, filename: str):
         try:

@@ -1,4 +1,5 @@
 """The project's ``DefaultTrainer``: evaluator dispatch and atomic checkpoints."""
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
 
 from ..data.mapper import CheckedDatasetMapper
-from .checkpoint import make_atomic
+from .checkpoint import AtomicCheckpointer, make_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,18 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
 
 
 @contextmanager
+def _atomic_checkpointer():
+    """Make ``DefaultTrainer.__init__`` build an :class:`AtomicCheckpointer` (used by ``--resume``
+    and by the periodic-checkpoint hook): atomic writes, no NaN/inf checkpoints, clear errors."""
+    original = d2_defaults.DetectionCheckpointer
+    d2_defaults.DetectionCheckpointer = AtomicCheckpointer
+    try:
+        yield
+    finally:
+        d2_defaults.DetectionCheckpointer = original
+
+
+@contextmanager
 def _ddp_on_any_device():
     """Let ``DefaultTrainer`` wrap a CPU model in DDP (gloo): Detectron2 always passes
     ``device_ids=[local_rank]``, which PyTorch rejects for CPU modules."""
@@ -67,9 +80,25 @@ class Trainer(DefaultTrainer):
     multi-process training on CPU (gloo) as well as GPU (NCCL)."""
 
     def __init__(self, cfg):
-        with _ddp_on_any_device():
+        with _ddp_on_any_device(), _atomic_checkpointer():
             super().__init__(cfg)
-        make_atomic(self.checkpointer)  # also used by the PeriodicCheckpointer hook
+        make_atomic(self.checkpointer)  # idempotent; also used by the PeriodicCheckpointer hook
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            logger.info(
+                f"Resuming from {self.checkpointer.get_checkpoint_file()}: "
+                f"start_iter={self.start_iter}, max_iter={self.max_iter}"
+            )
+
+    def train(self):
+        """Train; returns the last evaluation results (``{}`` without evaluation).
+        ``DefaultTrainer.train`` returns them only when ``TEST.EXPECTED_RESULTS`` is set."""
+        results = super().train()
+        if results is None:
+            results = getattr(self, "_last_eval_results", None) or {}
+        return results
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -85,7 +114,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -4,9 +4,11 @@ Shared by GridCLIP (grid embeddings) and the ViLD baseline (region embeddings). 
 embeddings are a (C, D) buffer: L2-normalised, saved in checkpoints, moved by ``.to()``, never
 trained. ``set_vocabulary`` replaces them (any C) for open-vocabulary inference.
 """
+
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -88,6 +90,15 @@ class TextEmbeddingClassifier(nn.Module):
         learn_bias: bool = False,
     ):
         super().__init__()
+        if not (math.isfinite(max_logit_scale) and max_logit_scale >= 1.0):
+            raise ValueError(f"max_logit_scale must be a finite number >= 1, got {max_logit_scale}")
+        if not (math.isfinite(logit_scale) and 1.0 <= logit_scale <= max_logit_scale):
+            # a fixed scale outside the clamp range would be changed silently (<= 0: NaN logits)
+            raise ValueError(
+                f"logit_scale must be in [1, {max_logit_scale:g}] (cosine logits are multiplied by "
+                f"it; GridCLIP: MODEL.GRIDCLIP.LOGIT_SCALE, ViLD: 1 / MODEL.VILD.TEMPERATURE), "
+                f"got {logit_scale}"
+            )
         text_embeddings = check_text_embeddings(text_embeddings)
         self.register_buffer("text_embeddings", l2_normalize(text_embeddings), persistent=True)
         log_scale = torch.tensor(float(logit_scale)).log()
