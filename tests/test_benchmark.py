@@ -60,6 +60,7 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
         assert "skipped" not in r, r
         assert _positive_finite(r["median_ms"]) and _positive_finite(r["mean_ms"]), r
         assert len(r["times_ms"]) == s["iters"] and all(_positive_finite(t) for t in r["times_ms"])
+        assert _positive_finite(r["cpu_median_ms"]) and len(r["cpu_times_ms"]) == s["iters"], r
         assert r["peak_memory_mib"] is not None and r["peak_memory_mib"] >= 0
     vocab = {(r["model"], r["num_classes"]) for r in results["inference"] if r["suite"] == "vocab"}
     assert vocab == {(m, k) for m in s["vocab_models"] for k in (20, 60)}
@@ -94,7 +95,11 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
 
     for key, value in results["ratios"].items():
         assert _positive_finite(value), (key, value)
-    assert len(results["goals"]) == 5 and all(isinstance(g["met"], bool) for g in results["goals"])
+        assert _positive_finite(results["ratios_cpu"][key]), (key, results["ratios_cpu"])
+    assert len(results["goals"]) == 5
+    assert all(
+        isinstance(g["met"], bool) and isinstance(g["met_cpu"], bool) for g in results["goals"]
+    )
 
 
 def _fake_results(times, train=None, vocab=(10, 100), sizes=(100, 200)):

@@ -147,9 +147,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)  # main() may run inside another process (tests)
     paths = write_report(results, args.output_dir)
     for g in results["goals"]:
-        status = "n/a" if g["met"] is None else ("met" if g["met"] else "MISSED")
-        value = "–" if g["measured"] is None else f"{g['measured']:.2f}"
-        logger.info(f"{g['goal']}: {value} (target {g['target']}) {status}")
+        parts = []
+        for suffix, what in (("", "wall"), ("_cpu", "CPU")):
+            met, value = g.get("met" + suffix), g.get("measured" + suffix)
+            status = "n/a" if met is None else ("met" if met else "MISSED")
+            parts.append(f"{what} {'–' if value is None else f'{value:.2f}'} {status}")
+        logger.info(f"{g['goal']} (target {g['target']}): {', '.join(parts)}")
     logger.info(f"Results: {', '.join(paths.values())}")
     return results
 

@@ -4,6 +4,7 @@ Timing follows Detectron2's practice: warm-up iterations first, inputs read and 
 the clock starts, medians over many iterations, batch 1, pre- and post-processing included
 (``DefaultPredictor``-style resize and the model's own normalisation and box decoding).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,13 @@ def time_interleaved(
     On a shared machine the load changes over minutes; interleaving exposes every job to the
     same load, so their ratios stay meaningful where back-to-back blocks would not.
 
+    Besides wall-clock times, the process CPU time of each run is recorded (``cpu_*``): with
+    one torch thread on a CPU it equals the wall time on an idle machine and, unlike it, does
+    not count the time the process waited for a core that other processes held.
+
     Returns:
-        per job name: ``median_s``, ``mean_s``, ``num_runs``, ``times_s``.
+        per job name: ``median_s``, ``mean_s``, ``num_runs``, ``times_s``, ``cpu_median_s``,
+        ``cpu_times_s``.
     """
     if not jobs:
         raise ValueError("time_interleaved needs at least one job")
@@ -81,13 +87,15 @@ def time_interleaved(
         for job in jobs.values():
             job()
     times: Dict[str, List[float]] = {name: [] for name in jobs}
+    cpu_times: Dict[str, List[float]] = {name: [] for name in jobs}
     for round_index in range(repeats):
         for name, job in jobs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             job()
             sync()
             elapsed = time.perf_counter() - start
             times[name].append(elapsed)
+            cpu_times[name].append(time.process_time() - cpu_start)
             if on_done is not None:
                 on_done(name, round_index, elapsed)
     return {
@@ -96,6 +104,8 @@ def time_interleaved(
             "mean_s": statistics.fmean(t),
             "num_runs": len(t),
             "times_s": t,
+            "cpu_median_s": statistics.median(cpu_times[name]),
+            "cpu_times_s": cpu_times[name],
         }
         for name, t in times.items()
     }
