@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import clip
@@ -249,12 +250,15 @@ def test_sigkill_during_a_checkpoint_write_exposes_no_partial_file(tmp_path):
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    watchdog = threading.Timer(120, proc.kill)  # never block the suite on a stuck child
+    watchdog.start()
     try:
         line = proc.stdout.readline()  # blocks until the third save is half-written (or exit)
         assert line.strip() == "HALF-WRITTEN", f"checkpoint loop ended early: {line!r}"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
