@@ -14,6 +14,7 @@ import logging
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg, resolve_config_path
@@ -28,6 +29,8 @@ def setup(args):
     cfg = get_gridclip_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's own messages (data checks, resume, teacher caches) also go to log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gridclip")
     return cfg
 
 
