@@ -13,8 +13,11 @@ CLIP has seen LVIS's rare classes). Two kinds of views, matching the two teacher
   ("a photo of a red star, a blue ring and a green cross.").
 
 Crops are cut with ``roi_align`` (adaptive sampling, aligned), as the teachers in
-``gridclip.clip.teacher`` cut them. The loss is CLIP's symmetric InfoNCE with multiple positives:
-two captions naming the same set of classes are both right for each other's images.
+``gridclip.clip.teacher`` cut them. The loss is CLIP's symmetric InfoNCE with multiple positives
+(two captions naming the same set of classes are both right for each other's images) plus the
+image-to-text cross-entropy against one prompt of every class (the "vocabulary loss"), so each
+step contrasts every view with all 48 names. The scene pool is a ring buffer refreshed during
+training (2,500 scenes held, ~8,500 seen); convolutions run channels-last under bf16 autocast.
 
 The architecture is ModifiedResNet (layers (1, 1, 1, 1), width 16, res5 = 512 channels, attention
 pool) + a 3-layer, 64-wide text transformer, 256-d joint space, 64 px input, context length 32.
@@ -52,10 +55,12 @@ __all__ = [
     "caption_for",
     "ScenePool",
     "multi_positive_clip_loss",
+    "vocabulary_loss",
     "encode_class_prompts",
     "render_object_crops",
     "zero_shot_accuracy",
     "scene_retrieval_map",
+    "evaluate_small_clip",
     "train_small_clip",
 ]
 
@@ -137,7 +142,7 @@ def build_small_clip(**overrides):
 def fp16_state_dict(model) -> Dict[str, torch.Tensor]:
     """OpenAI-format state dict with every floating tensor in fp16 (the shipped format)."""
     return {
-        k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone()
+        k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
         for k, v in model.state_dict().items()
     }
 
@@ -150,6 +155,7 @@ def save_state_dict_atomic(state_dict: Dict[str, torch.Tensor], path: str) -> No
     os.close(fd)
     try:
         torch.save(state_dict, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the weights are for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -194,6 +200,9 @@ def caption_for(
 class ScenePool:
     """Pre-rendered world scenes and their objects, from which training views are cut.
 
+    A ring buffer: :meth:`refresh` replaces the oldest scenes with new ones (scene *i* of the
+    stream is drawn from ``(seed, 7, i)``), so a long run sees many more scenes than it holds.
+
     Attributes:
         images: (K, S, S, 3) uint8 array.
         obj_scene, obj_category: (M,) int64 arrays (category 1-based).
@@ -212,40 +221,53 @@ class ScenePool:
     ):
         self.resolution = resolution
         self.image_size = image_size
+        self.seed = seed
         self.names = class_names()
         self.num_classes = len(self.names)
-        images = np.empty((num_scenes, image_size, image_size, 3), np.uint8)
-        scene_ids, cats, boxes, ok = [], [], [], []
+        self.images = np.empty((num_scenes, image_size, image_size, 3), np.uint8)
+        self._objects: List[list] = [[] for _ in range(num_scenes)]
+        self.num_rendered = 0
         iterator = range(num_scenes)
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(iterator, desc="rendering CLIP scenes", unit="img")
-        for i in iterator:
-            rng = np.random.default_rng([seed, 7, i])
-            scene = render_scene(rng, image_size, num_objects=(1, 8))  # all classes uniform
-            images[i] = scene.image
-            for o in scene.objects:
-                scene_ids.append(i)
-                cats.append(o.category_id)
-                boxes.append(o.box)
-                ok.append(o.annotated)
-        self.images = images
-        self.obj_scene = np.asarray(scene_ids, np.int64)
-        self.obj_category = np.asarray(cats, np.int64)
-        self.obj_box = np.asarray(boxes, np.float32).reshape(-1, 4)
-        self.obj_ok = np.asarray(ok, bool)
-        self.per_class = [
-            np.nonzero(self.obj_ok & (self.obj_category == c))[0]
-            for c in range(1, self.num_classes + 1)
-        ]
+        for _ in iterator:
+            self._render_next()
+        self._index()
         missing = [self.names[c] for c, idx in enumerate(self.per_class) if len(idx) == 0]
         assert not (
             missing and require_all_classes
         ), f"scene pool too small: no instance of {missing}; raise num_scenes"
-        order = np.argsort(self.obj_scene, kind="stable")
-        self._scene_start = np.searchsorted(self.obj_scene[order], np.arange(num_scenes + 1))
-        self._order = order
+
+    def _render_next(self) -> None:
+        slot = self.num_rendered % len(self.images)
+        rng = np.random.default_rng([self.seed, 7, self.num_rendered])
+        scene = render_scene(rng, self.image_size, num_objects=(1, 8))  # all classes uniform
+        self.images[slot] = scene.image
+        self._objects[slot] = [(o.category_id, o.box, o.annotated) for o in scene.objects]
+        self.num_rendered += 1
+
+    def refresh(self, count: int) -> None:
+        """Replace the ``count`` oldest scenes with newly drawn ones."""
+        for _ in range(count):
+            self._render_next()
+        self._index()
+
+    def _index(self) -> None:
+        scene_ids = [i for i, objs in enumerate(self._objects) for _ in objs]
+        flat = [o for objs in self._objects for o in objs]
+        self.obj_scene = np.asarray(scene_ids, np.int64)
+        self.obj_category = np.asarray([o[0] for o in flat], np.int64)
+        self.obj_box = np.asarray([o[1] for o in flat], np.float32).reshape(-1, 4)
+        self.obj_ok = np.asarray([o[2] for o in flat], bool)
+        self.per_class = [
+            np.nonzero(self.obj_ok & (self.obj_category == c))[0]
+            for c in range(1, self.num_classes + 1)
+        ]
+        self._available = [c for c, idx in enumerate(self.per_class) if len(idx)]
+        self._order = np.arange(len(flat))  # objects are stored scene by scene
+        self._scene_start = np.searchsorted(self.obj_scene, np.arange(len(self.images) + 1))
 
     def _objects_of(self, scene: int) -> np.ndarray:
         return self._order[self._scene_start[scene] : self._scene_start[scene + 1]]
@@ -282,12 +304,12 @@ class ScenePool:
         rois, captions, keys = [], [], []
         while len(rois) < batch_size:
             if rng.random() < crop_fraction:  # an object crop: classes drawn uniformly
-                c = int(rng.integers(self.num_classes))
+                c = self._available[int(rng.integers(len(self._available)))]
                 obj = int(self.per_class[c][rng.integers(len(self.per_class[c]))])
                 scene = int(self.obj_scene[obj])
                 x0, y0, x1, y1 = self.obj_box[obj]
                 w, h = x1 - x0, y1 - y0
-                if rng.random() < 0.5:
+                if rng.random() < 0.8:  # mostly square crops; some keep the box's aspect
                     w = h = max(w, h)
                 enlarge = rng.uniform(1.0, 1.8)
                 cx = (x0 + x1) / 2 + rng.uniform(-0.15, 0.15) * w
@@ -372,6 +394,28 @@ def multi_positive_clip_loss(
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
+def vocabulary_loss(
+    image_features: torch.Tensor,
+    class_text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    keys: Sequence[frozenset],
+) -> torch.Tensor:
+    """Cross-entropy of each view against all class prompts; targets uniform over the classes
+    its caption names.
+
+    Args:
+        image_features: (B, D); class_text_features: (C, D), row c-1 = class c.
+        keys: B sets of 1-based class ids.
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(class_text_features.float(), dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
+    targets = torch.zeros_like(logits)
+    for i, k in enumerate(keys):
+        targets[i, [c - 1 for c in k]] = 1.0 / len(k)
+    return F.cross_entropy(logits, targets)
+
+
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def encode_class_prompts(model, names: Sequence[str], template: str = ZERO_SHOT_PROMPT):
@@ -384,15 +428,16 @@ def encode_class_prompts(model, names: Sequence[str], template: str = ZERO_SHOT_
 
 def render_object_crops(
     num_per_class: int, *, seed: int = 12345, resolution: int = 64, image_size: int = 256
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Held-out single-object renders: one object per scene (with clutter and distractor blobs),
     cropped 1.25x around its visible box, square. Objects less than 60% visible are redrawn.
 
     Returns:
-        images (N, 3, R, R) CLIP-normalised float32, labels (N,) 0-based class indices.
+        images (N, 3, R, R) CLIP-normalised float32, labels (N,) 0-based class indices,
+        sizes (N,) longer side of each object's visible box in pixels of the 256 px scene.
     """
     num_classes = len(world_categories())
-    images, rois, labels = [], [], []
+    crops, labels, sizes = [], [], []
     for c in range(1, num_classes + 1):
         for k in range(num_per_class):
             for attempt in range(20):
@@ -402,14 +447,15 @@ def render_object_crops(
                 if o is not None and o.visible_fraction >= 0.6:
                     break
             x0, y0, x1, y1 = o.box
-            half = max(x1 - x0, y1 - y0) * 1.25 / 2
+            side = max(x1 - x0, y1 - y0)
+            half = side * 1.25 / 2
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            rois.append([len(images), cx - half, cy - half, cx + half, cy + half])
-            images.append(torch.from_numpy(scene.image.astype(np.float32)).permute(2, 0, 1))
+            image = torch.from_numpy(scene.image.astype(np.float32)).permute(2, 0, 1)[None]
+            roi = torch.tensor([[0.0, cx - half, cy - half, cx + half, cy + half]])
+            crops.append(roi_align(image, roi, (resolution,) * 2, 1.0, -1, aligned=True))
             labels.append(c - 1)
-    batch = _normalize(torch.stack(images))
-    crops = roi_align(batch, torch.tensor(rois), (resolution,) * 2, sampling_ratio=-1, aligned=True)
-    return crops, torch.tensor(labels)
+            sizes.append(side)
+    return _normalize(torch.cat(crops)), torch.tensor(labels), torch.tensor(sizes)
 
 
 @torch.no_grad()
@@ -423,13 +469,14 @@ def zero_shot_accuracy(model, num_per_class: int = 50, *, seed: int = 12345) -> 
     """Zero-shot classification of held-out single-object renders with ``"a photo of a {}."``.
 
     Returns:
-        ``{"overall", "novel_mean", "base_mean", "min_class", "per_class": {name: acc}}``.
+        ``{"overall", "novel_mean", "base_mean", "min_class", "by_object_size",
+        "per_class": {name: acc}}``.
     """
     model.eval()
     categories = world_categories()
     names = class_names()
     resolution = model.visual.input_resolution
-    crops, labels = render_object_crops(num_per_class, seed=seed, resolution=resolution)
+    crops, labels, sizes = render_object_crops(num_per_class, seed=seed, resolution=resolution)
     text = encode_class_prompts(model, names)
     pred = (_encode_images(model, crops) @ text.t()).argmax(1)
     correct = (pred == labels).float()
@@ -437,6 +484,12 @@ def zero_shot_accuracy(model, num_per_class: int = 50, *, seed: int = 12345) -> 
     novel = [per_class[names[i]] for i, c in enumerate(categories) if c["frequency"] == "r"]
     base = [per_class[names[i]] for i, c in enumerate(categories) if c["frequency"] != "r"]
     worst = min(per_class, key=per_class.get)
+    by_size = {}
+    for lo, hi in ((0, 20), (20, 40), (40, 80), (80, 1000)):
+        sel = (sizes >= lo) & (sizes < hi)
+        if sel.any():
+            key = f"{lo}-{hi} px" if hi < 1000 else f">= {lo} px"
+            by_size[key] = {"accuracy": float(correct[sel].mean()), "count": int(sel.sum())}
     return {
         "prompt": ZERO_SHOT_PROMPT,
         "num_per_class": num_per_class,
@@ -444,35 +497,65 @@ def zero_shot_accuracy(model, num_per_class: int = 50, *, seed: int = 12345) -> 
         "novel_mean": float(np.mean(novel)),
         "base_mean": float(np.mean(base)),
         "min_class": {"name": worst, "accuracy": per_class[worst]},
+        "by_object_size": by_size,
         "per_class": per_class,
     }
 
 
 @torch.no_grad()
-def scene_retrieval_map(model, num_scenes: int = 200, *, seed: int = 54321) -> Dict:
-    """Multi-label retrieval on whole scenes: mean over images of the AP of ranking the classes
-    by cos(image, prompt). Positives: every annotated class (``all``), or only the classes
-    recognisable at the CLIP's input size (``named``, as the training captions name them)."""
+def scene_retrieval_map(
+    model, num_scenes: int = 200, *, seed: int = 54321, input_sizes: Sequence[int] = (64, 128)
+) -> Dict:
+    """Multi-label retrieval on whole 256 px scenes: mean over images of the AP of ranking the
+    classes by cos(image, prompt). Positives: every annotated class (``all``), or only the
+    classes recognisable at 64 px (``named``, as the training captions name them).
+
+    Each scene is shown at every size in ``input_sizes``; sizes other than the CLIP's own go
+    through ``gridclip.clip.dense`` (attention-pool positional embedding interpolated), as a
+    teacher with ``MODEL.CLIP.TEACHER_INPUT_SIZE`` other than 64 does.
+
+    Returns:
+        ``{"map_all", "map_named"}`` at the native size, ``"at_<size>": {...}`` for each size.
+    """
+    from gridclip.clip.dense import attnpool_pooled, modified_resnet_features
+
     model.eval()
-    resolution = model.visual.input_resolution
-    pool = ScenePool(num_scenes, seed=seed, resolution=resolution, require_all_classes=False)
+    native = model.visual.input_resolution
+    pool = ScenePool(num_scenes, seed=seed, resolution=native, require_all_classes=False)
     s = pool.image_size
-    views = _normalize(pool._cut([[i, 0, 0, s, s] for i in range(num_scenes)], -1))
-    scores = _encode_images(model, views) @ encode_class_prompts(model, pool.names).t()
-    window = np.array([0, 0, pool.image_size, pool.image_size], np.float32)
-    result = {}
-    for kind in ("all", "named"):
-        aps = []
-        for i in range(num_scenes):
-            if kind == "named":
-                positives = set(pool.named_classes(i, window))
-            else:
-                idx = pool._objects_of(i)
-                positives = {int(c) for c in pool.obj_category[idx[pool.obj_ok[idx]]]}
-            if positives:
-                aps.append(_average_precision(scores[i].numpy(), {c - 1 for c in positives}))
-        result[f"map_{kind}"] = float(np.mean(aps))
-    result["num_scenes"] = num_scenes
+    window = np.array([0, 0, s, s], np.float32)
+    positives = {
+        "named": [set(pool.named_classes(i, window)) for i in range(num_scenes)],
+        "all": [
+            {int(c) for c in pool.obj_category[idx[pool.obj_ok[idx]]]}
+            for idx in (pool._objects_of(i) for i in range(num_scenes))
+        ],
+    }
+    text = encode_class_prompts(model, pool.names)
+    result = {"num_scenes": num_scenes}
+    for size in input_sizes:
+        pool.resolution = size
+        views = _normalize(pool._cut([[i, 0, 0, s, s] for i in range(num_scenes)], -1))
+        if size == native:
+            image = _encode_images(model, views)
+        else:
+            res5 = modified_resnet_features(model.visual, views)["res5"]
+            image = F.normalize(attnpool_pooled(model.visual.attnpool, res5).float(), dim=-1)
+        scores = (image @ text.t()).numpy()
+        result[f"at_{size}"] = {
+            f"map_{kind}": float(
+                np.mean(
+                    [
+                        _average_precision(scores[i], {c - 1 for c in pos})
+                        for i, pos in enumerate(positives[kind])
+                        if pos
+                    ]
+                )
+            )
+            for kind in ("all", "named")
+        }
+    pool.resolution = native
+    result.update(result.get(f"at_{native}", {}))
     return result
 
 
@@ -483,21 +566,49 @@ def _average_precision(scores: np.ndarray, positives: set) -> float:
     return float((precision * hits).sum() / max(hits.sum(), 1))
 
 
+def evaluate_small_clip(path: str, eval_per_class: int = 50) -> Dict:
+    """Zero-shot accuracy and scene retrieval of a saved small CLIP (exactly what ships: the
+    fp16 file loaded with ``build_model``). Returns ``{"zero_shot", "scene_retrieval",
+    "file_bytes", "eval_s"}``."""
+    model = load_small_clip(path)
+    start = time.perf_counter()
+    zero_shot = zero_shot_accuracy(model, eval_per_class)
+    retrieval = scene_retrieval_map(model)
+    return {
+        "file_bytes": os.path.getsize(path),
+        "zero_shot": zero_shot,
+        "scene_retrieval": retrieval,
+        "eval_s": round(time.perf_counter() - start, 1),
+    }
+
+
 # ------------------------------------------------------------------------------------- training
 def train_small_clip(
     output: str,
     *,
-    steps: int = 1500,
+    steps: int = 3000,
     batch_size: int = 128,
     seed: int = 0,
-    pool_scenes: int = 3000,
-    lr: float = 2e-3,
+    pool_scenes: int = 2500,
+    lr: float = 1e-3,
     weight_decay: float = 0.05,
     warmup: int = 100,
+    crop_fraction: float = 0.7,
+    vocabulary_loss_weight: float = 1.0,
+    refresh_every: int = 10,
+    refresh_count: int = 20,
+    bf16: bool = True,
     eval_per_class: int = 50,
+    eval_every: int = 0,
     progress: bool = True,
+    arch_overrides: Optional[Dict] = None,
 ) -> Dict:
     """Train the small CLIP on the world, save it (fp16, atomic) and return its report.
+
+    Loss: :func:`multi_positive_clip_loss` over the batch's captions, plus (weighted by
+    ``vocabulary_loss_weight``) the same image-to-text cross-entropy against one prompt per
+    class of the whole vocabulary (random template each step), so every step contrasts each
+    view with all 48 class names, not only with the classes that happen to be in the batch.
 
     The report has the architecture, the recipe, the training time, the file size, the
     zero-shot accuracy (per class, novel mean) of the *saved* fp16 weights and the scene
@@ -512,8 +623,10 @@ def train_small_clip(
 
     import clip
 
-    model = build_small_clip()
+    model = build_small_clip(**(arch_overrides or {}))
     model.train()
+    model.visual.to(memory_format=torch.channels_last)  # ~30% faster convolutions on CPU
+    names = pool.names
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         is_matrix = p.ndim >= 2 and "embedding" not in name
@@ -536,32 +649,52 @@ def train_small_clip(
         from tqdm import tqdm
 
         iterator = bar = tqdm(iterator, desc="training small CLIP", unit="step")
-    losses = []
+    losses, curve = [], []
     t1 = time.perf_counter()
     for step in iterator:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        images, captions, keys = pool.sample_batch(rng, batch_size)
-        tokens = clip.tokenize(captions, context_length=model.context_length)
+        if refresh_every and step and step % refresh_every == 0:
+            pool.refresh(refresh_count)
+        images, captions, keys = pool.sample_batch(rng, batch_size, crop_fraction)
+        vocabulary = [caption_for([c], rng, names) for c in range(1, len(names) + 1)]
+        tokens = clip.tokenize(captions + vocabulary, context_length=model.context_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            image_features = model.encode_image(
+                images.contiguous(memory_format=torch.channels_last)
+            )
+            text_features = model.encode_text(tokens)
         loss = multi_positive_clip_loss(
-            model.encode_image(images), model.encode_text(tokens), model.logit_scale, keys
+            image_features, text_features[:batch_size], model.logit_scale, keys
         )
+        if vocabulary_loss_weight > 0:
+            loss = loss + vocabulary_loss_weight * vocabulary_loss(
+                image_features, text_features[batch_size:], model.logit_scale, keys
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            quick = zero_shot_accuracy(model, 10, seed=seed + 999)  # its own renders and rng
+            model.train()
+            curve.append(
+                {
+                    "step": step + 1,
+                    "loss": float(np.mean(losses[-50:])),
+                    **{k: quick[k] for k in ("overall", "novel_mean")},
+                    "min": quick["min_class"],
+                }
+            )
+            logger.info(f"step {step + 1}: {curve[-1]}")
     train_s = time.perf_counter() - t1
 
     save_state_dict_atomic(fp16_state_dict(model), output)
-    shipped = load_small_clip(output)  # evaluate exactly what ships (fp16 round trip)
-    t2 = time.perf_counter()
-    zero_shot = zero_shot_accuracy(shipped, eval_per_class)
-    retrieval = scene_retrieval_map(shipped)
-    eval_s = time.perf_counter() - t2
+    evaluation = evaluate_small_clip(output, eval_per_class)
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in SMALL_CLIP_ARCH.items()}
     arch["transformer_heads"] = arch["transformer_width"] // 64
     return {
@@ -578,15 +711,16 @@ def train_small_clip(
             "lr": lr,
             "weight_decay": weight_decay,
             "warmup": warmup,
+            "crop_fraction": crop_fraction,
+            "vocabulary_loss_weight": vocabulary_loss_weight,
+            "refresh": f"{refresh_count} new scenes every {refresh_every} steps",
+            "scenes_seen": int(pool.num_rendered),
+            "bf16_autocast": bf16,
             "torch_threads": torch.get_num_threads(),
         },
-        "time_s": {
-            "render": round(render_s, 1),
-            "train": round(train_s, 1),
-            "eval": round(eval_s, 1),
-        },
+        "time_s": {"render": round(render_s, 1), "train": round(train_s, 1)},
         "final_loss": float(np.mean(losses[-50:])),
+        "curve": curve,
         "final_logit_scale": float(model.logit_scale.exp()),
-        "zero_shot": zero_shot,
-        "scene_retrieval": retrieval,
+        **evaluation,
     }
