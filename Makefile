@@ -12,8 +12,10 @@ env:
 	@VENV=$(VENV) bash tools/setup_env.sh
 
 ## The main job on the embedded default (generate world, train + evaluate GridCLIP and ViLD).
+# Extra options, e.g. `make demo DEMO_ARGS="--threads 1 --force"`.
+DEMO_ARGS ?=
 demo: env
-	$(PY) tools/run_embedded_demo.py --output-dir output/demo
+	$(PY) tools/run_embedded_demo.py --output-dir output/demo $(DEMO_ARGS)
 
 ## Fast test suite (what CI runs). Slow end-to-end tests: `make test-slow`.
 test: env

@@ -53,7 +53,9 @@ def tiny_lvis_json(tmp_path):
         {"id": 2, "name": "blue_ring", "frequency": "r", "synonyms": ["blue_ring"]},
     ]
     path = tmp_path / "tiny_lvis.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(path), str(tmp_path)
 
 
@@ -66,7 +68,9 @@ def ci_demo(tmp_path_factory):
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("run_embedded_demo", root / "tools/run_embedded_demo.py")
+    spec = importlib.util.spec_from_file_location(
+        "run_embedded_demo", root / "tools/run_embedded_demo.py"
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     out = tmp_path_factory.mktemp("ci_demo")

@@ -14,6 +14,7 @@ import warnings
 import clip
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 
@@ -55,28 +56,10 @@ EOT = 49407
 
 
 def make_tiny_clip(embed_dim=64, image_resolution=64, vision_width=16, seed=0):
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(
-        embed_dim=embed_dim,
-        image_resolution=image_resolution,
-        vision_layers=(1, 1, 1, 1),
-        vision_width=vision_width,
-        vision_patch_size=None,
-        context_length=16,
-        vocab_size=49408,
-        transformer_width=64,  # build_model infers heads = width // 64 = 1
-        transformer_heads=1,
-        transformer_layers=1,
-    )
-    # CLIP zero-initialises the last BN of each block; randomise so every path is exercised.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return tiny_models.make_tiny_clip(
+        embed_dim, image_resolution, vision_width, seed=seed,
+        random_bn_stats=("running_mean", "running_var"),
+    )  # fmt: skip
 
 
 class _ScriptableCLIP(torch.nn.Module):

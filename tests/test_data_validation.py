@@ -1,4 +1,5 @@
 """Bad annotations and bad images give clear errors naming the file; odd images are handled."""
+
 import json
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The CI-sized run of `make demo`'s pipeline: world -> train_net.py x3 -> LVISEval -> outputs."""
+
 import json
 import math
 import os
@@ -51,7 +52,19 @@ def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):
     out = str(tmp_path / "copy")  # a copy: the shared fixture's outputs stay as they are
     shutil.copytree(ci_demo["output_dir"], out)
     before = os.path.getmtime(os.path.join(out, "vild", "model_final.pth"))
-    demo.main(["--preset", "ci", "--output-dir", out, "--models", "vild", "--timing-images", "1",
-               "--num-vis", "1"])
+    demo.main(
+        [
+            "--preset",
+            "ci",
+            "--output-dir",
+            out,
+            "--models",
+            "vild",
+            "--timing-images",
+            "1",
+            "--num-vis",
+            "1",
+        ]
+    )
     assert "reusing" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "vild", "model_final.pth")) == before

@@ -1,4 +1,5 @@
 """Atomic checkpoint writes and the trainer's evaluator dispatch."""
+
 import json
 import os
 

@@ -1,4 +1,5 @@
 """Install, import, config and registration: the foundation every other test stands on."""
+
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -35,7 +36,9 @@ def test_config_has_project_keys_and_is_idempotent():
 
 
 def test_unknown_config_key_is_a_clear_error():
-    with pytest.raises((KeyError, AssertionError), match="Non-existent key: MODEL.GRIDCLIP.NOT_A_KEY"):
+    with pytest.raises(
+        (KeyError, AssertionError), match="Non-existent key: MODEL.GRIDCLIP.NOT_A_KEY"
+    ):
         get_gridclip_cfg(opts=["MODEL.GRIDCLIP.NOT_A_KEY", "1"])
 
 
@@ -98,7 +101,12 @@ def test_lvis_eval_numpy2_shim_gives_perfect_ap(tiny_lvis_json):
     json_file, _ = tiny_lvis_json
     gt = LVIS(json_file)
     dets = [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
         for a in gt.dataset["annotations"]
     ]
     ev = LVISEval(gt, LVISResults(gt, dets), "bbox")

@@ -11,9 +11,9 @@ import runpy
 import uuid
 from unittest import mock
 
-import clip
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
@@ -47,26 +47,7 @@ A = 9  # anchors per location (RetinaNet's 3 scales x 3 ratios)
 
 # ------------------------------------------------------------------------------------ fixtures
 def make_tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(
-        embed_dim=D,
-        image_resolution=64,
-        vision_layers=(1, 1, 1, 1),
-        vision_width=16,
-        vision_patch_size=None,
-        context_length=16,
-        vocab_size=49408,
-        transformer_width=64,
-        transformer_heads=1,
-        transformer_layers=1,
-    )
-    with torch.no_grad():  # CLIP zero-inits some BN weights; randomise so every path matters
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return tiny_models.make_tiny_clip(D, seed=seed, random_bn_stats=("running_var",))
 
 
 @pytest.fixture(scope="module")

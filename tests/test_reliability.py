@@ -18,6 +18,7 @@ import time
 import clip
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
@@ -48,25 +49,9 @@ MetadataCatalog.get(VILD_DATASET).set(
 # ------------------------------------------------------------------------------------ fixtures
 def make_clip(embed_dim=D, context_length=16, text_layers=1, seed=0):
     """OpenAI's CLIP architecture with a ModifiedResNet of width 16 (random weights)."""
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(
-        embed_dim=embed_dim,
-        image_resolution=64,
-        vision_layers=(1, 1, 1, 1),
-        vision_width=16,
-        vision_patch_size=None,
-        context_length=context_length,
-        vocab_size=49408,
-        transformer_width=64,
-        transformer_heads=1,
-        transformer_layers=text_layers,
+    return tiny_models.make_tiny_clip(
+        embed_dim, context_length=context_length, text_layers=text_layers, seed=seed
     )
-    with torch.no_grad():  # CLIP zero-inits the last BN of each block; randomise every path
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

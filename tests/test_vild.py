@@ -1,12 +1,13 @@
 """ViLD baseline: meta-arch, ROI heads, output layers, teacher cache + tool (tiny CPU models)."""
+
 import importlib.util
 import math
 import os
 import sys
 
-import clip
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
@@ -49,25 +50,7 @@ MetadataCatalog.get(DATASET).set(
 
 
 def make_tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(
-        embed_dim=D,
-        image_resolution=64,
-        vision_layers=(1, 1, 1, 1),
-        vision_width=16,
-        vision_patch_size=None,
-        context_length=16,
-        vocab_size=49408,
-        transformer_width=64,
-        transformer_heads=1,
-        transformer_layers=1,
-    )
-    with torch.no_grad():  # CLIP zero-inits the last BN of each block: randomise all paths
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return model.eval()
+    return tiny_models.make_tiny_clip(D, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +207,7 @@ def test_teacher_gets_raw_rgb_crops_of_top_rpn_proposals(model):
     finally:
         model.set_clip_teacher(real)
         del model.proposal_generator.forward
-    (image, boxes, scales), = calls
+    ((image, boxes, scales),) = calls
     assert torch.equal(image, x["image"])  # raw 0-255 RGB, not the normalised tensor
     assert scales == (1.0, 1.5)
     # the top-N (N = 8) RPN proposals by objectness (minus boxes under 1 px)

@@ -15,6 +15,7 @@ Trained models are reused when their folder holds ``results.json`` from the same
 iterations (``--force`` retrains). ``--preset ci`` runs the same pipeline on a tiny world with
 few iterations (what the test suite runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,20 @@ PRESETS = {
         "world": {"preset": "ci"},
         "prefix": "gridclip_world_ci",
         "opts": [
-            "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10",
-            "SOLVER.IMS_PER_BATCH", "4", "INPUT.MIN_SIZE_TRAIN", "(128,)",
-            "INPUT.MIN_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.MAX_ITER",
+            "20",
+            "SOLVER.WARMUP_ITERS",
+            "5",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "10",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "DATALOADER.NUM_WORKERS",
+            "0",
         ],
     },
 }
@@ -70,10 +82,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output-dir", default="output/demo")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
+    )
     p.add_argument("--timing-images", type=int, default=20, help="val images timed per model")
     p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
     p.add_argument("--force", action="store_true", help="retrain even if results exist")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per process (default: all cores). On a CPU shared with other "
+        "jobs, 1 avoids oversubscription, which can slow training several-fold.",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model")
     return p.parse_args(argv)
 
@@ -88,7 +109,7 @@ def _run_key(config: str, opts) -> str:
     return hashlib.sha256(text + json.dumps(list(opts)).encode()).hexdigest()[:16]
 
 
-def train_and_evaluate(name, config, opts, out_dir, force) -> dict:
+def train_and_evaluate(name, config, opts, out_dir, force, threads=None) -> dict:
     """Train + evaluate one model with train_net.py in a subprocess (reused when up to date)."""
     results_path = os.path.join(out_dir, "results.json")
     key_path = os.path.join(out_dir, "run_key.txt")
@@ -102,9 +123,14 @@ def train_and_evaluate(name, config, opts, out_dir, force) -> dict:
     cmd += list(opts)
     print("    $ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=os.getcwd())
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, cwd=os.getcwd(), env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+        raise RuntimeError(
+            f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt"
+        )
     if not os.path.isfile(results_path):
         raise RuntimeError(f"training {name} wrote no {results_path}")
     with atomic_open(key_path, "w") as f:
@@ -209,7 +235,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     preset = PRESETS[args.preset]
     os.makedirs(args.output_dir, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
 
     _stage(f"1/4 world ({args.preset}): generating or reusing")
     # The world lives where train_net.py's registration (at import) looks for it:
@@ -237,7 +263,7 @@ def main(argv=None) -> dict:
         opts = data_opts + preset["opts"] + model_opts + list(args.opts)
         out_dir = os.path.join(args.output_dir, name)
         _stage(f"2/4 [{i}/{len(names)}] train + evaluate {label}")
-        results = train_and_evaluate(name, config, opts, out_dir, args.force)
+        results = train_and_evaluate(name, config, opts, out_dir, args.force, args.threads)
 
         _stage(f"3/4 [{i}/{len(names)}] time inference and visualise {label}")
         cfg, predictor = build_predictor(config, opts, out_dir)
@@ -263,12 +289,15 @@ def main(argv=None) -> dict:
     _stage("4/4 writing the comparison")
     summary = {
         "preset": args.preset,
-        "command": "make demo" if args.preset == "demo" else "tools/run_embedded_demo.py --preset ci",
+        "command": (
+            "make demo" if args.preset == "demo" else "tools/run_embedded_demo.py --preset ci"
+        ),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}",
         "world_root": root,
         "models": rows,
         "wall_s": time.perf_counter() - start,
+        "threads": args.threads or os.cpu_count(),
     }
     write_outputs(summary, args.output_dir)
     print(f"Wrote {args.output_dir}/summary.json, comparison.md, comparison.png, predictions/")

@@ -2,13 +2,15 @@
 """Train and evaluate GridCLIP and the ViLD baseline with Detectron2.
 
     python projects/GridCLIP/train_net.py --config-file GridCLIP_R50.yaml
-    python projects/GridCLIP/train_net.py --config-file ViLD_R50.yaml --eval-only MODEL.WEIGHTS m.pth
+    python projects/GridCLIP/train_net.py --config-file ViLD_R50.yaml --eval-only \
+        MODEL.WEIGHTS m.pth
     python projects/GridCLIP/train_net.py --config-file GridCLIP_R50.yaml --num-gpus 8
     python projects/GridCLIP/train_net.py --config-file GridCLIP_R50.yaml --resume   # after a kill
 
 ``--config-file`` takes a path or a name under projects/GridCLIP/configs/. Multi-GPU and
 multi-machine runs go through Detectron2's ``launch`` (PyTorch DDP): see the README.
 """
+
 import logging
 
 import detectron2.utils.comm as comm

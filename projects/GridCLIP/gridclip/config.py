@@ -4,6 +4,7 @@ Every script (``train_net.py``, tools, demo, notebook, tests) builds its config 
 :func:`get_gridclip_cfg` so no one ever meets "Non-existent config key" because a script forgot
 to add the project's keys.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ metadata read from the JSON itself. Every LVIS-format dataset gets, in ``Metadat
 - ``class_frequencies``: LVIS frequency per class (``"f"``, ``"c"``, ``"r"``); ``r`` = novel,
 - ``evaluator_type = "lvis"``, ``json_file``, ``image_root``.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,10 @@ def validate_dataset_dicts(dataset_dicts: List[dict], num_classes: int, source: 
     for d in dataset_dicts:
         kept = []
         for a in d.get("annotations", []):
-            where = f"{source}: image {d.get('image_id')} ({d.get('file_name')}), annotation {a.get('id')}"
+            where = (
+                f"{source}: image {d.get('image_id')} ({d.get('file_name')}), "
+                f"annotation {a.get('id')}"
+            )
             cid = a.get("category_id")
             if cid is None or not (0 <= cid < num_classes):
                 raise ValueError(

@@ -4,6 +4,7 @@ Detectron2's ``read_image`` already converts grayscale/RGBA to the configured fo
 EXIF orientation; this subclass only turns an unreadable or truncated image into an error that
 says which file, instead of a bare PIL/IO error deep inside a data-loader worker.
 """
+
 from __future__ import annotations
 
 from detectron2.data import DatasetMapper
