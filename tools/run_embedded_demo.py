@@ -289,9 +289,8 @@ def main(argv=None) -> dict:
     _stage("4/4 writing the comparison")
     summary = {
         "preset": args.preset,
-        "command": (
-            "make demo" if args.preset == "demo" else "tools/run_embedded_demo.py --preset ci"
-        ),
+        "command": "python tools/run_embedded_demo.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}",
         "world_root": root,
