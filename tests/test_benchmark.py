@@ -43,6 +43,7 @@ def test_quick_mode_writes_every_output(quick_run):
         assert key in saved, key
     md = (out / "results.md").read_text()
     assert "## Headline ratios" in md and "## Training" in md and "## Vocabulary scaling" in md
+    assert not (out / "results.partial.json").exists()  # removed once the run completes
     with open(out / "benchmark.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert saved["ratios"] == pytest.approx(results["ratios"])
@@ -191,7 +192,8 @@ def test_memory_estimate_skips_what_cannot_fit():
     assert num_anchor_locations(800, 1216) == 15200 + 3800 + 950 + 247 + 70
     per_anchor = estimated_inference_bytes(INFERENCE_MODELS["retinanet"], 10000, 800, 1216)
     per_location = estimated_inference_bytes(INFERENCE_MODELS["gridclip"], 10000, 800, 1216)
-    assert per_anchor == 9 * per_location and per_anchor > 16 * 2**30
+    # RetinaNet's decoding holds more per element than GridCLIP's scores (21 vs 12 bytes)
+    assert per_anchor == 9 * 21 * per_location // 12 and per_anchor > 16 * 2**30
     assert estimated_inference_bytes(INFERENCE_MODELS["vild"], 10000, 800, 1216) == 0
     settings = BenchmarkSettings(memory_fraction=1e-9)
     reason = _skip_reason(

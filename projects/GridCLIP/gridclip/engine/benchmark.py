@@ -171,7 +171,7 @@ class BenchmarkSettings:
     clip_architecture: CLIPArchitecture = RN50_ARCHITECTURE
     opts: Sequence = ()  # extra config options (key, value, ...) for every model
     device: str = ""  # empty: the config's default (cuda when available)
-    memory_fraction: float = 0.6  # skip a point whose estimated memory exceeds this share
+    memory_fraction: float = 0.5  # skip a point whose estimated memory exceeds this share
     vild_warmup_proposals: int = 16  # distilled proposals in ViLD-online warm-up iterations
     quick: bool = False
     seed: int = 0
@@ -501,16 +501,23 @@ def num_anchor_locations(height: int, width: int, strides=(8, 16, 32, 64, 128)) 
 
 
 def estimated_inference_bytes(spec: ModelSpec, num_classes: int, height: int, width: int) -> int:
-    """Rough peak of the class-score tensors of a dense head (what grows with the vocabulary):
-    RetinaNet and per-anchor GridCLIP hold (locations x 9 x K) fp32 scores a few times over
-    (conv output, permuted copy, decoding temporaries); per-location GridCLIP 9x less."""
+    """Rough peak of the class-score tensors of a dense head (what grows with the vocabulary),
+    per (row, class) element of the R x K score matrix (R = anchors, or locations for the
+    per-location GridCLIP):
+
+    - RetinaNet (Detectron2): fp32 conv output + permuted copy (8 B), and its decoding, which
+      thresholds first: a bool mask (1 B), the kept scores (4 B) and, since nearly every score
+      passes LVIS's 1e-4 threshold, an int64 index per element (8 B): 21 B (measured: the
+      4,000-class model at 800x1216 was OOM-killed at 22 GB RSS);
+    - GridCLIP: the cosine logits, their scaled and biased copies (12 B); top-k works in place.
+    """
     if spec.family == "vild":
         return 0
     k = spec.fixed_classes or num_classes
-    rows = num_anchor_locations(height, width) * (
-        1 if spec.family == "gridclip" and not spec.per_anchor else 9
-    )
-    return int(3 * 4 * rows * k)
+    per_location = spec.family == "gridclip" and not spec.per_anchor
+    rows = num_anchor_locations(height, width) * (1 if per_location else 9)
+    bytes_per_element = 21 if spec.family == "retinanet" else 12
+    return int(bytes_per_element * rows * k)
 
 
 # -------------------------------------------------------------------------------- predictor
@@ -903,11 +910,21 @@ def _skip_reason(spec, k, size, settings, device) -> Optional[str]:
 
 
 def run_inference_suites(
-    settings: BenchmarkSettings, assets: BenchmarkAssets, output_dir: str, progress: Callable
+    settings: BenchmarkSettings,
+    assets: BenchmarkAssets,
+    output_dir: str,
+    progress: Callable,
+    results: Optional[Dict] = None,
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> Tuple[List[Dict], List[Dict], Dict]:
     """Main inference suite (every model, interleaved), then per model its resolution sweep
-    and its vocabulary sweep (each interleaved over its points); FLOPs and parameters."""
-    records, costs, profiles = [], [], {}
+    and its vocabulary sweep (each interleaved over its points); FLOPs and parameters.
+
+    Records are appended to ``results["inference"]``, ``["costs"]``, ``["profiles"]`` when
+    given, and ``checkpoint()`` is called after each step (partial results survive a crash).
+    """
+    results = results if results is not None else {"inference": [], "costs": [], "profiles": {}}
+    records, costs, profiles = results["inference"], results["costs"], results["profiles"]
     main_size = tuple(settings.image_size)
     main_image = synthetic_image(*main_size, seed=settings.seed)
     main_k = settings.num_classes
@@ -927,6 +944,7 @@ def run_inference_suites(
     for key, rec in measure_interleaved(jobs, settings, progress).items():
         records.append(_record("main", built[key][0], main_k, main_size, **rec))
     del jobs
+    checkpoint()
 
     for key in [k for k in built if k in settings.models]:
         spec, cfg, model = built[key]
@@ -936,6 +954,7 @@ def run_inference_suites(
             progress(f"FLOPs {spec.label}")
             cost.update(measure_flops(model, cfg, main_image))
         costs.append(cost)
+        checkpoint()
         if key in settings.profile:
             progress(f"profile {spec.label}")
             h, w = main_size
@@ -950,9 +969,11 @@ def run_inference_suites(
         spec, cfg, model = built.pop(key)
         if key in settings.resolution_models and len(settings.image_sizes) > 1:
             records += _resolution_sweep(spec, cfg, model, settings, progress)
+            checkpoint()
         if key in settings.vocab_models and spec.fixed_classes is None:
             if len(settings.vocab_sizes) > 1:
                 records += _vocab_sweep(spec, cfg, model, assets, main_image, settings, progress)
+                checkpoint()
         del model
     return records, costs, profiles
 
@@ -969,6 +990,8 @@ def _resolution_sweep(spec, cfg, model, settings, progress) -> List[Dict]:
         # The max size is not binding: each image is measured at its own size.
         image = synthetic_image(*size, seed=settings.seed)
         jobs[size] = inference_job(model, cfg, image, max_size=max(size) + 1)
+    if len(jobs) < 2:
+        return records
     progress(f"resolution sweep of {spec.label}: {[f'{h}x{w}' for h, w in jobs]}")
     for size, rec in measure_interleaved(jobs, settings, progress).items():
         records.append(_record("resolution", spec, k, size, **rec))
@@ -994,6 +1017,8 @@ def _vocab_sweep(spec, cfg, model, assets, image, settings, progress) -> List[Di
             model_k.set_vocabulary(random_text_embeddings(k, embed_dim, settings.seed))
         models.append(model_k)
         jobs[k] = inference_job(model_k, cfg_k, image, settings.max_size)
+    if len(jobs) < 2:  # nothing to compare (the main point was measured already)
+        return records
     progress(f"vocabulary sweep of {spec.label}: {list(jobs)} classes")
     for k, rec in measure_interleaved(jobs, settings, progress).items():
         records.append(_record("vocab", spec, k, size, **rec))
@@ -1097,11 +1122,17 @@ def run_benchmark(
             "train": [],
             "profiles": {},
         }
+        partial = os.path.join(output_dir, "results.partial.json")
+
+        def checkpoint():
+            with open(partial, "w") as f:
+                json.dump(_jsonable(results), f, indent=2)
+
         if run_inference:
-            inf, costs, profiles = run_inference_suites(settings, assets, output_dir, progress)
-            results.update(inference=inf, costs=costs, profiles=profiles)
+            run_inference_suites(settings, assets, output_dir, progress, results, checkpoint)
         if run_training and settings.train_models:
             results["train"] = run_training_suite(settings, assets, progress)
+            checkpoint()
     finally:
         assets.close()
     try:
@@ -1112,6 +1143,8 @@ def run_benchmark(
     results["ratios"] = compute_ratios(results, "wall")
     results["ratios_cpu"] = compute_ratios(results, "cpu")
     results["goals"] = evaluate_goals(results)
+    if os.path.exists(partial):
+        os.remove(partial)
     return results
 
 
