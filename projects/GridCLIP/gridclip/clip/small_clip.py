@@ -40,13 +40,13 @@ from torchvision.ops import roi_align
 
 from gridclip.data.world import class_names, render_scene, world_categories
 
+from .dense import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SMALL_CLIP_ARCH",
     "SMALL_CLIP_WEIGHTS",
-    "CLIP_PIXEL_MEAN",
-    "CLIP_PIXEL_STD",
     "ZERO_SHOT_PROMPT",
     "build_small_clip",
     "load_small_clip",
@@ -82,8 +82,6 @@ SMALL_CLIP_WEIGHTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world_clip.pt"
 )
 #: CLIP's image normalisation on the 0-255 scale.
-CLIP_PIXEL_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-CLIP_PIXEL_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 ZERO_SHOT_PROMPT = "a photo of a {}."
 
 _SINGLE_TEMPLATES = [
@@ -362,8 +360,8 @@ class ScenePool:
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_PIXEL_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_PIXEL_STD, dtype=images.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_PIXEL_MEAN_255, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_PIXEL_STD_255, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
