@@ -7,7 +7,6 @@ import os
 from contextlib import contextmanager
 
 import detectron2.engine.defaults as d2_defaults
-
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
