@@ -65,15 +65,8 @@ def make_cfg(assets, *opts):
     """A tiny GridCLIP config: CLIP-ResNet backbone from the tiny CLIP, 32-channel FPN."""
     cfg = get_gridclip_cfg(
         "Base-GridCLIP.yaml",
-        [
-            "MODEL.DEVICE", "cpu",
-            "MODEL.CLIP.NAME", "tiny",
-            "MODEL.CLIP.WEIGHTS", assets["clip"],
-            "MODEL.CLIP.EMBED_DIM", D,
-            "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
-            "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
-            "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
-            "MODEL.CLIP.PROMPTS", "single",
+        tiny_models.tiny_clip_opts(assets, D)
+        + [
             "MODEL.CLIP_RESNET.FREEZE_AT", 1,
             "MODEL.FPN.OUT_CHANNELS", 32,
             "MODEL.RETINANET.NUM_CONVS", 1,

@@ -67,15 +67,7 @@ def assets(tmp_path_factory):
 def gridclip_cfg(assets, *opts):
     """Base-GridCLIP.yaml on the tiny CLIP: 32-channel FPN, one-conv towers, K classes."""
     # fmt: off
-    return get_gridclip_cfg("Base-GridCLIP.yaml", [
-        "MODEL.DEVICE", "cpu",
-        "MODEL.CLIP.NAME", "tiny",
-        "MODEL.CLIP.WEIGHTS", assets["clip"],
-        "MODEL.CLIP.EMBED_DIM", D,
-        "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
-        "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
-        "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
-        "MODEL.CLIP.PROMPTS", "single",
+    return get_gridclip_cfg("Base-GridCLIP.yaml", tiny_models.tiny_clip_opts(assets, D) + [
         "MODEL.CLIP_RESNET.FREEZE_AT", 1,
         "MODEL.FPN.OUT_CHANNELS", 32,
         "MODEL.RETINANET.NUM_CONVS", 1,
@@ -90,15 +82,7 @@ def gridclip_cfg(assets, *opts):
 def vild_cfg(assets, *opts):
     """Base-ViLD.yaml on the tiny CLIP with tiny RPN/ROI heads."""
     # fmt: off
-    return get_gridclip_cfg("Base-ViLD.yaml", [
-        "MODEL.DEVICE", "cpu",
-        "MODEL.CLIP.NAME", "tiny",
-        "MODEL.CLIP.WEIGHTS", assets["clip"],
-        "MODEL.CLIP.EMBED_DIM", D,
-        "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
-        "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
-        "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
-        "MODEL.CLIP.PROMPTS", "single",
+    return get_gridclip_cfg("Base-ViLD.yaml", tiny_models.tiny_clip_opts(assets, D) + [
         "MODEL.CLIP_RESNET.FREEZE_AT", 0,
         "MODEL.FPN.OUT_CHANNELS", 32,
         "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",

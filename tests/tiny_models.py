@@ -41,3 +41,18 @@ def make_tiny_clip(
                 for stat in random_bn_stats:
                     getattr(m, stat).uniform_(*ranges[stat])
     return model.eval()
+
+
+def tiny_clip_opts(assets, embed_dim):
+    """Config overrides that point a project config at a tiny CLIP file and a text-embedding
+    file (``assets``: dict with ``clip``, ``text`` paths and ``root`` folder), on CPU."""
+    return [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.CLIP.NAME", "tiny",
+        "MODEL.CLIP.WEIGHTS", assets["clip"],
+        "MODEL.CLIP.EMBED_DIM", embed_dim,
+        "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
+        "MODEL.CLIP.TEXT_EMBEDDINGS", assets["text"],
+        "MODEL.CLIP.TEXT_CACHE_DIR", str(assets["root"] / "text_cache"),
+        "MODEL.CLIP.PROMPTS", "single",
+    ]  # fmt: skip
