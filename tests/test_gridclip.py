@@ -337,6 +337,26 @@ def test_ignore_novel_requires_frequencies(assets, tiny_lvis_json):
     assert model.trained_class_mask.all()
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_embed_kernel_size(assets, kernel):
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", kernel))
+    conv = model.head.grid_embed
+    assert conv.kernel_size == (kernel, kernel) and conv.padding == (kernel // 2, kernel // 2)
+    assert sum(p.numel() for p in conv.parameters()) == 32 * kernel * kernel * D + D
+    images, features = dense_inputs(model)
+    grid_embeddings = model.head.forward_embeddings(features)[0]
+    for x, f in zip(grid_embeddings, features):  # the grid keeps its size
+        assert x.shape == (1, D, f.shape[2], f.shape[3])
+    losses, _ = train_losses(model, make_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("kernel", [0, 2, 5])
+def test_embed_kernel_size_rejects_other_values(assets, kernel):
+    with pytest.raises(ValueError, match="EMBED_KERNEL_SIZE"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", kernel))
+
+
 # ------------------------------------------------------------------------------------ inference
 def _random_head(model, std=0.5):
     torch.manual_seed(5)

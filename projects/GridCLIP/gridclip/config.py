@@ -73,6 +73,10 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.LOGIT_SCALE = 20.0
     # Learn the logit scale (clamped to [1, 100]) instead of keeping it fixed.
     _C.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE = False
+    # Kernel size of the conv that outputs the grid embeddings: 3 (RetinaNet's classifier conv)
+    # or 1 (cheaper: the towers' 3x3 convs already give context; at 800x1216 with D=1024 the
+    # 3x3 conv is ~48 GFLOPs, the 1x1 ~5). Padding is kernel // 2.
+    _C.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE = 3
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

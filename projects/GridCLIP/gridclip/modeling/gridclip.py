@@ -51,7 +51,10 @@ from .vocabulary import check_class_count, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg"]
+__all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg", "EMBED_KERNEL_SIZES"]
+
+#: Valid ``MODEL.GRIDCLIP.EMBED_KERNEL_SIZE`` values (padding k // 2 keeps the grid size).
+EMBED_KERNEL_SIZES = (1, 3)
 
 
 class GridCLIPHead(RetinaNetHead):
@@ -74,6 +77,7 @@ class GridCLIPHead(RetinaNetHead):
         text_embeddings: Tensor,
         embed_per_anchor: bool = False,
         anchor_offset: bool = True,
+        embed_kernel_size: int = 3,
         norm="",
         prior_prob: float = 0.01,
         logit_scale: float = 20.0,
@@ -86,10 +90,17 @@ class GridCLIPHead(RetinaNetHead):
             embed_per_anchor: one embedding per anchor (A*D channels) instead of per location.
             anchor_offset: per-location head only: predict a class-agnostic logit offset per
                 anchor from the box tower (initialised near 0).
+            embed_kernel_size: kernel of the grid-embedding conv, 3 (RetinaNet's classifier)
+                or 1 (the towers' four 3x3 convs already give context; cheaper at inference).
             logit_scale: cosine similarities are multiplied by this (learnable, clamped to
                 [1, 100], with ``learn_logit_scale``).
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
+        if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.EMBED_KERNEL_SIZE={embed_kernel_size!r}; choose one of "
+                f"{EMBED_KERNEL_SIZES}"
+            )
         super().__init__(
             input_shape=input_shape,
             num_classes=1,
@@ -103,7 +114,8 @@ class GridCLIPHead(RetinaNetHead):
         self.embed_per_anchor = bool(embed_per_anchor)
         self.embed_dim = int(text_embeddings.shape[1])
         out_channels = self.embed_dim * (num_anchors if embed_per_anchor else 1)
-        self.grid_embed = nn.Conv2d(conv_dims[-1], out_channels, kernel_size=3, padding=1)
+        k = int(embed_kernel_size)
+        self.grid_embed = nn.Conv2d(conv_dims[-1], out_channels, kernel_size=k, padding=k // 2)
         self.anchor_offset = None
         if anchor_offset and not embed_per_anchor and num_anchors > 1:
             self.anchor_offset = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, padding=1)
@@ -129,6 +141,7 @@ class GridCLIPHead(RetinaNetHead):
             text_embeddings=text_embeddings,
             embed_per_anchor=cfg.MODEL.GRIDCLIP.EMBED_PER_ANCHOR,
             anchor_offset=cfg.MODEL.GRIDCLIP.ANCHOR_OFFSET,
+            embed_kernel_size=cfg.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE,
             logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
         )
