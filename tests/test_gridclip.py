@@ -337,6 +337,155 @@ def test_ignore_novel_requires_frequencies(assets, tiny_lvis_json):
     assert model.trained_class_mask.all()
 
 
+def _reference_focal_loss(logits, offsets, labels, num_classes, alpha, gamma):
+    """Detectron2's RetinaNet.losses classification term on expanded per-anchor logits."""
+    from fvcore.nn import sigmoid_focal_loss_jit
+
+    n, m, k = logits.shape
+    group = labels.shape[1] // m
+    z = logits[:, :, None, :]
+    z = z + offsets[..., None] if offsets is not None else z.expand(n, m, group, k)
+    z = z.reshape(n, m * group, k)
+    valid = labels >= 0
+    targets = F.one_hot(labels[valid], num_classes + 1)[:, :-1].to(z.dtype)
+    return sigmoid_focal_loss_jit(z[valid], targets, alpha=alpha, gamma=gamma, reduction="sum")
+
+
+def _random_focal_inputs(n, m, group, k, with_offsets, seed):
+    g = torch.Generator().manual_seed(seed)
+    # wide logits: easy negatives far below 0, a few confident ones far above
+    logits = torch.randn(n, m, k, generator=g) * 4 - 4
+    logits.view(-1)[::13] = -90.0
+    logits.view(-1)[5::29] = 30.0
+    logits[0, 0, 1] = 0.5  # the location whose anchors are positives of class 1 (below)
+    logits.requires_grad_()
+    offsets = None
+    if with_offsets:
+        offsets = (torch.randn(n, m, group, generator=g) * 2).requires_grad_()
+    labels = torch.full((n, m * group), k, dtype=torch.long)
+    u = torch.rand(n, m * group, generator=g)
+    labels[u < 0.15] = -1  # ignored
+    positive = u > 0.9
+    labels[positive] = torch.randint(0, k, (int(positive.sum()),), generator=g)
+    if group > 1:  # several anchors of one location positive for the same class
+        labels[0, :group] = torch.tensor([1] * (group - 1) + [-1])
+    return logits, offsets, labels
+
+
+@pytest.mark.parametrize(
+    "group,with_offsets,alpha,gamma",
+    [
+        (9, True, 0.25, 2.0),  # per-location embeddings + anchor offsets (the default head)
+        (9, False, 0.25, 2.0),  # per-location embeddings, anchors share their logits
+        (1, False, 0.25, 2.0),  # per-anchor embeddings
+        (9, True, -1.0, 1.5),  # no alpha weighting, another gamma
+        (9, False, 0.5, 0.0),  # gamma 0: weighted BCE
+    ],
+)
+def test_grid_focal_loss_equals_detectron2(group, with_offsets, alpha, gamma):
+    from gridclip.modeling.focal_loss import grid_focal_loss
+
+    k = 11
+    logits, offsets, labels = _random_focal_inputs(2, 37, group, k, with_offsets, seed=group)
+    inputs = [logits] + ([offsets] if with_offsets else [])
+    ref = _reference_focal_loss(
+        logits.double(), offsets.double() if with_offsets else None, labels, k, alpha, gamma
+    )
+    ref_grads = torch.autograd.grad(ref, inputs)  # float64 arithmetic
+    ref32 = _reference_focal_loss(logits, offsets, labels, k, alpha, gamma)
+    ref32_grads = torch.autograd.grad(ref32, inputs)  # what RetinaNet.losses computes
+    for block in (97, 1 << 18):  # many blocks (some without positives), one block
+        loss = grid_focal_loss(logits, offsets, labels, k, alpha, gamma, block_elements=block)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert loss.item() == pytest.approx(ref32.item(), rel=1e-5)
+        grads = torch.autograd.grad(loss * 3.0, inputs)  # the upstream gradient is applied
+        for got, want, want32 in zip(grads, ref_grads, ref32_grads):
+            assert got.shape == want.shape and got.dtype == torch.float32
+            for expected in (want, want32):
+                torch.testing.assert_close(
+                    got.double(),
+                    3.0 * expected.double(),
+                    rtol=1e-5,
+                    atol=1e-6 * expected.abs().max().item(),
+                )
+
+
+def test_grid_focal_loss_edge_cases():
+    from gridclip.modeling.focal_loss import grid_focal_loss, softplus_from_sigmoid
+
+    k = 4
+    logits = torch.randn(1, 6, k, requires_grad=True)
+    offsets = torch.randn(1, 6, 3, requires_grad=True)
+    ignored = torch.full((1, 18), -1, dtype=torch.long)  # nothing valid: zero loss and grads
+    loss = grid_focal_loss(logits, offsets, ignored, k)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.abs().sum() == 0 and offsets.grad.abs().sum() == 0
+    with torch.no_grad():  # no autograd: the loss only
+        labels = torch.full((1, 18), k, dtype=torch.long)
+        ref = _reference_focal_loss(logits, offsets, labels, k, 0.25, 2.0)
+        assert grid_focal_loss(logits, offsets, labels, k).item() == pytest.approx(ref.item())
+    # softplus from the sigmoid: a few ulps over float32's range, no inf/nan at the extremes
+    z = torch.cat([torch.linspace(-80, 80, 20001), torch.tensor([0.0, 1e-8, -1e-8, 200, -200])])
+    p = torch.sigmoid(z)
+    sp = softplus_from_sigmoid(z, p, 1 - p)
+    want = F.softplus(z.double())
+    assert torch.isfinite(sp).all()
+    torch.testing.assert_close(sp.double(), want, rtol=5e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),  # per-location embeddings with anchor offsets (the default)
+        ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),
+        ("MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True),
+    ],
+)
+def test_model_losses_same_with_grid_and_detectron2_focal_loss(assets, opts):
+    model = build_model(make_cfg(assets, *opts))
+    assert model.focal_loss_impl == "grid"  # the default
+    _random_head(model, std=0.3)
+    results = {}
+    for impl in ("grid", "detectron2"):
+        model.focal_loss_impl = impl
+        if hasattr(model, "loss_normalizer"):
+            del model.loss_normalizer
+        model.zero_grad()
+        losses, storage = train_losses(model, make_inputs())
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}
+        results[impl] = (losses, storage.latest()["num_pos_anchors"][0], grads)
+    (grid, grid_pos, grid_grads), (d2, d2_pos, d2_grads) = results["grid"], results["detectron2"]
+    assert grid_pos == d2_pos > 0
+    assert grid["loss_cls"].item() == pytest.approx(d2["loss_cls"].item(), rel=1e-5)
+    assert grid["loss_box_reg"].item() == d2["loss_box_reg"].item()
+    assert set(grid_grads) == set(d2_grads) and len(grid_grads) > 4
+    for name, want in d2_grads.items():
+        scale = want.abs().max().item()
+        torch.testing.assert_close(grid_grads[name], want, rtol=1e-4, atol=1e-5 * scale + 1e-12)
+
+
+def test_grid_focal_loss_trains_base_classes_only(assets, tiny_lvis_json):
+    """The trained-class subset and label remapping are the same for both loss paths."""
+    model = _novel_setup(assets, tiny_lvis_json).train()
+    images, features = dense_inputs(model)
+    grid_embeddings = [torch.randn(1, D, f.shape[2], f.shape[3]) for f in features]
+    base_gt = [gt(64, 80, [[8, 8, 40, 40], [30, 20, 70, 60]], [0, 1])]  # a base and a novel box
+    model.focal_loss_impl = "grid"
+    grid, grid_pos = _cls_loss(model, grid_embeddings, features, images, base_gt)
+    model.focal_loss_impl = "detectron2"
+    d2, d2_pos = _cls_loss(model, grid_embeddings, features, images, base_gt)
+    assert grid_pos == d2_pos > 0
+    assert grid.item() == pytest.approx(d2.item(), rel=1e-5)
+
+
+def test_focal_loss_impl_config_is_checked(assets):
+    with pytest.raises(ValueError, match="FOCAL_LOSS_IMPL"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.FOCAL_LOSS_IMPL", "fast"))
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_embed_kernel_size(assets, kernel):
     model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", kernel))

@@ -77,6 +77,11 @@ def add_gridclip_config(cfg: CN) -> CN:
     # or 1 (cheaper: the towers' 3x3 convs already give context; at 800x1216 with D=1024 the
     # 3x3 conv is ~48 GFLOPs, the 1x1 ~5). Padding is kernel // 2.
     _C.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE = 3
+    # How the focal loss is evaluated (same value and gradients): ``grid`` computes it on the
+    # per-location logits (+ anchor offsets) block by block, without expanding them to every
+    # anchor (gridclip/modeling/focal_loss.py; cost in docs/BENCHMARKS.md); ``detectron2``
+    # expands them and runs RetinaNet.losses (the reference).
+    _C.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL = "grid"
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

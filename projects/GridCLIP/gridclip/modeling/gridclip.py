@@ -22,6 +22,12 @@ Two head variants (``MODEL.GRIDCLIP.EMBED_PER_ANCHOR``):
 Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
 covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
 columns are left out of the loss, not treated as negatives. All classes are scored at test time.
+
+The classification loss is RetinaNet's sigmoid focal loss with its normaliser, evaluated by
+:func:`~gridclip.modeling.focal_loss.grid_focal_loss` on the per-location logits (and anchor
+offsets) without expanding them to (anchors x classes): the same value and gradients, several
+times cheaper (``MODEL.GRIDCLIP.FOCAL_LOSS_IMPL``; ``detectron2`` runs ``RetinaNet.losses`` on
+expanded logits instead).
 """
 
 from __future__ import annotations
@@ -37,14 +43,16 @@ from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec, batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from .focal_loss import FOCAL_LOSS_IMPLS, grid_focal_loss
 from .image_alignment import ImageAlignment, build_image_alignment
 from .text_classifier import TextEmbeddingClassifier
 from .vocabulary import check_class_count, resolve_vocabulary
@@ -296,6 +304,7 @@ class GridCLIP(RetinaNet):
         trained_class_mask: Optional[Tensor] = None,
         class_names: Optional[Sequence[str]] = None,
         vocabulary_cfg=None,
+        focal_loss_impl: str = "grid",
         **kwargs,
     ):
         """
@@ -305,10 +314,18 @@ class GridCLIP(RetinaNet):
             trained_class_mask: (K,) bool, classes trained by the focal loss (default: all).
             class_names: names of the K classes, if known (informative: demos, logs).
             vocabulary_cfg: the config used to embed class names in :meth:`set_vocabulary`.
+            focal_loss_impl: ``"grid"`` (:func:`grid_focal_loss`, no per-anchor expansion) or
+                ``"detectron2"`` (``RetinaNet.losses`` on expanded logits); same loss.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
+        if focal_loss_impl not in FOCAL_LOSS_IMPLS:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.FOCAL_LOSS_IMPL={focal_loss_impl!r}; choose one of "
+                f"{FOCAL_LOSS_IMPLS}"
+            )
         super().__init__(head=head, num_classes=head.num_classes, **kwargs)
+        self.focal_loss_impl = focal_loss_impl
         self.image_alignment = image_alignment
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
@@ -330,6 +347,7 @@ class GridCLIP(RetinaNet):
             "trained_class_mask": trained_class_mask_from_cfg(cfg, text_embeddings.shape[0]),
             "class_names": class_names,
             "vocabulary_cfg": vocabulary_cfg,
+            "focal_loss_impl": cfg.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -485,21 +503,71 @@ class GridCLIP(RetinaNet):
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
         trained = self.trained_class_mask
-        if bool(trained.all()):
-            pred_logits = self.head.anchor_logits(grid_embeddings, anchor_offsets)
-            return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+        trained_indices = None
+        num_trained = self.num_classes
+        if not bool(trained.all()):
+            trained_indices = trained.nonzero().flatten()
+            num_trained = trained_indices.numel()
+            # Labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'}. A box of a
+            # class outside the trained set makes its anchors "ignore": neither positive nor
+            # negative.
+            lookup = torch.full(
+                (self.num_classes + 2,), -1, dtype=torch.long, device=trained.device
+            )
+            lookup[trained_indices + 1] = torch.arange(num_trained, device=trained.device)
+            lookup[self.num_classes + 1] = num_trained
+            gt_labels = [lookup[labels + 1] for labels in gt_labels]
 
-        trained_indices = trained.nonzero().flatten()
-        num_trained = trained_indices.numel()
-        # Labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'}. A box of a class
-        # outside the trained set makes its anchors "ignore": neither positive nor negative.
-        lookup = torch.full((self.num_classes + 2,), -1, dtype=torch.long, device=trained.device)
-        lookup[trained_indices + 1] = torch.arange(num_trained, device=trained.device)
-        lookup[self.num_classes + 1] = num_trained
-        gt_labels = [lookup[labels + 1] for labels in gt_labels]
-        pred_logits = self.head.anchor_logits(grid_embeddings, anchor_offsets, trained_indices)
-        with self._loss_class_space(num_trained):
-            return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+        if self.focal_loss_impl == "detectron2":
+            pred_logits = self.head.anchor_logits(grid_embeddings, anchor_offsets, trained_indices)
+            with self._loss_class_space(num_trained):
+                return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+
+        rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
+        logits = self.head.logits(rows, trained_indices)  # (N, M, K'), M rows of G anchors
+        offsets = None
+        if anchor_offsets is not None and self.head.anchors_per_embedding > 1:
+            n, m = logits.shape[:2]
+            offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
+            offsets = offsets.view(n, m, self.head.anchors_per_embedding)
+        return self.grid_losses(anchors, logits, offsets, gt_labels, pred_deltas, gt_boxes)
+
+    def grid_losses(self, anchors, logits, offsets, gt_labels, pred_anchor_deltas, gt_boxes):
+        """:meth:`RetinaNet.losses` (same normaliser, ``num_pos_anchors`` event, box loss) with
+        the focal loss of :func:`grid_focal_loss` on logits shared by groups of anchors.
+
+        Args:
+            anchors, gt_labels, pred_anchor_deltas, gt_boxes: as :meth:`RetinaNet.losses`
+                (labels over the K' = ``logits.shape[-1]`` trained classes).
+            logits: (N, M, K') logits of M embedding rows, each shared by R / M anchors.
+            offsets: (N, M, R / M) per-anchor logit offsets, or None.
+        """
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        num_classes = logits.shape[-1]
+        valid_mask = gt_labels >= 0
+        pos_mask = valid_mask & (gt_labels != num_classes)
+        num_pos_anchors = pos_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
+        loss_cls = grid_focal_loss(
+            logits,
+            offsets,
+            gt_labels,
+            num_classes,
+            alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+        )
+        loss_box_reg = _dense_box_regression_loss(
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
