@@ -29,7 +29,10 @@ def _positive_finite(x):
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark")
     threads = torch.get_num_threads()
-    results = _load_tool().main(["--quick", "--threads", "1", "--output-dir", str(out)])
+    results = _load_tool().main(
+        ["--quick", "--threads", "1", "--output-dir", str(out)]
+        + ["--profile-train", "gridclip_online", "gridclip_online_d2loss"]
+    )
     assert torch.get_num_threads() == threads, "main() must restore the thread count"
     return out, results
 
@@ -97,7 +100,34 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     for key, value in results["ratios"].items():
         assert _positive_finite(value), (key, value)
         assert _positive_finite(results["ratios_cpu"][key]), (key, results["ratios_cpu"])
-    assert len(results["goals"]) == 5
+    assert len(results["goals"]) == 6
+    # the 1x1 variant is built from the config key, not patched
+    assert costs["gridclip_1x1"]["params"] < costs["gridclip"]["params"]
+    # both focal-loss paths ran, and give the same loss on the same model and input
+    online, d2loss = train["gridclip_online"], train["gridclip_online_d2loss"]
+    assert online["losses"]["loss_cls"] == pytest.approx(d2loss["losses"]["loss_cls"], rel=1e-5)
+    assert online["losses"]["loss_box_reg"] == pytest.approx(d2loss["losses"]["loss_box_reg"])
+
+
+def test_quick_mode_profiles_training(quick_run):
+    out, results = quick_run
+    grid = (out / "profile_train_gridclip_online.txt").read_text()
+    d2 = (out / "profile_train_gridclip_online_d2loss.txt").read_text()
+    assert "## GridCLIP.grid_losses" in grid and "_GridFocalLoss" in grid
+    assert "## RetinaNet.losses" not in grid
+    assert "## RetinaNet.losses" in d2 and "## GridCLIP.grid_losses" not in d2
+    assert "## GridCLIP image teacher" in grid
+    assert set(results["profiles"]) == {
+        "train_gridclip_online",
+        "train_gridclip_online_d2loss",
+    }
+    tool = _load_tool()
+    with pytest.raises(SystemExit, match="profile-train"):
+        tool.settings_from_args(
+            tool.parse_args(["--train-models", "vild_online", "--profile-train", "gridclip_cache"])
+        )
+    with pytest.raises(SystemExit, match="no-train"):
+        tool.settings_from_args(tool.parse_args(["--no-train", "--profile-train", "vild_online"]))
     assert all(
         isinstance(g["met"], bool) and isinstance(g["met_cpu"], bool) for g in results["goals"]
     )
@@ -139,6 +169,7 @@ def test_ratios_and_goals_from_known_times():
     times = {
         ("gridclip", 10, big): 100.0,
         ("gridclip_anchor", 10, big): 300.0,
+        ("gridclip_1x1", 10, big): 88.0,
         ("vild", 10, big): 600.0,
         ("vild_ensemble", 10, big): 700.0,
         ("retinanet_80", 80, big): 80.0,
@@ -146,22 +177,29 @@ def test_ratios_and_goals_from_known_times():
         ("gridclip", 100, big): 180.0,
         ("gridclip", 10, small): 50.0,
     }
-    results = _fake_results(times, train={"gridclip_online": 2.0, "vild_online": 30.0})
+    results = _fake_results(
+        times, train={"gridclip_online": 2.0, "gridclip_online_d2loss": 3.0, "vild_online": 30.0}
+    )
     r = compute_ratios(results)
     assert r["inference_speedup_gridclip_vs_vild"] == pytest.approx(6.0)
     assert r["inference_speedup_gridclip_vs_vild_ensemble"] == pytest.approx(7.0)
     assert r["inference_gridclip_over_retinanet_80"] == pytest.approx(1.25)
     assert r["inference_speedup_gridclip_vs_retinanet_10"] == pytest.approx(4.0)
     assert r["inference_per_anchor_over_per_location"] == pytest.approx(3.0)
+    assert r["inference_gridclip_1x1_over_retinanet_80"] == pytest.approx(1.1)
+    assert r["inference_gridclip_1x1_over_gridclip"] == pytest.approx(0.88)
     assert r["vocab_growth_gridclip_10_to_100"] == pytest.approx(1.8)
     assert r["resolution_growth_gridclip_100_to_200"] == pytest.approx(2.0)
     assert r["train_speedup_gridclip_online_vs_vild_online"] == pytest.approx(15.0)
+    assert r["train_speedup_gridclip_online_d2loss_vs_vild_online"] == pytest.approx(10.0)
+    assert r["train_gridclip_online_d2loss_over_gridclip_online"] == pytest.approx(1.5)
     assert r["train_speedup_gridclip_cache_vs_vild_cache"] is None  # not measured
     results["ratios"] = r
     met = {g["goal"]: g["met"] for g in evaluate_goals(results)}
     assert met == {
         "GridCLIP inference >= 5x faster than ViLD": True,
         "GridCLIP inference within 1.15x of RetinaNet-80": False,
+        "GridCLIP, 1x1 embed conv (EMBED_KERNEL_SIZE 1), within 1.15x of RetinaNet-80": True,
         "(DESIGN aim) GridCLIP within 1.3x of RetinaNet-80": True,
         "Training with teacher >= 10x cheaper than ViLD online": True,
         "Near-flat vocabulary cost (GridCLIP growth <= 1.5x)": False,

@@ -15,6 +15,8 @@ Examples::
     python tools/benchmark.py --quick               # tiny models, seconds (CI)
     python tools/benchmark.py --models gridclip vild --no-train --vocab-sizes 1203 10000
     python tools/benchmark.py --profile gridclip retinanet_80 --no-train --vocab-sizes --sizes
+    python tools/benchmark.py --no-inference --train-models gridclip_online vild_online \\
+        --profile-train gridclip_online
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=list(INFERENCE_MODELS),
         help="profile one inference of these models (torch.profiler tables)",
     )
+    p.add_argument(
+        "--profile-train",
+        nargs="*",
+        default=[],
+        choices=list(TRAIN_MODELS),
+        help="profile one training iteration of these variants (after the timed ones)",
+    )
     p.add_argument("--device", default="", help="cpu / cuda (default: cuda when available)")
     p.add_argument(
         "--threads",
@@ -109,6 +118,7 @@ def settings_from_args(args):
     if args.no_flops:
         overrides["flops"] = False
     overrides["profile"] = list(args.profile)
+    overrides["profile_train"] = list(args.profile_train)
     overrides["device"] = args.device
     opts = list(args.opts)
     if opts and opts[0] == "--":
@@ -116,6 +126,13 @@ def settings_from_args(args):
     if len(opts) % 2:
         raise SystemExit(f"config options must be KEY VALUE pairs, got {opts}")
     overrides["opts"] = list(settings.opts) + opts
+    train_models = overrides.get("train_models", settings.train_models)
+    not_trained = [k for k in args.profile_train if args.no_train or k not in train_models]
+    if not_trained:
+        raise SystemExit(
+            f"--profile-train {' '.join(not_trained)}: not among the training variants run "
+            f"({'--no-train' if args.no_train else ' '.join(train_models)})"
+        )
     for name in ("iters", "train_iters"):
         if name in overrides and overrides[name] < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -98,7 +99,8 @@ class ModelSpec:
 
     family: ``gridclip``, ``vild`` or ``retinanet``; per_anchor / ensemble: the variant;
     fixed_classes: a class count that does not follow the vocabulary (RetinaNet-80);
-    teacher: for training, ``online``, ``cache`` or None (no teacher).
+    teacher: for training, ``online``, ``cache`` or None (no teacher);
+    opts: config options (KEY, VALUE, ...) of this variant, applied after the family's config.
     """
 
     key: str
@@ -108,7 +110,7 @@ class ModelSpec:
     ensemble: bool = False
     fixed_classes: Optional[int] = None
     teacher: Optional[str] = None
-    embed_kernel: Optional[int] = None  # what-if: GridCLIP's grid-embedding conv kernel size
+    opts: Tuple = ()
 
 
 INFERENCE_MODELS = {
@@ -116,13 +118,12 @@ INFERENCE_MODELS = {
     for s in (
         ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
         ModelSpec("gridclip_anchor", "GridCLIP (per-anchor)", "gridclip", per_anchor=True),
-        # Not a config of the project: the shipped head with its 3x3 grid-embedding conv
-        # replaced by a 1x1 one after building, to measure that proposed change.
+        # MODEL.GRIDCLIP.EMBED_KERNEL_SIZE 1 instead of the configs' 3.
         ModelSpec(
             "gridclip_1x1",
-            "GridCLIP (per-location, 1x1 embed conv; what-if)",
+            "GridCLIP (per-location, 1x1 embed conv)",
             "gridclip",
-            embed_kernel=1,
+            opts=("MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", 1),
         ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
@@ -135,6 +136,15 @@ TRAIN_MODELS = {
     s.key: s
     for s in (
         ModelSpec("gridclip_online", "GridCLIP, teacher online", "gridclip", teacher="online"),
+        # The same with the focal loss evaluated as Detectron2's RetinaNet.losses does (expanded
+        # per-anchor logits): the cost before gridclip.modeling.focal_loss, same loss value.
+        ModelSpec(
+            "gridclip_online_d2loss",
+            "GridCLIP, teacher online, Detectron2 focal loss",
+            "gridclip",
+            teacher="online",
+            opts=("MODEL.GRIDCLIP.FOCAL_LOSS_IMPL", "detectron2"),
+        ),
         ModelSpec("gridclip_cache", "GridCLIP, teacher cached", "gridclip", teacher="cache"),
         ModelSpec("vild_online", "ViLD, crop teacher online", "vild", teacher="online"),
         ModelSpec("vild_cache", "ViLD, crop teacher cached", "vild", teacher="cache"),
@@ -168,6 +178,7 @@ class BenchmarkSettings:
     resolution_models: Sequence[str] = ("gridclip", "vild", "retinanet_80")
     flops: bool = True
     profile: Sequence[str] = ()  # inference models to profile with torch.profiler
+    profile_train: Sequence[str] = ()  # training variants to profile (one iteration each)
     clip_architecture: CLIPArchitecture = RN50_ARCHITECTURE
     opts: Sequence = ()  # extra config options (key, value, ...) for every model
     device: str = ""  # empty: the config's default (cuda when available)
@@ -382,7 +393,7 @@ def build_cfg(
         config_file = "ViLD_R50.yaml"
         opts += ["MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.VILD.ENSEMBLE", spec.ensemble]
         opts += ["MODEL.VILD.TEACHER", "online", "MODEL.VILD.TEACHER_CACHE", ""]
-    opts += list(settings.opts)
+    opts += list(spec.opts) + list(settings.opts)
     if settings.device:
         opts += ["MODEL.DEVICE", settings.device]
     cfg = get_gridclip_cfg(config_file, opts)
@@ -401,21 +412,12 @@ def build_cfg(
     return cfg
 
 
-def build_benchmark_model(cfg, seed: int = 0, spec: Optional[ModelSpec] = None) -> torch.nn.Module:
-    """``build_model(cfg)`` with a fixed seed; ``spec.embed_kernel`` swaps GridCLIP's
-    grid-embedding conv for one of that kernel size (a what-if, not a project config)."""
+def build_benchmark_model(cfg, seed: int = 0) -> torch.nn.Module:
+    """``build_model(cfg)`` with a fixed seed."""
     from detectron2.modeling import build_model
 
     torch.manual_seed(seed)
-    model = build_model(cfg)
-    if spec is not None and spec.embed_kernel is not None:
-        old = model.head.grid_embed
-        k = int(spec.embed_kernel)
-        new = torch.nn.Conv2d(old.in_channels, old.out_channels, kernel_size=k, padding=k // 2)
-        torch.nn.init.normal_(new.weight, std=0.01)
-        torch.nn.init.constant_(new.bias, 0.0)
-        model.head.grid_embed = new.to(old.weight.device)
-    return model
+    return build_model(cfg)
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -727,6 +729,78 @@ def _timed_method(obj, name: str, bucket: List[float], device):
         delattr(obj, name)
 
 
+@contextlib.contextmanager
+def _recorded_method(obj, name: str, label: str):
+    """Run every call of ``obj.<name>`` inside ``torch.profiler.record_function(label)``;
+    restores what was there (an instance attribute such as a :func:`_timed_method` wrapper, or
+    the class's method)."""
+    from torch.profiler import record_function
+
+    if not hasattr(obj, name):
+        yield
+        return
+    had_instance_attr = name in vars(obj)
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        if had_instance_attr:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+
+# Methods labelled in training profiles: (attribute path from the model, label).
+TRAIN_PROFILE_LABELS = (
+    ("", "losses", "## RetinaNet.losses (Detectron2 focal loss + box loss)"),
+    ("", "grid_losses", "## GridCLIP.grid_losses (grid focal loss + box loss)"),
+    ("image_alignment", "teacher_embeddings", "## GridCLIP image teacher (CLIP)"),
+    ("", "distillation_proposals", "## ViLD crop teacher (CLIP on proposals)"),
+)
+
+
+def profile_training(job: "TrainingJob", path: str, top: int = 30) -> List:
+    """One profiled training iteration of ``job`` (torch.profiler, CPU and CUDA when present),
+    the losses and teachers labelled (``TRAIN_PROFILE_LABELS``); writes the op table sorted by
+    total time to ``path``; returns the top ops by self time as [name, self ms, total ms,
+    calls]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in TRAIN_PROFILE_LABELS:
+            obj = getattr(job.model, owner) if owner else job.model
+            if obj is not None:
+                stack.enter_context(_recorded_method(obj, name, label))
+        with profile(activities=activities) as prof:
+            job()
+    averages = prof.key_averages()
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    h, w = job.height, job.width
+    m = job.cfg.MODEL
+    k = m.ROI_HEADS.NUM_CLASSES if job.spec.family == "vild" else m.RETINANET.NUM_CLASSES
+    with open(path, "w") as f:
+        f.write(
+            f"# torch.profiler ({job.device}, {torch.get_num_threads()} thread(s)) of one training "
+            f"iteration of '{job.spec.key}' ({job.spec.label}) at {h}x{w}, {k} classes, after "
+            "the timed iterations; '## ...' rows are the labelled methods (their forward: "
+            "backward ops run in the autograd engine, outside them).\n"
+        )
+        f.write(averages.table(sort_by=sort_key, row_limit=top))
+    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        [e.key, e.self_cpu_time_total / 1000.0, e.cpu_time_total / 1000.0, e.count] for e in rows
+    ]
+
+
 def _vild_cached_proposals(cache, n: int, image_id: int, height: int, width: int) -> Instances:
     """What ``ViLDDatasetMapper`` attaches (no augmentation here): the cached top-``n`` boxes
     and their teacher embeddings, read from the cache directory (a ``TeacherCache``)."""
@@ -933,7 +1007,7 @@ def run_inference_suites(
         spec = INFERENCE_MODELS[key]
         progress(f"building {spec.label} ({spec.fixed_classes or main_k} classes)")
         cfg = build_cfg(spec, main_k, assets, settings)
-        model = build_benchmark_model(cfg, settings.seed, spec)
+        model = build_benchmark_model(cfg, settings.seed)
         reason = _skip_reason(spec, main_k, main_size, settings, model.device)
         if reason:
             records.append(_record("main", spec, main_k, main_size, skipped=reason))
@@ -1010,7 +1084,7 @@ def _vocab_sweep(spec, cfg, model, assets, image, settings, progress) -> List[Di
             continue
         if spec.family == "retinanet":
             cfg_k = build_cfg(spec, k, assets, settings)
-            model_k = build_benchmark_model(cfg_k, settings.seed, spec)
+            model_k = build_benchmark_model(cfg_k, settings.seed)
         else:
             cfg_k, model_k = cfg, copy.deepcopy(model)
             embed_dim = settings.clip_architecture.embed_dim
@@ -1038,12 +1112,22 @@ def _ordered(*groups: Sequence[str]) -> List[str]:
     return seen
 
 
-def run_training_suite(settings, assets, progress) -> List[Dict]:
+def run_training_suite(
+    settings, assets, progress, output_dir: Optional[str] = None, profiles: Optional[Dict] = None
+) -> List[Dict]:
     """Every training variant built at once, timed round-robin (one iteration each per
-    round) so that all of them see the same machine load."""
+    round) so that all of them see the same machine load; then one profiled iteration of each
+    variant in ``settings.profile_train`` (``profile_train_<key>.txt`` in ``output_dir``, top ops
+    in ``profiles["train_<key>"]``)."""
     unknown = [k for k in settings.train_models if k not in TRAIN_MODELS]
     if unknown:
         raise ValueError(f"unknown training models {unknown}; choose from {list(TRAIN_MODELS)}")
+    not_run = [k for k in settings.profile_train if k not in settings.train_models]
+    if not_run:
+        raise ValueError(
+            f"training profile of {not_run}: not among the training variants run "
+            f"{list(settings.train_models)}"
+        )
     h, w = settings.train_image_size
     jobs: Dict[str, TrainingJob] = {}
     records = []
@@ -1076,6 +1160,14 @@ def run_training_suite(settings, assets, progress) -> List[Dict]:
                 rec = job.record(timings[key])
                 rec.update(count_parameters(job.model))
                 records.append(_record("train", job.spec, settings.num_classes, (h, w), **rec))
+            for key in settings.profile_train:
+                if key not in jobs:
+                    continue
+                progress(f"profile training {key}")
+                path = os.path.join(output_dir or ".", f"profile_train_{key}.txt")
+                top = profile_training(jobs[key], path)
+                if profiles is not None:
+                    profiles["train_" + key] = {"file": os.path.basename(path), "top_ops": top}
         finally:
             for job in jobs.values():
                 job.close()
@@ -1131,7 +1223,9 @@ def run_benchmark(
         if run_inference:
             run_inference_suites(settings, assets, output_dir, progress, results, checkpoint)
         if run_training and settings.train_models:
-            results["train"] = run_training_suite(settings, assets, progress)
+            results["train"] = run_training_suite(
+                settings, assets, progress, output_dir, results["profiles"]
+            )
             checkpoint()
     finally:
         assets.close()
@@ -1205,9 +1299,9 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_gridclip_over_retinanet_80": _ratio(t["gridclip"], t["retinanet_80"]),
         f"inference_speedup_gridclip_vs_retinanet_{k}": _ratio(t["retinanet"], t["gridclip"]),
         "inference_per_anchor_over_per_location": _ratio(t["gridclip_anchor"], t["gridclip"]),
-        "inference_whatif_1x1_embed_over_retinanet_80": _ratio(
-            t["gridclip_1x1"], t["retinanet_80"]
-        ),
+        "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
+        "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
+        "inference_speedup_gridclip_1x1_vs_vild": _ratio(t["vild"], t["gridclip_1x1"]),
     }
     flops = {c["model"]: c.get("gflops") for c in results.get("costs", [])}
     if flops:
@@ -1246,6 +1340,13 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
             "train_gridclip_online_over_retinanet": _ratio(
                 tr.get("gridclip_online"), tr.get("retinanet")
             ),
+            # before/after gridclip.modeling.focal_loss, measured in the same rounds
+            "train_speedup_gridclip_online_d2loss_vs_vild_online": _ratio(
+                tr.get("vild_online"), tr.get("gridclip_online_d2loss")
+            ),
+            "train_gridclip_online_d2loss_over_gridclip_online": _ratio(
+                tr.get("gridclip_online_d2loss"), tr.get("gridclip_online")
+            ),
         }
     )
     return ratios
@@ -1257,6 +1358,12 @@ GOALS = (
     (
         "GridCLIP inference within 1.15x of RetinaNet-80",
         "inference_gridclip_over_retinanet_80",
+        "<=",
+        1.15,
+    ),
+    (
+        "GridCLIP, 1x1 embed conv (EMBED_KERNEL_SIZE 1), within 1.15x of RetinaNet-80",
+        "inference_gridclip_1x1_over_retinanet_80",
         "<=",
         1.15,
     ),
@@ -1283,10 +1390,9 @@ def evaluate_goals(results: Dict) -> List[Dict]:
     ratios_cpu = results.get("ratios_cpu") or {}
     out = []
     for name, key, op, target in GOALS:
-        if key == "vocab_growth_gridclip":
+        if key == "vocab_growth_gridclip":  # vocab_growth_gridclip_<lo>_to_<hi>
             key = next(
-                (k for k in ratios if k.startswith("vocab_growth_gridclip_") and "anchor" not in k),
-                key,
+                (k for k in ratios if re.fullmatch(r"vocab_growth_gridclip_\d+_to_\d+", k)), key
             )
         goal = {"goal": name, "ratio": key, "target": f"{op} {target}"}
         for suffix, source in (("", ratios), ("_cpu", ratios_cpu)):
