@@ -91,6 +91,16 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS = "l1"
     # Teacher views: 1 = whole image; 2 = also its 2x2 tiles; ... each view is one CLIP forward.
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS = [1]
+    # How a view's grid embeddings are compared with the teacher's embedding of that view:
+    # ``mean``: average-pool them (per level, then over levels) and align the pooled embedding;
+    # ``max``: multiple-instance alignment: a soft maximum (temperature below) over the view's
+    # locations of cos(grid embedding, teacher): the locations that already look most like the
+    # view's content are pulled to it, background locations are left to the detection loss.
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_POOL = "mean"
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_TEMPERATURE = 0.05
+    # ``dense``: no pooling; every location is aligned with the teacher's dense (attention-pool
+    # value path, MaskCLIP-style) embedding at its centre, the image encoded at this scale.
+    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_DENSE_SCALE = 1.0
     # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
     _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
 
