@@ -31,6 +31,7 @@ def quick_run(tmp_path_factory):
     threads = torch.get_num_threads()
     results = _load_tool().main(
         ["--quick", "--threads", "1", "--output-dir", str(out)]
+        + ["--profile", "gridclip", "vild"]
         + ["--profile-train", "gridclip_online", "gridclip_online_d2loss"]
     )
     assert torch.get_num_threads() == threads, "main() must restore the thread count"
@@ -109,6 +110,21 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     assert online["losses"]["loss_box_reg"] == pytest.approx(d2loss["losses"]["loss_box_reg"])
 
 
+def test_quick_mode_profiles_inference_by_part(quick_run):
+    out, results = quick_run
+    grid, vild = results["profiles"]["gridclip"], results["profiles"]["vild"]
+    assert (out / grid["file"]).exists() and (out / vild["file"]).exists()
+    trunk, whole = "## trunk (CLIP ModifiedResNet)", "## whole inference (predictor)"
+    for parts in (grid["parts"], vild["parts"]):
+        assert parts[trunk]["calls"] == 1 and parts[trunk]["cpu_ms"] > 0
+        assert parts["## backbone (trunk + FPN)"]["cpu_ms"] >= parts[trunk]["cpu_ms"]
+        assert parts[whole]["cpu_ms"] >= parts["## backbone (trunk + FPN)"]["cpu_ms"]
+    assert "## dense head (towers + output convs)" in grid["parts"]
+    assert "## RPN (head, proposals, NMS)" in vild["parts"]
+    assert "## dense head (towers + output convs)" not in vild["parts"]
+    assert "## trunk (CLIP ModifiedResNet)" in (out / grid["file"]).read_text()
+
+
 def test_quick_mode_profiles_training(quick_run):
     out, results = quick_run
     grid = (out / "profile_train_gridclip_online.txt").read_text()
@@ -118,6 +134,8 @@ def test_quick_mode_profiles_training(quick_run):
     assert "## RetinaNet.losses" in d2 and "## GridCLIP.grid_losses" not in d2
     assert "## GridCLIP image teacher" in grid
     assert set(results["profiles"]) == {
+        "gridclip",
+        "vild",
         "train_gridclip_online",
         "train_gridclip_online_d2loss",
     }

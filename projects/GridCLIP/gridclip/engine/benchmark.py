@@ -665,25 +665,113 @@ def measure_flops(model, cfg, image: np.ndarray) -> Dict:
         return {"gflops": None, "flops_error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
-def profile_inference(predictor: Predictor, image: np.ndarray, path: str, top: int = 25) -> List:
-    """One profiled inference (torch.profiler); writes the op table to ``path``, returns the top
-    ops by self time as [name, self ms, total ms, calls]."""
+@contextlib.contextmanager
+def _recorded_method(obj, name: str, label: str, times: Optional[Dict] = None):
+    """Run every call of ``obj.<name>`` inside ``torch.profiler.record_function(label)`` and,
+    with ``times``, add its wall and process CPU milliseconds to ``times[label]``; restores what
+    was there (an instance attribute such as a :func:`_timed_method` wrapper, or the class's
+    method). A missing ``obj`` or method is skipped."""
+    from torch.profiler import record_function
+
+    if obj is None or not hasattr(obj, name):
+        yield
+        return
+    had_instance_attr = name in vars(obj)
+    original = getattr(obj, name)
+    device = next((p.device for p in getattr(obj, "parameters", lambda: [])()), None)
+
+    def wrapper(*args, **kwargs):
+        if device is not None:
+            _sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with record_function(label):
+            out = original(*args, **kwargs)
+        if device is not None:
+            _sync(device)
+        if times is not None:
+            t = times.setdefault(label, {"wall_ms": 0.0, "cpu_ms": 0.0, "calls": 0})
+            t["wall_ms"] += 1000.0 * (time.perf_counter() - wall)
+            t["cpu_ms"] += 1000.0 * (time.process_time() - cpu)
+            t["calls"] += 1
+        return out
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        if had_instance_attr:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+
+def _attribute(root, path: str):
+    """``root.a.b`` for path ``"a.b"`` ("" is root itself); None where an attribute is missing."""
+    obj = root
+    for part in [p for p in path.split(".") if p]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# Parts labelled (and timed) in inference profiles: (attribute path from the model, method,
+# label). A model runs only some of them (GridCLIP/RetinaNet: trunk, backbone, head, decoding;
+# ViLD: trunk, backbone, RPN, RoI heads).
+INFERENCE_PROFILE_LABELS = (
+    ("backbone.bottom_up", "forward", "## trunk (CLIP ModifiedResNet)"),
+    ("backbone", "forward", "## backbone (trunk + FPN)"),
+    ("head", "forward", "## dense head (towers + output convs)"),
+    ("head", "forward_embeddings", "## dense head (towers + output convs)"),
+    ("", "forward_inference", "## dense decoding (class scores, top-k, boxes, NMS)"),
+    ("proposal_generator", "forward", "## RPN (head, proposals, NMS)"),
+    ("roi_heads", "forward", "## RoI heads (RoIAlign, box head, text classifier, NMS)"),
+)
+
+
+def profile_inference(
+    predictor: Predictor, image: np.ndarray, path: str, top: int = 25
+) -> Tuple[List, Dict]:
+    """One profiled inference (torch.profiler) after one unprofiled one, the model's parts
+    labelled and timed (``INFERENCE_PROFILE_LABELS``); writes the labelled times and the op
+    table to ``path``. Returns (the top ops by self time as [name, self ms, total ms, calls],
+    {label: {"wall_ms", "cpu_ms", "calls"}})."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
     predictor(image)
-    with profile(activities=activities) as prof:
-        predictor(image)
+    parts: Dict[str, Dict] = {}
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in INFERENCE_PROFILE_LABELS:
+            stack.enter_context(
+                _recorded_method(_attribute(predictor.model, owner), name, label, parts)
+            )
+        wall, cpu = time.perf_counter(), time.process_time()
+        with profile(activities=activities) as prof:
+            predictor(image)
+        parts["## whole inference (predictor)"] = {
+            "wall_ms": 1000.0 * (time.perf_counter() - wall),
+            "cpu_ms": 1000.0 * (time.process_time() - cpu),
+            "calls": 1,
+        }
     averages = prof.key_averages()
     sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     with open(path, "w") as f:
+        f.write(
+            f"# torch.profiler ({torch.get_num_threads()} thread(s)) of one inference of "
+            f"{image.shape[0]}x{image.shape[1]} after one warm-up. Labelled parts (wall / process "
+            "CPU ms, profiler overhead included):\n"
+        )
+        for label, t in parts.items():
+            f.write(f"#   {label}: {t['wall_ms']:,.0f} / {t['cpu_ms']:,.0f} ms\n")
         f.write(averages.table(sort_by=sort_key, row_limit=top))
     rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [
+    top_ops = [
         [e.key, e.self_cpu_time_total / 1000.0, e.cpu_time_total / 1000.0, e.count] for e in rows
     ]
+    return top_ops, parts
 
 
 def _training_inputs(height: int, width: int, base: torch.Tensor, num_gt: int, seed: int):
@@ -729,33 +817,6 @@ def _timed_method(obj, name: str, bucket: List[float], device):
         delattr(obj, name)
 
 
-@contextlib.contextmanager
-def _recorded_method(obj, name: str, label: str):
-    """Run every call of ``obj.<name>`` inside ``torch.profiler.record_function(label)``;
-    restores what was there (an instance attribute such as a :func:`_timed_method` wrapper, or
-    the class's method)."""
-    from torch.profiler import record_function
-
-    if not hasattr(obj, name):
-        yield
-        return
-    had_instance_attr = name in vars(obj)
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        with record_function(label):
-            return original(*args, **kwargs)
-
-    setattr(obj, name, wrapper)
-    try:
-        yield
-    finally:
-        if had_instance_attr:
-            setattr(obj, name, original)
-        else:
-            delattr(obj, name)
-
-
 # Methods labelled in training profiles: (attribute path from the model, label).
 TRAIN_PROFILE_LABELS = (
     ("", "losses", "## RetinaNet.losses (Detectron2 focal loss + box loss)"),
@@ -777,9 +838,7 @@ def profile_training(job: "TrainingJob", path: str, top: int = 30) -> List:
         activities.append(ProfilerActivity.CUDA)
     with contextlib.ExitStack() as stack:
         for owner, name, label in TRAIN_PROFILE_LABELS:
-            obj = getattr(job.model, owner) if owner else job.model
-            if obj is not None:
-                stack.enter_context(_recorded_method(obj, name, label))
+            stack.enter_context(_recorded_method(_attribute(job.model, owner), name, label))
         with profile(activities=activities) as prof:
             job()
     averages = prof.key_averages()
@@ -1034,10 +1093,8 @@ def run_inference_suites(
             h, w = main_size
             predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), settings.max_size)
             path = os.path.join(output_dir, f"profile_{key}.txt")
-            profiles[key] = {
-                "file": os.path.basename(path),
-                "top_ops": profile_inference(predictor, main_image, path),
-            }
+            top_ops, parts = profile_inference(predictor, main_image, path)
+            profiles[key] = {"file": os.path.basename(path), "top_ops": top_ops, "parts": parts}
 
     for key in list(built):
         spec, cfg, model = built.pop(key)
@@ -1515,6 +1572,11 @@ def markdown_report(results: Dict) -> str:
         for key, p in results["profiles"].items():
             ops = "; ".join(f"{name} {self_ms:.0f}" for name, self_ms, _, _ in p["top_ops"][:8])
             lines.append(f"- {key} ({p['file']}): {ops}")
+            if p.get("parts"):
+                parts = "; ".join(
+                    f"{label.lstrip('# ')} {t['cpu_ms']:,.0f}" for label, t in p["parts"].items()
+                )
+                lines.append(f"  - parts, process CPU ms: {parts}")
     mem = next(
         (r.get("memory_method") for r in results["inference"] if r.get("memory_method")), None
     )
