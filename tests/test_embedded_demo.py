@@ -11,6 +11,12 @@ def test_ci_demo_writes_every_output(ci_demo):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     on_disk = json.load(open(os.path.join(out, "summary.json")))
     assert [m["name"] for m in on_disk["models"]] == ["gridclip", "gridclip_no_ila", "vild"]
+    # models train concurrently on 2+ cores, each logging to its own file
+    assert on_disk["train_jobs"] == (2 if (os.cpu_count() or 1) >= 2 else 1)
+    if on_disk["train_jobs"] > 1:
+        for m in on_disk["models"]:
+            log = open(os.path.join(out, m["name"], "train_stdout.log")).read()
+            assert "Evaluation results for bbox" in log, m["name"]
     table = open(os.path.join(out, "comparison.md")).read()
     for m in on_disk["models"]:
         assert m["label"] in table
@@ -68,3 +74,20 @@ def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):
     )
     assert "reusing" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "vild", "model_final.pth")) == before
+
+
+def test_demo_progress_reads_metrics(tmp_path):
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo3", root / "tools/run_embedded_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo._progress(str(tmp_path), 300) == "0/300"
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write(json.dumps({"iteration": 19, "total_loss": 1.0}) + "\n")
+        f.write(json.dumps({"iteration": 39}) + "\n{truncated")
+    assert demo._progress(str(tmp_path), 300) == "40/300"
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    assert demo._progress(str(tmp_path), 300) == "evaluating"

@@ -89,11 +89,19 @@ def parse_args(argv=None):
     p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
     p.add_argument("--force", action="store_true", help="retrain even if results exist")
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="models trained at the same time (default: 2 on 2+ cores, else 1); each training "
+        "process gets cores // jobs threads (or --threads)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch/OpenMP threads per process (default: all cores). On a CPU shared with other "
-        "jobs, 1 avoids oversubscription, which can slow training several-fold.",
+        help="torch/OpenMP threads per process (default: all cores for timing, cores // jobs "
+        "for training). On a CPU shared with other jobs, 1 avoids oversubscription, which can "
+        "slow training several-fold.",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model")
     return p.parse_args(argv)
@@ -109,37 +117,106 @@ def _run_key(config: str, opts) -> str:
     return hashlib.sha256(text + json.dumps(list(opts)).encode()).hexdigest()[:16]
 
 
-def train_and_evaluate(name, config, opts, out_dir, force, threads=None) -> dict:
-    """Train + evaluate one model with train_net.py in a subprocess (reused when up to date)."""
+def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
+    """Start train_net.py for one model: a Popen, or None when its results are up to date."""
     results_path = os.path.join(out_dir, "results.json")
     key_path = os.path.join(out_dir, "run_key.txt")
     key = _run_key(config, opts)
     if not force and os.path.isfile(results_path) and os.path.isfile(key_path):
         if open(key_path).read().strip() == key:
-            print(f"    reusing {results_path} (same config; --force retrains)")
-            return json.load(open(results_path))
+            print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
+            return None
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
     cmd += list(opts)
     print("    $ " + " ".join(cmd), flush=True)
-    start = time.perf_counter()
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(cmd, cwd=os.getcwd(), env=env)
+    out = open(log_file, "w") if log_file else None
+    proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=out, stderr=out)
+    proc.gridclip_run = (name, out_dir, key, time.perf_counter(), out)
+    return proc
+
+
+def _finish(proc) -> None:
+    """Check a finished training process; record its run key and wall time."""
+    name, out_dir, key, start, out = proc.gridclip_run
+    if out is not None:
+        out.close()
+    results_path = os.path.join(out_dir, "results.json")
     if proc.returncode != 0:
         raise RuntimeError(
             f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt"
+            + (f" and {out.name}" if out is not None else "")
         )
     if not os.path.isfile(results_path):
         raise RuntimeError(f"training {name} wrote no {results_path}")
-    with atomic_open(key_path, "w") as f:
+    with atomic_open(os.path.join(out_dir, "run_key.txt"), "w") as f:
         f.write(key)
     results = json.load(open(results_path))
     results["train_wall_s"] = time.perf_counter() - start
     with atomic_open(results_path, "w") as f:
         json.dump(results, f, indent=2)
-    return results
+
+
+def _progress(out_dir: str, max_iter: int) -> str:
+    """``iteration/max_iter`` from a training folder's metrics.json (Detectron2's JSONWriter)."""
+    path = os.path.join(out_dir, "metrics.json")
+    it = 0
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    it = max(it, int(json.loads(line).get("iteration", -1)) + 1)
+                except (ValueError, AttributeError):
+                    continue
+    if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
+        return "evaluating"
+    return f"{it}/{max_iter}"
+
+
+def train_all(runs, force, jobs, threads, poll_s=15.0) -> None:
+    """Train + evaluate every model with train_net.py in subprocesses, ``jobs`` at a time.
+
+    ``runs``: list of (name, label, config, opts, out_dir, max_iter). One job streams its log to
+    the terminal; several write ``<out_dir>/train_stdout.log`` and a progress line is printed.
+    """
+    # The longest trainings first (ViLD: proposal-crop distillation), so that the others fill
+    # the remaining slots instead of leaving one job running alone at the end.
+    pending = sorted(runs, key=lambda r: "vild" not in r[0].lower())
+    running = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, label, config, opts, out_dir, _ = pending.pop(0)
+            _stage(f"2/4 train + evaluate {label}")
+            log = os.path.join(out_dir, "train_stdout.log") if jobs > 1 else None
+            if log:
+                os.makedirs(out_dir, exist_ok=True)
+                print(f"    log: {log}", flush=True)
+            proc = _launch(name, config, opts, out_dir, force, threads, log)
+            if proc is not None:
+                running.append((proc, name, out_dir, next(r[5] for r in runs if r[0] == name)))
+        if not running:
+            continue
+        if jobs == 1:
+            proc = running.pop()[0]
+            proc.wait()
+            _finish(proc)
+            continue
+        time.sleep(poll_s)
+        still = []
+        for entry in running:
+            proc = entry[0]
+            if proc.poll() is None:
+                still.append(entry)
+            else:
+                _finish(proc)
+                print(f"    {entry[1]}: done", flush=True)
+        running = still
+        if running:
+            status = ", ".join(f"{n} {_progress(d, m)}" for _, n, d, m in running)
+            print(f"    [{time.strftime('%H:%M:%S')}] training: {status}", flush=True)
 
 
 def build_predictor(config, opts, out_dir):
@@ -255,16 +332,24 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
 
-    rows = []
-    vis_dir = os.path.join(args.output_dir, "predictions")
-    os.makedirs(vis_dir, exist_ok=True)
-    for i, name in enumerate(names, 1):
+    cores = max(1, os.cpu_count() or 1)
+    jobs = max(1, min(args.jobs or (2 if cores >= 2 else 1), len(names)))
+    train_threads = args.threads or max(1, cores // jobs)
+    runs = []
+    for name in names:
         label, config, model_opts = MODELS[name]
         opts = data_opts + preset["opts"] + model_opts + list(args.opts)
         out_dir = os.path.join(args.output_dir, name)
-        _stage(f"2/4 [{i}/{len(names)}] train + evaluate {label}")
-        results = train_and_evaluate(name, config, opts, out_dir, args.force, args.threads)
+        max_iter = get_gridclip_cfg(config, opts).SOLVER.MAX_ITER
+        runs.append((name, label, config, opts, out_dir, max_iter))
+    print(f"    {len(runs)} models, {jobs} at a time, {train_threads} thread(s) each", flush=True)
+    train_all(runs, args.force, jobs, train_threads)
 
+    rows = []
+    vis_dir = os.path.join(args.output_dir, "predictions")
+    os.makedirs(vis_dir, exist_ok=True)
+    for i, (name, label, config, opts, out_dir, _) in enumerate(runs, 1):
+        results = json.load(open(os.path.join(out_dir, "results.json")))
         _stage(f"3/4 [{i}/{len(names)}] time inference and visualise {label}")
         cfg, predictor = build_predictor(config, opts, out_dir)
         images = load_images([d["file_name"] for d in val_dicts[: args.timing_images]], "BGR")
@@ -297,6 +382,8 @@ def main(argv=None) -> dict:
         "models": rows,
         "wall_s": time.perf_counter() - start,
         "threads": args.threads or os.cpu_count(),
+        "train_jobs": jobs,
+        "train_threads": train_threads,
     }
     write_outputs(summary, args.output_dir)
     print(f"Wrote {args.output_dir}/summary.json, comparison.md, comparison.png, predictions/")
