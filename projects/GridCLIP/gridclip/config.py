@@ -82,6 +82,13 @@ def add_gridclip_config(cfg: CN) -> CN:
     # anchor (gridclip/modeling/focal_loss.py; cost in docs/BENCHMARKS.md); ``detectron2``
     # expands them and runs RetinaNet.losses (the reference).
     _C.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL = "grid"
+    # Add CLIP's own dense embeddings to the grid embeddings: the attention pool's value path
+    # (frozen, from MODEL.CLIP) applied to the trunk's res5 at every cell, resampled to every
+    # FPN level and L2-normalised, times a learned scale starting at DENSE_CLIP_WEIGHT. The grid
+    # embeddings then start zero-shot aligned with the text embeddings of every class, novel
+    # ones included. Needs MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone.
+    _C.MODEL.GRIDCLIP.DENSE_CLIP = False
+    _C.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT = 1.0
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

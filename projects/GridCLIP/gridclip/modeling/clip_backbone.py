@@ -31,7 +31,14 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIPResNet", "build_clip_resnet_backbone", "build_clip_resnet_fpn_backbone"]
+__all__ = [
+    "CLIPResNet",
+    "DenseCLIPProjection",
+    "build_clip_resnet_backbone",
+    "build_clip_resnet_fpn_backbone",
+    "build_dense_clip_projection",
+    "clip_visual_from_cfg",
+]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -150,6 +157,70 @@ def _architecture_of(visual: nn.Module) -> Dict:
     )
 
 
+def clip_visual_from_cfg(cfg) -> nn.Module:
+    """The ModifiedResNet the CLIP-ResNet backbone starts from: ``MODEL.CLIP``'s visual tower
+    (``MODEL.CLIP_RESNET.INIT_FROM_CLIP``), else a randomly initialised one of its architecture
+    (known RN* architectures need no weights file)."""
+    init_from_clip = cfg.MODEL.CLIP_RESNET.INIT_FROM_CLIP
+    name = cfg.MODEL.CLIP.NAME
+    if not init_from_clip and name in KNOWN_ARCHITECTURES:
+        return _random_modified_resnet(KNOWN_ARCHITECTURES[name])
+    from gridclip.clip import load_clip_from_cfg
+
+    visual = load_clip_from_cfg(cfg).visual
+    if not hasattr(visual, "layer1"):
+        raise ValueError(
+            f"MODEL.CLIP.NAME={name!r} is not a ModifiedResNet CLIP; "
+            "build_clip_resnet_fpn_backbone needs an RN* (or the embedded ResNet) CLIP"
+        )
+    if not init_from_clip:
+        visual = _random_modified_resnet(_architecture_of(visual))
+    return visual
+
+
+class DenseCLIPProjection(nn.Module):
+    """CLIP's attention-pool value path at every res5 cell: ``c_proj(v_proj(res5 + pos))``.
+
+    Maps the trunk's res5 features into CLIP's joint image-text space per location (MaskCLIP's
+    dense features; at CLIP's native resolution their attention-weighted mean is CLIP's image
+    embedding). Frozen: it keeps CLIP's meaning of the joint space while the trunk trains.
+    """
+
+    def __init__(self, attnpool: nn.Module):
+        """
+        Args:
+            attnpool: a ``clip.model.AttentionPool2d`` (``clip_model.visual.attnpool``); its
+                positional embedding and value / output projections are copied.
+        """
+        super().__init__()
+        self.v_proj = copy.deepcopy(attnpool.v_proj).float()
+        self.c_proj = copy.deepcopy(attnpool.c_proj).float()
+        self.positional_embedding = nn.Parameter(
+            attnpool.positional_embedding.detach().clone().float()
+        )
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def in_channels(self) -> int:
+        return self.v_proj.in_features
+
+    @property
+    def embed_dim(self) -> int:
+        return self.c_proj.out_features
+
+    def forward(self, res5: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) res5 features -> (N, D, h, w) CLIP-space embeddings (not normalised)."""
+        from gridclip.clip.dense import attnpool_dense
+
+        return attnpool_dense(self, res5.to(self.v_proj.weight.dtype))
+
+
+def build_dense_clip_projection(cfg) -> DenseCLIPProjection:
+    """The :class:`DenseCLIPProjection` of the CLIP that ``MODEL.CLIP_RESNET`` starts from."""
+    return DenseCLIPProjection(clip_visual_from_cfg(cfg).attnpool)
+
+
 @BACKBONE_REGISTRY.register()
 def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNet:
     """CLIP ModifiedResNet trunk from ``MODEL.CLIP`` (weights) and ``MODEL.CLIP_RESNET``."""
@@ -161,19 +232,7 @@ def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNet:
         )
     init_from_clip = cfg.MODEL.CLIP_RESNET.INIT_FROM_CLIP
     name = cfg.MODEL.CLIP.NAME
-    if init_from_clip or name not in KNOWN_ARCHITECTURES:
-        from gridclip.clip import load_clip_from_cfg
-
-        visual = load_clip_from_cfg(cfg).visual
-        if not hasattr(visual, "layer1"):
-            raise ValueError(
-                f"MODEL.CLIP.NAME={name!r} is not a ModifiedResNet CLIP; "
-                "build_clip_resnet_fpn_backbone needs an RN* (or the embedded ResNet) CLIP"
-            )
-        if not init_from_clip:
-            visual = _random_modified_resnet(_architecture_of(visual))
-    else:
-        visual = _random_modified_resnet(KNOWN_ARCHITECTURES[name])
+    visual = clip_visual_from_cfg(cfg)
     logger.info(
         f"CLIP ResNet backbone ({name}, {'CLIP weights' if init_from_clip else 'random init'}, "
         f"FREEZE_AT={cfg.MODEL.CLIP_RESNET.FREEZE_AT})"

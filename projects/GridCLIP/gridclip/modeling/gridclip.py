@@ -38,6 +38,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec, batched_nms
@@ -52,6 +53,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from .clip_backbone import CLIPResNet, DenseCLIPProjection, build_dense_clip_projection
 from .focal_loss import FOCAL_LOSS_IMPLS, grid_focal_loss
 from .image_alignment import ImageAlignment, build_image_alignment
 from .text_classifier import TextEmbeddingClassifier
@@ -305,6 +307,8 @@ class GridCLIP(RetinaNet):
         class_names: Optional[Sequence[str]] = None,
         vocabulary_cfg=None,
         focal_loss_impl: str = "grid",
+        dense_clip: Optional[DenseCLIPProjection] = None,
+        dense_clip_weight: float = 1.0,
         **kwargs,
     ):
         """
@@ -316,6 +320,11 @@ class GridCLIP(RetinaNet):
             vocabulary_cfg: the config used to embed class names in :meth:`set_vocabulary`.
             focal_loss_impl: ``"grid"`` (:func:`grid_focal_loss`, no per-anchor expansion) or
                 ``"detectron2"`` (``RetinaNet.losses`` on expanded logits); same loss.
+            dense_clip: CLIP's attention-pool value path (:class:`DenseCLIPProjection`) on the
+                backbone's bottom-up ``res5``; its normalised output, resampled to every level,
+                is added to the grid embeddings (``MODEL.GRIDCLIP.DENSE_CLIP``). The backbone
+                must be an FPN over a :class:`CLIPResNet` with ``res5``.
+            dense_clip_weight: initial value of the learned scale of that term.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -327,6 +336,25 @@ class GridCLIP(RetinaNet):
         super().__init__(head=head, num_classes=head.num_classes, **kwargs)
         self.focal_loss_impl = focal_loss_impl
         self.image_alignment = image_alignment
+        self.dense_clip = dense_clip
+        if dense_clip is not None:
+            bottom_up = getattr(self.backbone, "bottom_up", None)
+            if not isinstance(bottom_up, CLIPResNet) or "res5" not in bottom_up.output_shape():
+                raise ValueError(
+                    "MODEL.GRIDCLIP.DENSE_CLIP needs a backbone over CLIP's ResNet trunk with res5 "
+                    "(MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone, 'res5' in "
+                    f"MODEL.CLIP_RESNET.OUT_FEATURES); got {type(self.backbone).__name__} over "
+                    f"{type(bottom_up).__name__}"
+                )
+            channels = bottom_up.output_shape()["res5"].channels
+            if dense_clip.in_channels != channels or dense_clip.embed_dim != head.embed_dim:
+                raise ValueError(
+                    "MODEL.GRIDCLIP.DENSE_CLIP: the CLIP attention pool maps "
+                    f"{dense_clip.in_channels} -> {dense_clip.embed_dim} channels, but res5 has "
+                    f"{channels} and the text embeddings are {head.embed_dim}-d "
+                    "(MODEL.CLIP.EMBED_DIM): another CLIP?"
+                )
+            self.dense_clip_scale = nn.Parameter(torch.tensor(float(dense_clip_weight)))
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -348,6 +376,10 @@ class GridCLIP(RetinaNet):
             "class_names": class_names,
             "vocabulary_cfg": vocabulary_cfg,
             "focal_loss_impl": cfg.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL,
+            "dense_clip": (
+                build_dense_clip_projection(cfg) if cfg.MODEL.GRIDCLIP.DENSE_CLIP else None
+            ),
+            "dense_clip_weight": cfg.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -450,9 +482,11 @@ class GridCLIP(RetinaNet):
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``)."""
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        features, res5 = self._backbone_features(images.tensor)
         features = [features[f] for f in self.head_in_features]
         predictions = list(self.head.forward_embeddings(features))
+        if res5 is not None:
+            predictions[0] = self._add_dense_clip(predictions[0], res5)
 
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
@@ -479,6 +513,40 @@ class GridCLIP(RetinaNet):
                 {"instances": detector_postprocess(results_per_image, height, width)}
             )
         return processed_results
+
+    def _backbone_features(self, x: Tensor) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+        """The backbone's outputs, and its bottom-up res5 when the dense CLIP term is on (read
+        with a forward hook: FPN consumes res5 without returning it)."""
+        if self.dense_clip is None:
+            return self.backbone(x), None
+        captured: Dict[str, Tensor] = {}
+        hook = self.backbone.bottom_up.register_forward_hook(
+            lambda module, inputs, outputs: captured.update(res5=outputs["res5"])
+        )
+        try:
+            features = self.backbone(x)
+        finally:
+            hook.remove()
+        return features, captured["res5"]
+
+    def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
+        """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""
+        dense = F.normalize(self.dense_clip(res5), dim=1)  # (N, D, h5, w5)
+        out = []
+        for x in grid_embeddings:
+            n, e, h, w = x.shape
+            if (h, w) == dense.shape[-2:]:
+                level = dense
+            elif h >= dense.shape[-2] and w >= dense.shape[-1]:
+                level = F.interpolate(dense, size=(h, w), mode="bilinear", align_corners=False)
+            else:
+                level = F.adaptive_avg_pool2d(dense, (h, w))
+            level = F.normalize(level, dim=1).to(x.dtype) * self.dense_clip_scale
+            group = e // level.shape[1]
+            if group > 1:  # one embedding per anchor: the same CLIP term for each
+                level = level.repeat(1, group, 1, 1)
+            out.append(x + level)
+        return out
 
     @contextlib.contextmanager
     def _loss_class_space(self, num_classes: int):
