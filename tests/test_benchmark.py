@@ -259,6 +259,31 @@ def test_memory_estimate_skips_what_cannot_fit():
     assert _skip_reason(INFERENCE_MODELS["vild"], 1203, (800, 1216), settings, "cpu") is None
 
 
+def test_benchmark_models_are_seeded_whatever_was_built_before():
+    """The first model of a process used to get other weights (loading the memoised CLIP
+    draws from the RNG the first time only)."""
+    from gridclip.clip.loading import clear_clip_memo
+    from gridclip.engine.benchmark import (
+        TRAIN_MODELS,
+        BenchmarkAssets,
+        build_benchmark_model,
+        build_cfg,
+        quick_settings,
+    )
+
+    settings = quick_settings()
+    assets = BenchmarkAssets(settings.clip_architecture, settings.seed)
+    try:
+        cfg = build_cfg(TRAIN_MODELS["gridclip_online"], 20, assets, settings)
+        clear_clip_memo()
+        first = build_benchmark_model(cfg, settings.seed).state_dict()
+        second = build_benchmark_model(cfg, settings.seed).state_dict()
+    finally:
+        assets.close()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_bad_options_are_rejected():
     tool = _load_tool()
     with pytest.raises(SystemExit):

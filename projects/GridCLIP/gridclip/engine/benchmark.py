@@ -413,9 +413,16 @@ def build_cfg(
 
 
 def build_benchmark_model(cfg, seed: int = 0) -> torch.nn.Module:
-    """``build_model(cfg)`` with a fixed seed."""
+    """``build_model(cfg)`` with a fixed seed: the same config gives the same weights, whichever
+    models were built before in the process."""
     from detectron2.modeling import build_model
 
+    from ..clip import load_clip_from_cfg
+
+    # The CLIP file is loaded once per process (memoised) and loading builds a randomly
+    # initialised CLIP first, which draws from the global RNG: load it before seeding, or the
+    # first model built in a process gets other weights than the next ones.
+    load_clip_from_cfg(cfg, copy_model=False)
     torch.manual_seed(seed)
     return build_model(cfg)
 
