@@ -72,6 +72,7 @@ def make_cfg(assets, *opts):
             "MODEL.RETINANET.NUM_CONVS", 1,
             "MODEL.RETINANET.NUM_CLASSES", K,
             "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0,
+            "MODEL.GRIDCLIP.DENSE_CLIP", False,  # the learned branch alone (test_dense_clip.py)
             "DATASETS.TRAIN", "()",
             "DATASETS.TEST", "()",
         ]
@@ -589,6 +590,32 @@ def test_fast_inference_equals_naive_per_anchor_expansion(assets, opts, nms_thre
     for a, b in zip(fast, naive):
         assert len(a) > 5
         assert_same_detections(a, b)
+
+
+@pytest.mark.parametrize(
+    "num_rows,num_classes,k", [(300, 50, 40), (30, 50, 200), (7, 3, 21), (5, 4, 1)]
+)
+def test_top_pairs_threshold_first_equals_plain_topk(num_rows, num_classes, k):
+    g = torch.Generator().manual_seed(num_rows)
+    logits = torch.randn(num_rows, num_classes, generator=g) * 3
+    bonus = torch.randn(num_rows, generator=g)
+    for row_bonus in (None, bonus):
+        full = logits if row_bonus is None else logits + row_bonus[:, None]
+        want = full.flatten().topk(k)
+        rows, classes = GridCLIP._top_pairs(logits, row_bonus, k)
+        assert rows.shape == classes.shape == (k,)
+        torch.testing.assert_close(full[rows, classes], want.values)  # same values, best first
+        assert torch.equal(rows * num_classes + classes, want.indices)  # no ties here
+    # k larger than the matrix: everything
+    rows, classes = GridCLIP._top_pairs(logits[:2, :3], None, 50)
+    assert sorted((rows * 3 + classes).tolist()) == list(range(6))
+    # NaN logits (their scores fail the score threshold later): still k pairs, no error
+    nan = logits.clone()
+    nan[1, 2] = float("nan")
+    rows, classes = GridCLIP._top_pairs(nan, bonus, k)
+    assert rows.numel() == classes.numel() == k
+    rows, classes = GridCLIP._top_pairs(torch.full_like(logits, float("nan")), bonus, k)
+    assert rows.numel() == classes.numel() == k
 
 
 def test_per_anchor_head_trains_and_matches_naive(assets):
