@@ -91,3 +91,40 @@ def test_demo_progress_reads_metrics(tmp_path):
     assert demo._progress(str(tmp_path), 300) == "40/300"
     (tmp_path / "model_final.pth").write_bytes(b"")
     assert demo._progress(str(tmp_path), 300) == "evaluating"
+
+
+def test_demo_never_resumes_a_run_of_another_config(tmp_path, monkeypatch):
+    """A changed config must not `--resume` from the old checkpoints (another model); a killed
+    run of the same config must."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo4", root / "tools/run_embedded_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    fake = tmp_path / "fake_train_net.py"  # records its argv, writes what train_net.py writes
+    fake.write_text(
+        "import json, os, sys\n"
+        "out = sys.argv[sys.argv.index('OUTPUT_DIR') + 1]\n"
+        "json.dump({'results': {'bbox': {'AP': 1.0}}, 'argv': sys.argv},"
+        " open(os.path.join(out, 'results.json'), 'w'))\n"
+    )
+    monkeypatch.setattr(demo, "TRAIN_NET", str(fake))
+    out = tmp_path / "gridclip"
+    out.mkdir()
+    (out / "last_checkpoint").write_text("model_0000099.pth")  # an old run, other config
+    config = "embedded/GridCLIP_world.yaml"
+    proc = demo._launch("gridclip", config, ["SOLVER.MAX_ITER", "7"], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    assert (tmp_path / "gridclip.previous" / "last_checkpoint").is_file()
+    assert not (out / "last_checkpoint").exists()
+    # same config, killed before the end (no results.json): resumes in place
+    (out / "results.json").unlink()
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    proc = demo._launch("gridclip", config, ["SOLVER.MAX_ITER", "7"], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert "--resume" in json.load(open(out / "results.json"))["argv"]

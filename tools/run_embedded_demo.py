@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -126,7 +127,19 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
         if open(key_path).read().strip() == key:
             print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
             return None
+    started_path = os.path.join(out_dir, "run_key_started.txt")
+    started = open(started_path).read().strip() if os.path.isfile(started_path) else None
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
+        # Checkpoints of another config (or of unknown origin): `--resume` would load them into
+        # a different model. Keep them aside instead of resuming or deleting.
+        previous = out_dir.rstrip("/") + ".previous"
+        if os.path.isdir(previous):
+            shutil.rmtree(previous)
+        os.replace(out_dir, previous)
+        print(f"    {out_dir} held a run of another config: moved to {previous}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
+    with atomic_open(started_path, "w") as f:
+        f.write(key)  # a killed run of this same config resumes from its last checkpoint
     cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
     cmd += list(opts)
     print("    $ " + " ".join(cmd), flush=True)
@@ -299,8 +312,10 @@ def teacher_forwards(cfg) -> str:
     if cfg.MODEL.META_ARCHITECTURE == "GridCLIP":
         if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT <= 0:
             return "0"
+        if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_POOL == "dense":
+            return "1 (whole image, dense)"
         n = sum(g * g for g in cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
-        return f"{n} (cacheable)"
+        return f"{n} views of {cfg.MODEL.CLIP.TEACHER_INPUT_SIZE} px (cacheable)"
     if cfg.MODEL.VILD.IMAGE_DISTILL_WEIGHT <= 0:
         return "0"
     n = cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS * len(cfg.MODEL.VILD.CROP_SCALES)
