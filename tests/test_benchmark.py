@@ -43,8 +43,9 @@ def test_quick_mode_writes_every_output(quick_run):
     with open(out / "results.json") as f:
         saved = json.load(f)
     assert saved["format"] == "gridclip-benchmark" and saved["settings"]["quick"] is True
-    for key in ("machine", "settings", "inference", "costs", "train", "ratios", "goals"):
+    for key in ("machine", "code", "settings", "inference", "costs", "train", "ratios", "goals"):
         assert key in saved, key
+    assert set(saved["code"]) == {"commit", "uncommitted_files"}  # what was measured
     md = (out / "results.md").read_text()
     assert "## Headline ratios" in md and "## Training" in md and "## Vocabulary scaling" in md
     assert not (out / "results.partial.json").exists()  # removed once the run completes
@@ -102,8 +103,10 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
         assert _positive_finite(value), (key, value)
         assert _positive_finite(results["ratios_cpu"][key]), (key, results["ratios_cpu"])
     assert len(results["goals"]) == 6
-    # the 1x1 variant is built from the config key, not patched
+    # the 1x1 variant is built from the config key, not patched; the dense CLIP term (on in
+    # Base-GridCLIP) has parameters of its own
     assert costs["gridclip_1x1"]["params"] < costs["gridclip"]["params"]
+    assert costs["gridclip_no_dense_clip"]["params"] < costs["gridclip"]["params"]
     # both focal-loss paths ran, and give the same loss on the same model and input
     online, d2loss = train["gridclip_online"], train["gridclip_online_d2loss"]
     assert online["losses"]["loss_cls"] == pytest.approx(d2loss["losses"]["loss_cls"], rel=1e-5)

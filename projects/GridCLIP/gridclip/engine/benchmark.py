@@ -125,6 +125,14 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=("MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", 1),
         ),
+        # The configs' GridCLIP without its dense CLIP term (the attention-pool value path on
+        # res5 added to the grid embeddings; Base-GridCLIP turns it on): what that term costs.
+        ModelSpec(
+            "gridclip_no_dense_clip",
+            "GridCLIP (per-location, without the dense CLIP term)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
+        ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
         ModelSpec("retinanet_80", "RetinaNet (80 classes)", "retinanet", fixed_classes=80),
@@ -996,6 +1004,30 @@ class TrainingJob:
 
 
 # ------------------------------------------------------------------------------------ runner
+def code_version() -> Dict:
+    """The git commit of the project and its uncommitted files (a number depends on both)."""
+    import subprocess
+
+    # projects/GridCLIP/gridclip/engine/ -> the repository root
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
+
+    def git(*args) -> Optional[str]:
+        try:
+            out = subprocess.run(
+                ["git", "-C", root, *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") or ""
+    return {
+        "commit": commit.strip() if commit else None,
+        "uncommitted_files": [line[3:] for line in status.splitlines() if line.strip()],
+    }
+
+
 def machine_info(device: torch.device) -> Dict:
     import detectron2
 
@@ -1263,6 +1295,7 @@ def run_benchmark(
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "machine": machine_info(device),
+            "code": code_version(),
             "settings": _jsonable(dataclasses.asdict(settings)),
             "configs": {
                 "gridclip": "GridCLIP_R50.yaml",
@@ -1366,6 +1399,9 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
         "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
         "inference_speedup_gridclip_1x1_vs_vild": _ratio(t["vild"], t["gridclip_1x1"]),
+        "inference_gridclip_no_dense_clip_over_retinanet_80": _ratio(
+            t["gridclip_no_dense_clip"], t["retinanet_80"]
+        ),
     }
     flops = {c["model"]: c.get("gflops") for c in results.get("costs", [])}
     if flops:
@@ -1500,6 +1536,12 @@ def markdown_report(results: Dict) -> str:
         f"backward + SGD step, teacher cost included; median of {s['train_iters']} after "
         f"{s['train_warmup']} warm-up.",
         f"- Command: `{results['command']}`" if results.get("command") else "",
+        (
+            f"- Code: commit {results['code'].get('commit')}; uncommitted changes in "
+            f"{', '.join(results['code']['uncommitted_files']) or 'no tracked file'}."
+            if results.get("code")
+            else ""
+        ),
         f"- Wall time: {results['wall_s'] / 60:.1f} min."
         + (" **Quick mode (tiny models): not a measurement.**" if s["quick"] else ""),
         "",
