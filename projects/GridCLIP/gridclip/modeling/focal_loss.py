@@ -48,12 +48,14 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 18
 def softplus_from_sigmoid(z: Tensor, p: Tensor, one_minus_p: Tensor) -> Tensor:
     """``softplus(z) = log(1 + exp(z))`` given ``p = sigmoid(z)`` and ``1 - p`` (rounded),
     accurate to a few float32 ulps for every z, with one vectorised ``log`` (PyTorch's CPU
-    ``softplus`` / ``log1p`` / ``log_sigmoid`` are ~6x slower than ``log`` on AVX-512).
+    ``softplus`` / ``log1p`` / ``log_sigmoid`` kernels are several times slower than ``log``).
 
     ``softplus(z) = max(z, 0) - log(max(p, 1 - p))``, exactly. For z <= 0 the rounding of
-    ``v = fl(1 - p)`` is compensated: ``1 - p = v + d`` with ``d = (1 - v) - p`` computed exactly
-    (Sterbenz: v and 1 - v lie in [0.5, 1]), and ``log(v + d) = log(v) + d / v`` to within
-    2**-49. For z > 0, ``1 - p`` is exact and d = 0.
+    ``v = fl(1 - p)`` (v in [0.5, 1]) is compensated: ``1 - p = v + d`` with
+    ``d = (1 - v) - p``, where ``1 - v`` is exact (Sterbenz) and so is the subtraction of p
+    while p >= 2**-24 (below, its rounding is negligible against softplus(z) ~ p), and
+    ``log(v + d) = log(v) + d / v`` to within 2**-49. For z > 0, ``1 - p`` is exact and d = 0.
+    ``tests/test_gridclip.py`` checks it against float64 over z in [-80, 80].
     """
     w = torch.maximum(p, one_minus_p)
     d = torch.rsub(one_minus_p, 1.0).sub_(p).div_(w)
