@@ -101,6 +101,19 @@ def raw_rgb_image(image: torch.Tensor, input_format: str) -> torch.Tensor:
     return image.float()
 
 
+def valid_embeddings(
+    x: torch.Tensor, i: int, stride: int, h: int, w: int, embed_dim: int
+) -> torch.Tensor:
+    """Image ``i``'s L2-normalised embeddings of one level over its valid (unpadded) region:
+    (G, D, h_l, w_l) float32, G = 1 per location or A per anchor."""
+    _, e, hi, wi = x.shape
+    assert e % embed_dim == 0, f"embedding channels {e} not a multiple of D={embed_dim}"
+    valid_h = max(1, min(hi, math.ceil(h / stride)))
+    valid_w = max(1, min(wi, math.ceil(w / stride)))
+    emb = x[i, :, :valid_h, :valid_w].reshape(e // embed_dim, embed_dim, valid_h, valid_w)
+    return F.normalize(emb.float(), dim=1)
+
+
 def pool_grid_embeddings(
     grid_embeddings: Sequence[torch.Tensor],
     strides: Sequence[int],
@@ -125,12 +138,7 @@ def pool_grid_embeddings(
     for i, (h, w) in enumerate(image_sizes):
         per_grid = [0.0 for _ in grids]
         for x, stride in zip(grid_embeddings, strides):
-            _, e, hi, wi = x.shape
-            assert e % embed_dim == 0, f"embedding channels {e} not a multiple of D={embed_dim}"
-            valid_h = max(1, min(hi, math.ceil(h / stride)))
-            valid_w = max(1, min(wi, math.ceil(w / stride)))
-            emb = x[i, :, :valid_h, :valid_w].reshape(e // embed_dim, embed_dim, valid_h, valid_w)
-            emb = F.normalize(emb.float(), dim=1).mean(dim=0)  # (D, h_l, w_l)
+            emb = valid_embeddings(x, i, stride, h, w, embed_dim).mean(dim=0)  # (D, h_l, w_l)
             for j, g in enumerate(grids):
                 tiles = F.adaptive_avg_pool2d(emb, (g, g))  # (D, g, g)
                 per_grid[j] = per_grid[j] + tiles.flatten(1).t()
@@ -142,13 +150,9 @@ def pool_grid_embeddings(
 def _level_locations(x: torch.Tensor, i: int, stride: int, h: int, w: int, embed_dim: int):
     """Image ``i``'s valid locations of one level: (L, D) normalised embeddings and (L,) centre
     coordinates y, x in input pixels (per-anchor embeddings: A rows per location)."""
-    _, e, hi, wi = x.shape
-    assert e % embed_dim == 0, f"embedding channels {e} not a multiple of D={embed_dim}"
-    valid_h = max(1, min(hi, math.ceil(h / stride)))
-    valid_w = max(1, min(wi, math.ceil(w / stride)))
-    group = e // embed_dim
-    emb = x[i, :, :valid_h, :valid_w].reshape(group, embed_dim, valid_h * valid_w)
-    emb = F.normalize(emb.float(), dim=1).permute(0, 2, 1).reshape(-1, embed_dim)
+    emb = valid_embeddings(x, i, stride, h, w, embed_dim)  # (G, D, h_l, w_l)
+    group, _, valid_h, valid_w = emb.shape
+    emb = emb.flatten(2).permute(0, 2, 1).reshape(-1, embed_dim)
     ys = (torch.arange(valid_h, device=x.device, dtype=torch.float32) + 0.5) * stride
     xs = (torch.arange(valid_w, device=x.device, dtype=torch.float32) + 0.5) * stride
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")
@@ -183,11 +187,7 @@ def pool_matched_grid_embeddings(
     for i, (h, w) in enumerate(image_sizes):
         for j, g in enumerate(grids):
             x, stride = grid_embeddings[levels[i][j]], strides[levels[i][j]]
-            _, e, hi, wi = x.shape
-            valid_h = max(1, min(hi, math.ceil(h / stride)))
-            valid_w = max(1, min(wi, math.ceil(w / stride)))
-            emb = x[i, :, :valid_h, :valid_w].reshape(e // embed_dim, embed_dim, valid_h, valid_w)
-            emb = F.normalize(emb.float(), dim=1).mean(dim=0)
+            emb = valid_embeddings(x, i, stride, h, w, embed_dim).mean(dim=0)
             tiles = F.adaptive_avg_pool2d(emb, (g, g)).flatten(1).t()
             pooled[j].append(F.normalize(tiles, dim=-1))
     return [torch.stack(p) for p in pooled]
@@ -686,17 +686,13 @@ class ImageAlignment(nn.Module):
         for i, ((h, w), x) in enumerate(zip(image_sizes, batched_inputs)):
             image = raw_rgb_image(x["image"].to(device), self.input_format)[:, :h, :w]
             dense = teacher.embed_dense(image[None], self.dense_scale)[0]  # (D, th, tw)
-            shapes = []
-            for emb, stride in zip(grid_embeddings, strides):
-                hi, wi = emb.shape[-2:]
-                shapes.append(
-                    (max(1, min(hi, math.ceil(h / stride))), max(1, min(wi, math.ceil(w / stride))))
-                )
+            student = [
+                valid_embeddings(emb, i, stride, h, w, self.embed_dim)
+                for emb, stride in zip(grid_embeddings, strides)
+            ]
+            shapes = [tuple(s.shape[-2:]) for s in student]
             targets = sample_dense_targets(dense, strides, shapes, h, w)
-            for lvl, (emb, t, (hi, wi)) in enumerate(zip(grid_embeddings, targets, shapes)):
-                group = emb.shape[1] // self.embed_dim
-                s = emb[i, :, :hi, :wi].reshape(group, self.embed_dim, hi, wi)
-                s = F.normalize(s.float(), dim=1)
+            for lvl, (s, t) in enumerate(zip(student, targets)):
                 t = t.to(s.dtype)[None]
                 if self.loss_type == "cosine":
                     loss = 1.0 - (s * t).sum(dim=1)
