@@ -128,3 +128,23 @@ def test_demo_never_resumes_a_run_of_another_config(tmp_path, monkeypatch):
     demo._finish(proc)
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
     assert "--resume" in json.load(open(out / "results.json"))["argv"]
+
+
+def test_demo_run_key_follows_the_resolved_config(tmp_path):
+    """A change anywhere in the _BASE_ chain retrains; the output folder does not matter."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo5", root / "tools/run_embedded_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    base = root / "projects/GridCLIP/configs/Base-GridCLIP.yaml"
+    (tmp_path / "base.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 7\n')
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text('_BASE_: "base.yaml"\nMODEL:\n  WEIGHTS: ""\n')
+    key = demo._run_key(str(leaf), [])
+    assert demo._run_key(str(leaf), ["OUTPUT_DIR", "elsewhere"]) == key
+    assert demo._run_key(str(leaf), ["MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", "3"]) != key
+    (tmp_path / "base.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 8\n')
+    assert demo._run_key(str(leaf), []) != key

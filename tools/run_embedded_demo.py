@@ -113,9 +113,12 @@ def _stage(msg: str) -> None:
 
 
 def _run_key(config: str, opts) -> str:
-    with open(os.path.join(PROJECT_ROOT, "configs", config), "rb") as f:
-        text = f.read()
-    return hashlib.sha256(text + json.dumps(list(opts)).encode()).hexdigest()[:16]
+    """Hash of the fully resolved config (its ``_BASE_`` chain and the overrides included, the
+    output folder excluded): a trained model is reused only for exactly the same settings."""
+    cfg = get_gridclip_cfg(config, list(opts))
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
