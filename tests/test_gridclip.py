@@ -156,14 +156,14 @@ def test_build_tiny_model_and_parameter_count(assets):
     assert isinstance(model, GridCLIP) and isinstance(model.head, GridCLIPHead)
     assert model.num_classes == K and model.text_embeddings.shape == (K, D)
     assert model.image_alignment is None
-    # per-location embedding conv: 32 channels -> D, 3x3
-    assert sum(p.numel() for p in model.head.grid_embed.parameters()) == 32 * 9 * D + D
+    # per-location embedding conv: 32 channels -> D, 1x1 (Base-GridCLIP's EMBED_KERNEL_SIZE)
+    assert sum(p.numel() for p in model.head.grid_embed.parameters()) == 32 * D + D
     assert not hasattr(model.head, "cls_score")  # no K-class conv
     per_anchor = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True))
     assert per_anchor.head.grid_embed.out_channels == A * D
-    # pinned: tiny CLIP trunk (stem..res5) + 32-ch FPN + 1-conv towers + 64-d embedding conv
-    # + the learned bias + the anchor-offset conv (32 -> A channels, 3x3)
-    assert sum(p.numel() for p in model.parameters()) == 761788 + 1 + (32 * 9 * A + A)
+    # pinned: tiny CLIP trunk (stem..res5) + 32-ch FPN + 1-conv towers + 64-d 1x1 embedding
+    # conv + the learned bias + the anchor-offset conv (32 -> A channels, 3x3)
+    assert sum(p.numel() for p in model.parameters()) == 745404 + 1 + (32 * 9 * A + A)
     assert per_anchor.head.anchor_offset is None  # per-anchor embeddings need no offset
 
 
