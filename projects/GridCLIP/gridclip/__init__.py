@@ -4,6 +4,7 @@ Importing the package registers the models (``GridCLIP`` meta-architecture, ViLD
 CLIP ResNet backbone) and the datasets (LVIS v1 OVD split, the embedded world). Registration is
 idempotent.
 """
+
 from . import evaluation  # noqa: F401  (lvis numpy-2 compatibility, applied once)
 from . import data, modeling  # noqa: F401  (registers datasets and models)
 from .config import add_gridclip_config, get_gridclip_cfg

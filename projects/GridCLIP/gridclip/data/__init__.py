@@ -1,4 +1,5 @@
 """Datasets: LVIS-format registration, the LVIS v1 OVD split, the embedded world."""
+
 from .lvis_ovd import (
     datasets_root,
     filter_novel_annotations,

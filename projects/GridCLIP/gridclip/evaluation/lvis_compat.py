@@ -5,6 +5,7 @@ than monkey-patch numpy for everyone, the ``np`` name inside ``lvis.eval`` alone
 thin proxy of numpy that also answers ``float``. Idempotent; a no-op with an old numpy or a fixed
 ``lvis``.
 """
+
 from __future__ import annotations
 
 import types

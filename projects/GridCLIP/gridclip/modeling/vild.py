@@ -25,6 +25,7 @@ The frozen CLIP teacher is held by the :class:`ViLD` meta-architecture outside i
 it is not in ``state_dict`` (never saved in checkpoints) and is built lazily, only when online
 distillation needs it.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,6 +1,7 @@
 """ViLD's ROI heads: region embeddings scored against CLIP text embeddings, ViLD-image
 distillation RoIs, ViLD-ensemble. See :mod:`gridclip.modeling.vild` for the whole model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -227,9 +228,9 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
             if mask is None
             else torch.as_tensor(mask, dtype=torch.bool).flatten()
         )
-        assert mask.numel() == num_classes, (
-            f"novel_class_mask has {mask.numel()} entries for {num_classes} classes"
-        )
+        assert (
+            mask.numel() == num_classes
+        ), f"novel_class_mask has {mask.numel()} entries for {num_classes} classes"
         classifier = self._modules.get("text_classifier")
         device = classifier.text_embeddings.device if classifier is not None else None
         self.register_buffer("novel_class_mask", mask.to(device), persistent=True)
@@ -474,9 +475,9 @@ class ViLDROIHeads(StandardROIHeads):
         predictor = self.box_predictor
         if not self.training or distill_proposals is None or predictor.image_distill_weight <= 0:
             return super()._forward_box(features, proposals)
-        assert len(distill_proposals) == len(proposals), (
-            f"{len(distill_proposals)} distill proposal sets for {len(proposals)} images"
-        )
+        assert len(distill_proposals) == len(
+            proposals
+        ), f"{len(distill_proposals)} distill proposal sets for {len(proposals)} images"
         in_features = [features[f] for f in self.box_in_features]
         sampled = self.box_pooler(in_features, [p.proposal_boxes for p in proposals])
         distilled = self.box_pooler(in_features, [d.proposal_boxes for d in distill_proposals])

@@ -21,6 +21,7 @@ The mapper applies the training augmentation (resize, flip) to the cached boxes,
 with the augmented image; the crop embeddings are those of the un-augmented crops (CLIP is nearly
 flip-invariant; ViLD does the same).
 """
+
 from __future__ import annotations
 
 import json
@@ -123,7 +124,8 @@ def read_cache_entry(
         )
     if problems:
         raise TeacherCacheError(
-            f"ViLD teacher cache entry {path!r}: " + "; ".join(problems)
+            f"ViLD teacher cache entry {path!r}: "
+            + "; ".join(problems)
             + f". Rebuild the cache with {TOOL} (--overwrite)."
         )
     return entry
@@ -186,9 +188,7 @@ def read_cache_meta(cache_dir: str) -> Dict:
 class TeacherCache:
     """Read access to a ViLD teacher cache directory (checked against the model's settings)."""
 
-    def __init__(
-        self, cache_dir: str, *, embed_dim: Optional[int] = None, crop_scales=None
-    ):
+    def __init__(self, cache_dir: str, *, embed_dim: Optional[int] = None, crop_scales=None):
         if not cache_dir:
             raise TeacherCacheError(
                 "MODEL.VILD.TEACHER is 'cache' but MODEL.VILD.TEACHER_CACHE is empty: set it to "
