@@ -147,15 +147,21 @@ def pool_grid_embeddings(
     return [torch.stack(p) for p in pooled]
 
 
+def location_centres(hi: int, wi: int, stride: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Centres (y, x) in input pixels of an (hi, wi) level's locations, each (hi, wi): the
+    anchor generator's convention (offset 0.5 of a stride)."""
+    ys = (torch.arange(hi, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(wi, device=device, dtype=torch.float32) + 0.5) * stride
+    return torch.meshgrid(ys, xs, indexing="ij")
+
+
 def _level_locations(x: torch.Tensor, i: int, stride: int, h: int, w: int, embed_dim: int):
     """Image ``i``'s valid locations of one level: (L, D) normalised embeddings and (L,) centre
     coordinates y, x in input pixels (per-anchor embeddings: A rows per location)."""
     emb = valid_embeddings(x, i, stride, h, w, embed_dim)  # (G, D, h_l, w_l)
     group, _, valid_h, valid_w = emb.shape
     emb = emb.flatten(2).permute(0, 2, 1).reshape(-1, embed_dim)
-    ys = (torch.arange(valid_h, device=x.device, dtype=torch.float32) + 0.5) * stride
-    xs = (torch.arange(valid_w, device=x.device, dtype=torch.float32) + 0.5) * stride
-    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    cy, cx = location_centres(valid_h, valid_w, stride, x.device)
     return emb, cy.reshape(-1).repeat(group), cx.reshape(-1).repeat(group)
 
 
@@ -247,9 +253,8 @@ def sample_dense_targets(
     the centres of each level's locations: list over levels of (D, Hi, Wi), re-normalised."""
     out = []
     for stride, (hi, wi) in zip(strides, shapes):
-        ys = (torch.arange(hi, device=teacher.device, dtype=torch.float32) + 0.5) * stride
-        xs = (torch.arange(wi, device=teacher.device, dtype=torch.float32) + 0.5) * stride
-        gy, gx = torch.meshgrid(ys / h * 2 - 1, xs / w * 2 - 1, indexing="ij")
+        cy, cx = location_centres(hi, wi, stride, teacher.device)
+        gy, gx = cy / h * 2 - 1, cx / w * 2 - 1
         grid = torch.stack([gx, gy], dim=-1)[None]  # (1, Hi, Wi, 2), x first
         sampled = F.grid_sample(
             teacher[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
@@ -568,6 +573,14 @@ class ImageAlignment(nn.Module):
             )
         return self._teacher
 
+    def teacher_on(self, device) -> nn.Module:
+        """The online teacher, moved to ``device`` on first use there (lazily: the detector's
+        ``.to()`` does not see it)."""
+        teacher = self.teacher
+        if teacher.device != torch.device(device):
+            teacher.to(device)
+        return teacher
+
     def extra_repr(self) -> str:
         source = f"cache={self.teacher_cache.path}" if self.teacher_cache else "teacher=online"
         pool = {
@@ -589,9 +602,7 @@ class ImageAlignment(nn.Module):
                 self.teacher_cache.get(teacher_cache_key(x), self.grids) for x in batched_inputs
             ]
         else:
-            teacher = self.teacher
-            if teacher.device != torch.device(device):
-                teacher.to(device)  # lazily, once: the detector's .to() does not see it
+            teacher = self.teacher_on(device)
             per_image = []
             for x in batched_inputs:
                 image = raw_rgb_image(x["image"].to(device), self.input_format)
@@ -679,9 +690,7 @@ class ImageAlignment(nn.Module):
     def _dense_alignment_loss(self, grid_embeddings, strides, image_sizes, batched_inputs):
         """``dense``: each location against the teacher's dense embedding at its centre."""
         device = grid_embeddings[0].device
-        teacher = self.teacher
-        if teacher.device != torch.device(device):
-            teacher.to(device)
+        teacher = self.teacher_on(device)
         per_level = [[] for _ in grid_embeddings]
         for i, ((h, w), x) in enumerate(zip(image_sizes, batched_inputs)):
             image = raw_rgb_image(x["image"].to(device), self.input_format)[:, :h, :w]
