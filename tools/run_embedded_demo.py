@@ -204,15 +204,14 @@ def train_all(runs, force, jobs, threads, poll_s=15.0) -> None:
     running = []
     while pending or running:
         while pending and len(running) < jobs:
-            name, label, config, opts, out_dir, _ = pending.pop(0)
+            name, label, config, opts, out_dir, max_iter = pending.pop(0)
             _stage(f"2/4 train + evaluate {label}")
             log = os.path.join(out_dir, "train_stdout.log") if jobs > 1 else None
-            if log:
-                os.makedirs(out_dir, exist_ok=True)
-                print(f"    log: {log}", flush=True)
             proc = _launch(name, config, opts, out_dir, force, threads, log)
             if proc is not None:
-                running.append((proc, name, out_dir, next(r[5] for r in runs if r[0] == name)))
+                if log:
+                    print(f"    log: {log}", flush=True)
+                running.append((proc, name, out_dir, max_iter))
         if not running:
             continue
         if jobs == 1:

@@ -160,14 +160,17 @@ def _architecture_of(visual: nn.Module) -> Dict:
 def clip_visual_from_cfg(cfg) -> nn.Module:
     """The ModifiedResNet the CLIP-ResNet backbone starts from: ``MODEL.CLIP``'s visual tower
     (``MODEL.CLIP_RESNET.INIT_FROM_CLIP``), else a randomly initialised one of its architecture
-    (known RN* architectures need no weights file)."""
+    (known RN* architectures need no weights file). Read-only: it may be the memoised CLIP."""
     init_from_clip = cfg.MODEL.CLIP_RESNET.INIT_FROM_CLIP
     name = cfg.MODEL.CLIP.NAME
     if not init_from_clip and name in KNOWN_ARCHITECTURES:
         return _random_modified_resnet(KNOWN_ARCHITECTURES[name])
     from gridclip.clip import load_clip_from_cfg
 
-    visual = load_clip_from_cfg(cfg).visual
+    # The shared, memoised instance: callers copy what they keep (CLIPResNet deep-copies the
+    # trunk, DenseCLIPProjection the projections), so one model build copies CLIP once, not per
+    # caller.
+    visual = load_clip_from_cfg(cfg, copy_model=False).visual
     if not hasattr(visual, "layer1"):
         raise ValueError(
             f"MODEL.CLIP.NAME={name!r} is not a ModifiedResNet CLIP; "
