@@ -933,3 +933,43 @@ def test_deepcopy_keeps_teacher_out_of_modules(assets):
     assert twin.image_alignment.teacher_holder.is_built
     assert not any("teacher" in name for name, _ in twin.named_modules())
     assert set(twin.state_dict()) == set(model.state_dict())
+
+
+def test_device_rule_config_says_it_or_auto_follows_the_machine(tmp_path, monkeypatch):
+    import gridclip.config as gconfig
+
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "cpu"]).MODEL.DEVICE == "cpu"
+    # an explicit device is kept as written, whatever the machine has
+    monkeypatch.setattr(gconfig.torch.cuda, "is_available", lambda: False)
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "cuda:1"]).MODEL.DEVICE == "cuda:1"
+    config = tmp_path / "on_gpu.yaml"
+    config.write_text('_BASE_: "%s"\nMODEL:\n  DEVICE: "cuda"\n' % gconfig.resolve_config_path(
+        "Base-GridCLIP.yaml"
+    ))
+    assert get_gridclip_cfg(str(config)).MODEL.DEVICE == "cuda"
+    # unset (or "auto"): resolved once, after merging, to what this machine has
+    assert get_gridclip_cfg().MODEL.DEVICE == "cpu"
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "auto"]).MODEL.DEVICE == "cpu"
+    monkeypatch.setattr(gconfig.torch.cuda, "is_available", lambda: True)
+    assert get_gridclip_cfg("Base-GridCLIP.yaml").MODEL.DEVICE == "cuda"
+    assert gconfig.resolve_device("cpu") == "cpu"
+
+
+def test_code_defaults_equal_the_base_configs():
+    """config.py's defaults of the project's keys are what the base YAMLs write (the shared
+    MODEL.CLIP_RESNET node follows GridCLIP's; ViLD's FPN also needs res2)."""
+    import yaml
+
+    from gridclip.config import CONFIGS_DIR
+
+    defaults = get_gridclip_cfg()
+    for name, groups in (
+        ("Base-GridCLIP.yaml", ("GRIDCLIP", "CLIP_RESNET")),
+        ("Base-ViLD.yaml", ("VILD",)),
+    ):
+        with open(os.path.join(CONFIGS_DIR, name)) as f:
+            written = yaml.safe_load(f)["MODEL"]
+        for group in groups:
+            for key, value in written[group].items():
+                want = getattr(defaults.MODEL, group)[key]
+                assert want == value, f"{name}: MODEL.{group}.{key} {value!r} != default {want!r}"
