@@ -184,6 +184,9 @@ def test_teacher_gets_raw_rgb_crops_of_top_rpn_proposals(model):
         def parameters(self):
             return self.inner.parameters()
 
+        def buffers(self):
+            return self.inner.buffers()
+
         def eval(self):
             return self
 
