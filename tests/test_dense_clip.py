@@ -24,10 +24,11 @@ def test_grid_embeddings_start_as_clip_dense_embeddings(assets):  # noqa: F811
     torch.nn.init.zeros_(model.head.grid_embed.bias)
     image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
     images = model.preprocess_image([{"image": image}])
-    features, res5 = model._backbone_features(images.tensor)
+    features = model.backbone(images.tensor)  # the FPN levels and the trunk's res5
+    res5 = features["res5"]
     assert res5.shape[-2:] == (3, 4)  # 96 x 128 at stride 32
-    grid = model.head.forward_embeddings([features[f] for f in model.head_in_features])[0]
-    grid = model._add_dense_clip(grid, res5)
+    assert model.backbone.output_shape()["res5"].stride == 32
+    grid = model.predict([features[f] for f in model.head_in_features], res5)[0]
 
     visual = load_clip_from_cfg(cfg).visual  # the CLIP the backbone started from
     normalised = (image[None].float() - torch.tensor(CLIP_PIXEL_MEAN_255).view(1, 3, 1, 1)) / (
@@ -59,9 +60,8 @@ def test_per_anchor_embeddings_get_the_clip_term_per_anchor(assets):  # noqa: F8
     torch.nn.init.zeros_(model.head.grid_embed.weight)
     torch.nn.init.zeros_(model.head.grid_embed.bias)
     images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 64, 64))}])
-    features, res5 = model._backbone_features(images.tensor)
-    grid = model.head.forward_embeddings([features[f] for f in model.head_in_features])[0]
-    grid = model._add_dense_clip(grid, res5)
+    features = model.backbone(images.tensor)
+    grid = model.predict([features[f] for f in model.head_in_features], features["res5"])[0]
     a = grid[0].shape[1] // D
     assert a == 9
     groups = grid[0].reshape(1, a, D, *grid[0].shape[-2:])

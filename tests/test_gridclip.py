@@ -19,15 +19,18 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
+from fvcore.nn import sigmoid_focal_loss
 
 import gridclip.clip as gclip
 from gridclip import get_gridclip_cfg
 from gridclip.clip import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255, modified_resnet_features
 from gridclip.data import register_lvis_format_dataset
 from gridclip.modeling import GridCLIP, GridCLIPHead
+from gridclip.modeling import image_alignment
 from gridclip.modeling.clip_backbone import CLIPResNet
 from gridclip.modeling.image_alignment import (
     ImageAlignment,
@@ -436,6 +439,24 @@ def test_grid_focal_loss_edge_cases():
     torch.testing.assert_close(sp.double(), want, rtol=5e-7, atol=1e-30)
 
 
+def _detectron2_losses(model, inputs):
+    """The oracle: Detectron2's ``RetinaNet.losses`` on the per-anchor logits the head expands
+    (every class trained, so ``model.num_classes`` is the loss's class count)."""
+    assert model.trained_class_mask.all()
+    model.train()
+    images = model.preprocess_image(inputs)
+    backbone_features = model.backbone(images.tensor)
+    features = [backbone_features[f] for f in model.head_in_features]
+    grid_embeddings, box_deltas, offsets = model.predict(features, backbone_features.get("res5"))
+    anchors = model.anchor_generator(features)
+    gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
+    logits = model.head.anchor_logits(grid_embeddings, offsets)
+    deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
+    with EventStorage() as storage:
+        losses = RetinaNet.losses(model, anchors, [logits], gt_labels, deltas, gt_boxes)
+    return losses, storage
+
+
 @pytest.mark.parametrize(
     "opts",
     [
@@ -444,20 +465,18 @@ def test_grid_focal_loss_edge_cases():
         ("MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True),
     ],
 )
-def test_model_losses_same_with_grid_and_detectron2_focal_loss(assets, opts):
+def test_model_losses_equal_detectron2_retinanet_losses(assets, opts):
     model = build_model(make_cfg(assets, *opts))
-    assert model.focal_loss_impl == "grid"  # the default
     _random_head(model, std=0.3)
     results = {}
-    for impl in ("grid", "detectron2"):
-        model.focal_loss_impl = impl
+    for name, run in (("grid", train_losses), ("detectron2", _detectron2_losses)):
         if hasattr(model, "loss_normalizer"):
             del model.loss_normalizer
         model.zero_grad()
-        losses, storage = train_losses(model, make_inputs())
+        losses, storage = run(model, make_inputs())
         sum(losses.values()).backward()
         grads = {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}
-        results[impl] = (losses, storage.latest()["num_pos_anchors"][0], grads)
+        results[name] = (losses, storage.latest()["num_pos_anchors"][0], grads)
     (grid, grid_pos, grid_grads), (d2, d2_pos, d2_grads) = results["grid"], results["detectron2"]
     assert grid_pos == d2_pos > 0
     assert grid["loss_cls"].item() == pytest.approx(d2["loss_cls"].item(), rel=1e-5)
@@ -469,22 +488,25 @@ def test_model_losses_same_with_grid_and_detectron2_focal_loss(assets, opts):
 
 
 def test_grid_focal_loss_trains_base_classes_only(assets, tiny_lvis_json):
-    """The trained-class subset and label remapping are the same for both loss paths."""
+    """The trained-class subset and label remapping, against Detectron2's focal loss on the
+    expanded per-anchor logits of the trained columns."""
     model = _novel_setup(assets, tiny_lvis_json).train()
     images, features = dense_inputs(model)
     grid_embeddings = [torch.randn(1, D, f.shape[2], f.shape[3]) for f in features]
     base_gt = [gt(64, 80, [[8, 8, 40, 40], [30, 20, 70, 60]], [0, 1])]  # a base and a novel box
-    model.focal_loss_impl = "grid"
     grid, grid_pos = _cls_loss(model, grid_embeddings, features, images, base_gt)
-    model.focal_loss_impl = "detectron2"
-    d2, d2_pos = _cls_loss(model, grid_embeddings, features, images, base_gt)
-    assert grid_pos == d2_pos > 0
-    assert grid.item() == pytest.approx(d2.item(), rel=1e-5)
-
-
-def test_focal_loss_impl_config_is_checked(assets):
-    with pytest.raises(ValueError, match="FOCAL_LOSS_IMPL"):
-        build_model(make_cfg(assets, "MODEL.GRIDCLIP.FOCAL_LOSS_IMPL", "fast"))
+    anchors = model.anchor_generator(features)
+    labels, _ = model.label_anchors(anchors, base_gt)
+    trained = model.trained_class_mask.nonzero().flatten()
+    labels = torch.stack(model._to_trained_labels(labels, trained))
+    offsets = [torch.zeros(1, A, f.shape[2], f.shape[3]) for f in features]
+    logits = model.head.anchor_logits(grid_embeddings, offsets, trained)
+    valid = labels >= 0
+    num_pos = int((valid & (labels != trained.numel())).sum())
+    target = F.one_hot(labels[valid], trained.numel() + 1)[:, :-1].float()
+    want = sigmoid_focal_loss(logits[valid], target, alpha=0.25, gamma=2.0, reduction="sum")
+    assert grid_pos == num_pos > 0
+    assert grid.item() == pytest.approx(want.item() / (0.9 * 100 + 0.1 * num_pos), rel=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -746,14 +768,15 @@ def test_image_alignment_off_builds_no_teacher(assets, monkeypatch):
     def fail(cfg):
         raise AssertionError("the teacher must not be built")
 
-    monkeypatch.setattr(gclip, "build_clip_teacher_from_cfg", fail)
+    monkeypatch.setattr(image_alignment, "build_clip_teacher_from_cfg", fail)
     model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0))
     assert model.image_alignment is None
     losses, _ = train_losses(model, make_inputs())
     assert "loss_image_align" not in losses
     # on, it is built lazily: building the model (e.g. for evaluation) does not load it
     model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0))
-    assert model.image_alignment is not None and model.image_alignment._teacher is None
+    assert model.image_alignment is not None
+    assert not model.image_alignment.teacher_holder.is_built
 
 
 def test_pool_grid_embeddings_valid_region_and_tile_order():
@@ -833,7 +856,7 @@ def test_teacher_cache_tool_round_trip_and_errors(assets, tiny_lvis_json, tmp_pa
         torch.testing.assert_close(e[0], c, atol=2e-3, rtol=0)
 
     # a model trained from the cache builds no teacher and reads it
-    monkeypatch.setattr(gclip, "build_clip_teacher_from_cfg", None)
+    monkeypatch.setattr(image_alignment, "build_clip_teacher_from_cfg", None)
     cfg.MODEL.GRIDCLIP.TEACHER_CACHE = out
     model = build_model(cfg)
     assert model.image_alignment.teacher is None
@@ -905,6 +928,48 @@ def test_detectron2_resnet_backbone_also_works(assets):
 
 def test_deepcopy_keeps_teacher_out_of_modules(assets):
     model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0))
+    assert model.image_alignment.teacher is not None  # built
     twin = copy.deepcopy(model)
-    assert "_teacher" not in dict(twin.image_alignment.named_children())
+    assert twin.image_alignment.teacher_holder.is_built
+    assert not any("teacher" in name for name, _ in twin.named_modules())
     assert set(twin.state_dict()) == set(model.state_dict())
+
+
+def test_device_rule_config_says_it_or_auto_follows_the_machine(tmp_path, monkeypatch):
+    import gridclip.config as gconfig
+
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "cpu"]).MODEL.DEVICE == "cpu"
+    # an explicit device is kept as written, whatever the machine has
+    monkeypatch.setattr(gconfig.torch.cuda, "is_available", lambda: False)
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "cuda:1"]).MODEL.DEVICE == "cuda:1"
+    config = tmp_path / "on_gpu.yaml"
+    config.write_text('_BASE_: "%s"\nMODEL:\n  DEVICE: "cuda"\n' % gconfig.resolve_config_path(
+        "Base-GridCLIP.yaml"
+    ))
+    assert get_gridclip_cfg(str(config)).MODEL.DEVICE == "cuda"
+    # unset (or "auto"): resolved once, after merging, to what this machine has
+    assert get_gridclip_cfg().MODEL.DEVICE == "cpu"
+    assert get_gridclip_cfg(opts=["MODEL.DEVICE", "auto"]).MODEL.DEVICE == "cpu"
+    monkeypatch.setattr(gconfig.torch.cuda, "is_available", lambda: True)
+    assert get_gridclip_cfg("Base-GridCLIP.yaml").MODEL.DEVICE == "cuda"
+    assert gconfig.resolve_device("cpu") == "cpu"
+
+
+def test_code_defaults_equal_the_base_configs():
+    """config.py's defaults of the project's keys are what the base YAMLs write (the shared
+    MODEL.CLIP_RESNET node follows GridCLIP's; ViLD's FPN also needs res2)."""
+    import yaml
+
+    from gridclip.config import CONFIGS_DIR
+
+    defaults = get_gridclip_cfg()
+    for name, groups in (
+        ("Base-GridCLIP.yaml", ("GRIDCLIP", "CLIP_RESNET")),
+        ("Base-ViLD.yaml", ("VILD",)),
+    ):
+        with open(os.path.join(CONFIGS_DIR, name)) as f:
+            written = yaml.safe_load(f)["MODEL"]
+        for group in groups:
+            for key, value in written[group].items():
+                want = getattr(defaults.MODEL, group)[key]
+                assert want == value, f"{name}: MODEL.{group}.{key} {value!r} != default {want!r}"

@@ -168,9 +168,9 @@ def test_teacher_outside_state_dict(assets, model):
     assert not teacher_params & {id(p) for p in model.parameters()}
     # a model built from the config builds its teacher lazily, only when distillation needs it
     lazy = build(assets)
-    assert lazy._clip_teacher is None
+    assert not lazy.teacher_holder.is_built
     train_losses(lazy, [make_input(64, 64, [[4, 4, 40, 40]], [0])])
-    assert isinstance(lazy._clip_teacher, CLIPImageTeacher)
+    assert isinstance(lazy.teacher_holder.get(), CLIPImageTeacher)
     assert not any("visual" in k for k in lazy.state_dict())
 
 
@@ -183,6 +183,9 @@ def test_teacher_gets_raw_rgb_crops_of_top_rpn_proposals(model):
 
         def parameters(self):
             return self.inner.parameters()
+
+        def buffers(self):
+            return self.inner.buffers()
 
         def eval(self):
             return self
@@ -519,9 +522,9 @@ def test_novel_mask_needs_frequencies(assets, tmp_path):
 
 def test_no_distillation_needs_no_teacher(assets, caplog):
     model = build(assets, None, "MODEL.VILD.IMAGE_DISTILL_WEIGHT", "0.0")
-    model._clip_teacher_builder = None  # any teacher use would raise
+    model.teacher_holder.builder = None  # any teacher use would raise
     losses = train_losses(model, [make_input(64, 80, [[4, 4, 40, 40]], [0])])
-    assert "loss_vild_image" not in losses and model._clip_teacher is None
+    assert "loss_vild_image" not in losses and not model.teacher_holder.is_built
     # an ensemble model loading a checkpoint trained without the image branch says so
     ensemble = build(assets, None, "MODEL.VILD.ENSEMBLE", "True")
     with caplog.at_level("WARNING"):
@@ -641,7 +644,7 @@ def test_cache_tool_round_trip_resume_corruption_and_training(
     model = build_model(cfg)
     assert isinstance(model, ViLD)
     model.set_clip_teacher(None)
-    model._clip_teacher_builder = None  # any teacher use would raise
+    model.teacher_holder.builder = None  # any teacher use would raise
     losses = train_losses(model, batch)
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_vild_image"] > 0
 

@@ -314,8 +314,6 @@ def teacher_forwards(cfg) -> str:
     if cfg.MODEL.META_ARCHITECTURE == "GridCLIP":
         if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT <= 0:
             return "0"
-        if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_POOL == "dense":
-            return "1 (whole image, dense)"
         n = sum(g * g for g in cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
         return f"{n} views of {cfg.MODEL.CLIP.TEACHER_INPUT_SIZE} px (cacheable)"
     if cfg.MODEL.VILD.IMAGE_DISTILL_WEIGHT <= 0:

@@ -2,7 +2,7 @@
 
 Every script (``train_net.py``, tools, demo, notebook, tests) builds its config through
 :func:`get_gridclip_cfg` so no one ever meets "Non-existent config key" because a script forgot
-to add the project's keys.
+to add the project's keys. It also fixes the one device rule (see :func:`get_gridclip_cfg`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,20 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_gridclip_config", "get_gridclip_cfg", "PROJECT_ROOT", "CONFIGS_DIR"]
+__all__ = [
+    "add_gridclip_config",
+    "get_gridclip_cfg",
+    "resolve_device",
+    "AUTO_DEVICE",
+    "PROJECT_ROOT",
+    "CONFIGS_DIR",
+]
 
 #: ``projects/GridCLIP`` (holds ``configs/`` and ``train_net.py``).
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(PROJECT_ROOT, "configs")
+#: ``MODEL.DEVICE`` value that :func:`get_gridclip_cfg` resolves to this machine's device.
+AUTO_DEVICE = "auto"
 
 
 def add_gridclip_config(cfg: CN) -> CN:
@@ -75,19 +84,16 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE = False
     # Kernel size of the conv that outputs the grid embeddings: 3 (RetinaNet's classifier conv)
     # or 1 (cheaper: the towers' 3x3 convs already give context; at 800x1216 with D=1024 the
-    # 3x3 conv is ~48 GFLOPs, the 1x1 ~5). Padding is kernel // 2.
-    _C.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE = 3
-    # How the focal loss is evaluated (same value and gradients): ``grid`` computes it on the
-    # per-location logits (+ anchor offsets) block by block, without expanding them to every
-    # anchor (gridclip/modeling/focal_loss.py; cost in docs/BENCHMARKS.md); ``detectron2``
-    # expands them and runs RetinaNet.losses (the reference).
-    _C.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL = "grid"
+    # 3x3 conv is ~48 GFLOPs, the 1x1 ~5). Padding is kernel // 2. 1 measured as accurate or
+    # better on the embedded world (README).
+    _C.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE = 1
     # Add CLIP's own dense embeddings to the grid embeddings: the attention pool's value path
     # (frozen, from MODEL.CLIP) applied to the trunk's res5 at every cell, resampled to every
     # FPN level and L2-normalised, times a learned scale starting at DENSE_CLIP_WEIGHT. The grid
     # embeddings then start zero-shot aligned with the text embeddings of every class, novel
-    # ones included. Needs MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone.
-    _C.MODEL.GRIDCLIP.DENSE_CLIP = False
+    # ones included (measured: README). Needs MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone
+    # with 'res5' in MODEL.CLIP_RESNET.OUT_FEATURES; set it False for other backbones.
+    _C.MODEL.GRIDCLIP.DENSE_CLIP = True
     _C.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT = 1.0
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
@@ -97,17 +103,9 @@ def add_gridclip_config(cfg: CN) -> CN:
     # ``l1`` (ViLD's choice, on L2-normalised embeddings) or ``cosine`` (1 - cos).
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS = "l1"
     # Teacher views: 1 = whole image; 2 = also its 2x2 tiles; ... each view is one CLIP forward.
+    # Each view is compared with the mean of the normalised grid embeddings under it (per level,
+    # then over levels): gridclip/modeling/image_alignment.py.
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS = [1]
-    # How a view's grid embeddings are compared with the teacher's embedding of that view:
-    # ``mean``: average-pool them (per level, then over levels) and align the pooled embedding;
-    # ``max``: multiple-instance alignment: a soft maximum (temperature below) over the view's
-    # locations of cos(grid embedding, teacher): the locations that already look most like the
-    # view's content are pulled to it, background locations are left to the detection loss.
-    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_POOL = "mean"
-    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_TEMPERATURE = 0.05
-    # ``dense``: no pooling; every location is aligned with the teacher's dense (attention-pool
-    # value path, MaskCLIP-style) embedding at its centre, the image encoded at this scale.
-    _C.MODEL.GRIDCLIP.IMAGE_ALIGN_DENSE_SCALE = 1.0
     # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
     _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
 
@@ -127,17 +125,13 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.VILD.TEACHER_CACHE = ""
     # Ensemble ViLD-text and ViLD-image scores at inference (geometric mean).
     _C.MODEL.VILD.ENSEMBLE = False
-    # Weight of the image score in the ensemble for base and for novel classes.
-    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_BASE = 1.0 / 3.0
-    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_NOVEL = 2.0 / 3.0
+    # Weight of the image score in the ensemble for base and for novel classes (ViLD: 1/3, 2/3;
+    # written as Base-ViLD.yaml writes them).
+    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_BASE = 0.3333333333
+    _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_NOVEL = 0.6666666667
     # Mask novel (frequency 'r') classes out of the training softmax (ViLD's protocol).
     _C.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING = True
 
-    # ------------------------------------------------------------------- embedded default world
-    _C.DATASETS.WORLD = CN()
-    # Root of the generated world (images + LVIS-format JSON); relative paths are resolved
-    # against $DETECTRON2_DATASETS (default ``datasets/``).
-    _C.DATASETS.WORLD.ROOT = "gridclip_world"
     return cfg
 
 
@@ -148,18 +142,33 @@ def get_gridclip_cfg(
 
     ``config_file`` may be a path or a name relative to ``projects/GridCLIP/configs``
     (e.g. ``"GridCLIP_R50.yaml"`` or ``"embedded/GridCLIP_world.yaml"``).
+
+    Device rule: ``MODEL.DEVICE`` means what the config (file, then opts) says; ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"`` are used as they are, on every machine. The project's default (no
+    config or opt sets it) is ``"auto"``, which this function resolves once, after merging, to
+    ``"cuda"`` if CUDA is available and ``"cpu"`` otherwise (Detectron2's own default is
+    ``"cuda"``, which fails on CPU-only machines, where the embedded default must run). The
+    returned config therefore always names a concrete device, and ``cfg.dump()`` (saved with a
+    run's outputs) records the device the run used.
     """
     cfg = get_cfg()
     add_gridclip_config(cfg)
-    # Detectron2 defaults to "cuda"; run on what this machine has unless a config/opt says so.
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.MODEL.DEVICE = AUTO_DEVICE
     if config_file:
         cfg.merge_from_file(resolve_config_path(config_file))
     if opts:
         cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` if CUDA is available, else ``"cpu"``; any other value as is."""
+    if device != AUTO_DEVICE:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_config_path(config_file: str) -> str:

@@ -20,7 +20,6 @@ from torchvision.ops import roi_align
 from .dense import (
     CLIP_PIXEL_MEAN_255,
     CLIP_PIXEL_STD_255,
-    attnpool_dense,
     attnpool_pooled,
     modified_resnet_features,
 )
@@ -133,36 +132,6 @@ class CLIPImageTeacher(nn.Module):
             (N, D) L2-normalised embeddings of the whole images resized to input_size square.
         """
         return self.embed_tiles(images, grids=(1,), chunk_size=chunk_size)[0][:, 0]
-
-    @torch.no_grad()
-    def embed_dense(self, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Dense CLIP embeddings: the attention pool's value path at every res5 cell.
-
-        MaskCLIP's observation: ``c_proj(v_proj(res5 + pos))`` per cell lives in CLIP's joint
-        space and classifies the content under the cell zero-shot (coarsely: stride 32).
-
-        Args:
-            images: (N, 3, H, W) RGB, 0-255, encoded at ``scale`` times their size (rounded to
-                a multiple of 32, at least 32).
-        Returns:
-            (N, D, h, w) L2-normalised float32 embeddings, h ~ H * scale / 32.
-        """
-        if not self.is_resnet:
-            raise ValueError(
-                "dense teacher embeddings need a ModifiedResNet CLIP (RN50, ...): a ViT CLIP has "
-                "no attention-pool value path; use IMAGE_ALIGN_POOL mean or max with it"
-            )
-        assert scale > 0, f"scale must be > 0, got {scale}"
-        images = self._normalize(images)
-        _, _, h, w = images.shape
-        size = [max(32, int(round(v * scale / 32)) * 32) for v in (h, w)]
-        if size != [h, w]:
-            images = F.interpolate(
-                images, size=size, mode="bilinear", align_corners=False, antialias=True
-            )
-        dtype = next(self.visual.parameters()).dtype
-        res5 = modified_resnet_features(self.visual, images.to(dtype))["res5"]
-        return F.normalize(attnpool_dense(self.visual.attnpool, res5).float(), dim=1)
 
     @torch.no_grad()
     def embed_tiles(

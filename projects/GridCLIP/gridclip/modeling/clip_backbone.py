@@ -26,16 +26,23 @@ from typing import Dict, List, Sequence
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import nn
+from torch.nn import functional as F
+
+from ..clip import attnpool_dense, load_clip_from_cfg
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLIPResNet",
+    "CLIPResNetFPN",
     "DenseCLIPProjection",
+    "FPN_TOP_BLOCKS",
     "build_clip_resnet_backbone",
+    "build_clip_resnet_fpn",
     "build_clip_resnet_fpn_backbone",
+    "build_clip_resnet_rcnn_fpn_backbone",
     "build_dense_clip_projection",
     "clip_visual_from_cfg",
 ]
@@ -165,8 +172,6 @@ def clip_visual_from_cfg(cfg) -> nn.Module:
     name = cfg.MODEL.CLIP.NAME
     if not init_from_clip and name in KNOWN_ARCHITECTURES:
         return _random_modified_resnet(KNOWN_ARCHITECTURES[name])
-    from gridclip.clip import load_clip_from_cfg
-
     # The shared, memoised instance: callers copy what they keep (CLIPResNet deep-copies the
     # trunk, DenseCLIPProjection the projections), so one model build copies CLIP once, not per
     # caller.
@@ -214,8 +219,6 @@ class DenseCLIPProjection(nn.Module):
 
     def forward(self, res5: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) res5 features -> (N, D, h, w) CLIP-space embeddings (not normalised)."""
-        from gridclip.clip.dense import attnpool_dense
-
         return attnpool_dense(self, res5.to(self.v_proj.weight.dtype))
 
 
@@ -248,13 +251,84 @@ def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNet:
     )
 
 
-@BACKBONE_REGISTRY.register()
-def build_clip_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """CLIP ModifiedResNet trunk + FPN with P6/P7 from res5, as RetinaNet's backbone.
+class CLIPResNetFPN(FPN):
+    """Detectron2's FPN over a :class:`CLIPResNet` that also returns trunk features.
+
+    ``forward(x)`` returns the FPN levels (``p*``) and, for each name in ``trunk_outputs``, the
+    trunk's own map (e.g. ``res5`` for GridCLIP's dense CLIP term), so a model reads what it
+    needs from the backbone's outputs. ``output_shape()`` lists both; models select their
+    levels by name (``MODEL.RETINANET.IN_FEATURES``, ``MODEL.RPN/ROI_HEADS.IN_FEATURES``).
+    Parameters and state-dict keys are those of :class:`FPN`.
+    """
+
+    def __init__(self, *, trunk_outputs: Sequence[str] = (), **kwargs):
+        """
+        Args:
+            trunk_outputs: names of bottom-up features to return besides the FPN levels.
+            kwargs: arguments of :class:`FPN`.
+        """
+        super().__init__(**kwargs)
+        trunk_shapes = self.bottom_up.output_shape()
+        missing = [f for f in trunk_outputs if f not in trunk_shapes]
+        assert not missing, f"the trunk does not output {missing} (has {list(trunk_shapes)})"
+        self.trunk_outputs = list(trunk_outputs)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        trunk = self.bottom_up(x)
+        outputs = self.top_down(trunk)
+        outputs.update({f: trunk[f] for f in self.trunk_outputs})
+        return outputs
+
+    def top_down(self, trunk: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """FPN levels from the trunk's features: lateral 1x1 convs, nearest 2x upsampling and
+        sum (or mean, ``fuse_type`` avg) from the coarsest level down, 3x3 output convs, then
+        the top block on its input (a trunk feature or an FPN level)."""
+        num_levels = len(self.in_features)
+        levels: List[torch.Tensor] = [None] * num_levels
+        # lateral_convs / output_convs are ordered coarsest first.
+        merged = None
+        for i, (lateral, output) in enumerate(zip(self.lateral_convs, self.output_convs)):
+            lateral_features = lateral(trunk[self.in_features[num_levels - 1 - i]])
+            if merged is None:
+                merged = lateral_features
+            else:
+                merged = lateral_features + F.interpolate(merged, scale_factor=2.0, mode="nearest")
+                if self._fuse_type == "avg":
+                    merged /= 2
+            levels[num_levels - 1 - i] = output(merged)
+        if self.top_block is not None:
+            name = self.top_block.in_feature
+            source = trunk[name] if name in trunk else levels[self._out_features.index(name)]
+            levels.extend(self.top_block(source))
+        assert len(levels) == len(self._out_features), "one output per FPN level"
+        return dict(zip(self._out_features, levels))
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        shapes = super().output_shape()
+        trunk_shapes = self.bottom_up.output_shape()
+        shapes.update({f: trunk_shapes[f] for f in self.trunk_outputs})
+        return shapes
+
+
+#: ``top_block`` values of :func:`build_clip_resnet_fpn`.
+FPN_TOP_BLOCKS = ("p6p7", "maxpool")
+
+
+def build_clip_resnet_fpn(
+    cfg, input_shape: ShapeSpec, top_block: str, trunk_outputs: Sequence[str] = ()
+) -> CLIPResNetFPN:
+    """CLIP ModifiedResNet trunk (``MODEL.CLIP``, ``MODEL.CLIP_RESNET``) + FPN.
 
     Uses ``MODEL.FPN.IN_FEATURES`` (must be among ``MODEL.CLIP_RESNET.OUT_FEATURES``),
     ``MODEL.FPN.OUT_CHANNELS``, ``MODEL.FPN.NORM`` and ``MODEL.FPN.FUSE_TYPE``.
+
+    Args:
+        top_block: ``"p6p7"``: RetinaNet's P6/P7 by strided convs from the last trunk feature;
+            ``"maxpool"``: Faster R-CNN's P6 by max-pooling P5.
+        trunk_outputs: trunk features also returned (see :class:`CLIPResNetFPN`).
     """
+    if top_block not in FPN_TOP_BLOCKS:
+        raise ValueError(f"top_block={top_block!r}; choose one of {FPN_TOP_BLOCKS}")
     bottom_up = build_clip_resnet_backbone(cfg, input_shape)
     in_features: List[str] = list(cfg.MODEL.FPN.IN_FEATURES)
     shapes = bottom_up.output_shape()
@@ -265,11 +339,37 @@ def build_clip_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
             f"MODEL.CLIP_RESNET.OUT_FEATURES {list(cfg.MODEL.CLIP_RESNET.OUT_FEATURES)} lacks"
         )
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
+    if top_block == "p6p7":
+        block = LastLevelP6P7(shapes[in_features[-1]].channels, out_channels, in_features[-1])
+    else:
+        block = LastLevelMaxPool()
+    return CLIPResNetFPN(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(shapes[in_features[-1]].channels, out_channels, in_features[-1]),
+        top_block=block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        trunk_outputs=trunk_outputs,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNetFPN:
+    """RetinaNet's (GridCLIP's) backbone: CLIP trunk + FPN with P6/P7 from the last trunk
+    feature; with ``MODEL.GRIDCLIP.DENSE_CLIP`` it also returns the trunk's ``res5``."""
+    trunk_outputs = ("res5",) if cfg.MODEL.GRIDCLIP.DENSE_CLIP else ()
+    if trunk_outputs and "res5" not in cfg.MODEL.CLIP_RESNET.OUT_FEATURES:
+        raise ValueError(
+            "MODEL.GRIDCLIP.DENSE_CLIP reads the trunk's res5: add 'res5' to "
+            f"MODEL.CLIP_RESNET.OUT_FEATURES {list(cfg.MODEL.CLIP_RESNET.OUT_FEATURES)} or set "
+            "MODEL.GRIDCLIP.DENSE_CLIP False"
+        )
+    return build_clip_resnet_fpn(cfg, input_shape, "p6p7", trunk_outputs)
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_resnet_rcnn_fpn_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNetFPN:
+    """Faster R-CNN's (ViLD's) backbone: CLIP trunk + FPN P2-P5 and P6 by max-pool, so ViLD
+    starts from the same CLIP trunk as GridCLIP."""
+    return build_clip_resnet_fpn(cfg, input_shape, "maxpool")

@@ -25,223 +25,46 @@ columns are left out of the loss, not treated as negatives. All classes are scor
 
 The classification loss is RetinaNet's sigmoid focal loss with its normaliser, evaluated by
 :func:`~gridclip.modeling.focal_loss.grid_focal_loss` on the per-location logits (and anchor
-offsets) without expanding them to (anchors x classes): the same value and gradients, several
-times cheaper (``MODEL.GRIDCLIP.FOCAL_LOSS_IMPL``; ``detectron2`` runs ``RetinaNet.losses`` on
-expanded logits instead).
+offsets) without expanding them to (anchors x classes): the same value and gradients as
+``RetinaNet.losses`` on expanded logits (the tests' oracle), several times cheaper.
+
+As a :class:`RetinaNet` subclass it overrides the hooks: ``forward_training`` (anchor labels in
+the trained class space, then :meth:`GridCLIP.losses`), ``losses`` and ``forward_inference``.
+``forward`` keeps :class:`DenseDetector`'s steps (preprocess, backbone, head, training or
+inference + Detectron2's post-processing) with GridCLIP's two additions: the head's grid
+embeddings (not per-anchor logits) plus the dense CLIP term on the backbone's ``res5`` output,
+and the image-level alignment loss, which needs the raw inputs. The head is in ``head.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.layers import ShapeSpec, batched_nms
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.layers import batched_nms
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
-from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
-from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from .clip_backbone import CLIPResNet, DenseCLIPProjection, build_dense_clip_projection
-from .focal_loss import FOCAL_LOSS_IMPLS, grid_focal_loss
+from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
+from .focal_loss import grid_focal_loss
+from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
-from .text_classifier import TextEmbeddingClassifier
 from .vocabulary import check_class_count, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg", "EMBED_KERNEL_SIZES"]
-
-#: Valid ``MODEL.GRIDCLIP.EMBED_KERNEL_SIZE`` values (padding k // 2 keeps the grid size).
-EMBED_KERNEL_SIZES = (1, 3)
-
-
-class GridCLIPHead(RetinaNetHead):
-    """RetinaNet's towers; the classification tower ends in CLIP-space grid embeddings.
-
-    ``forward_embeddings(features)`` returns the raw outputs: grid embeddings (N, E, Hi, Wi) with
-    E = D (per location) or A*D (per anchor), box deltas (N, A*4, Hi, Wi), and per-anchor logit
-    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None).
-    ``forward(features)`` keeps RetinaNet's contract and returns ``(logits (N, A*K, Hi, Wi), box
-    deltas)``; GridCLIP's own training and inference avoid materialising those logits.
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        input_shape: List[ShapeSpec],
-        num_anchors: int,
-        conv_dims: List[int],
-        text_embeddings: Tensor,
-        embed_per_anchor: bool = False,
-        anchor_offset: bool = True,
-        embed_kernel_size: int = 3,
-        norm="",
-        prior_prob: float = 0.01,
-        logit_scale: float = 20.0,
-        learn_logit_scale: bool = False,
-    ):
-        """
-        Args:
-            input_shape, num_anchors, conv_dims, norm, prior_prob: as :class:`RetinaNetHead`.
-            text_embeddings: (K, D) class text embeddings (a buffer of ``self.classifier``).
-            embed_per_anchor: one embedding per anchor (A*D channels) instead of per location.
-            anchor_offset: per-location head only: predict a class-agnostic logit offset per
-                anchor from the box tower (initialised near 0).
-            embed_kernel_size: kernel of the grid-embedding conv, 3 (RetinaNet's classifier)
-                or 1 (the towers' four 3x3 convs already give context; cheaper at inference).
-            logit_scale: cosine similarities are multiplied by this (learnable, clamped to
-                [1, 100], with ``learn_logit_scale``).
-        """
-        # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
-        if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.EMBED_KERNEL_SIZE={embed_kernel_size!r}; choose one of "
-                f"{EMBED_KERNEL_SIZES}"
-            )
-        super().__init__(
-            input_shape=input_shape,
-            num_classes=1,
-            num_anchors=num_anchors,
-            conv_dims=conv_dims,
-            norm=norm,
-            prior_prob=prior_prob,
-        )
-        del self.cls_score
-        self.num_anchors = num_anchors
-        self.embed_per_anchor = bool(embed_per_anchor)
-        self.embed_dim = int(text_embeddings.shape[1])
-        out_channels = self.embed_dim * (num_anchors if embed_per_anchor else 1)
-        k = int(embed_kernel_size)
-        self.grid_embed = nn.Conv2d(conv_dims[-1], out_channels, kernel_size=k, padding=k // 2)
-        self.anchor_offset = None
-        if anchor_offset and not embed_per_anchor and num_anchors > 1:
-            self.anchor_offset = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, padding=1)
-        for layer in (self.grid_embed, self.anchor_offset):
-            if layer is not None:
-                nn.init.normal_(layer.weight, mean=0, std=0.01)
-                nn.init.constant_(layer.bias, 0)
-        # RetinaNet's prior: every class starts at probability prior_prob. A single learned bias
-        # (shared by all classes, so it applies to novel ones too) replaces the per-class one.
-        self.classifier = TextEmbeddingClassifier(
-            text_embeddings,
-            logit_scale=logit_scale,
-            learn_logit_scale=learn_logit_scale,
-            bias=-math.log((1 - prior_prob) / prior_prob),
-            learn_bias=True,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec], text_embeddings: Tensor):
-        ret = super().from_config(cfg, input_shape)
-        del ret["num_classes"]
-        ret.update(
-            text_embeddings=text_embeddings,
-            embed_per_anchor=cfg.MODEL.GRIDCLIP.EMBED_PER_ANCHOR,
-            anchor_offset=cfg.MODEL.GRIDCLIP.ANCHOR_OFFSET,
-            embed_kernel_size=cfg.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE,
-            logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
-            learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
-        )
-        return ret
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
-
-    @property
-    def anchors_per_embedding(self) -> int:
-        """How many anchors share one embedding (A per location, 1 per anchor)."""
-        return 1 if self.embed_per_anchor else self.num_anchors
-
-    def forward_embeddings(
-        self, features: List[Tensor]
-    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
-        """
-        Args:
-            features: FPN maps (N, C, Hi, Wi), high to low resolution.
-        Returns:
-            grid_embeddings: per level (N, E, Hi, Wi), E = D or A*D (not normalised).
-            box_deltas: per level (N, A*4, Hi, Wi).
-            anchor_offsets: per level (N, A, Hi, Wi) logit offsets, or None.
-        """
-        assert (
-            len(features) == self._num_features
-        ), f"head built for {self._num_features} levels, got {len(features)}"
-        grid_embeddings, box_deltas, anchor_offsets = [], [], []
-        for feature in features:
-            grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
-            box_features = self.bbox_subnet(feature)
-            box_deltas.append(self.bbox_pred(box_features))
-            if self.anchor_offset is not None:
-                anchor_offsets.append(self.anchor_offset(box_features))
-        if self.anchor_offset is None:
-            anchor_offsets = None
-        return grid_embeddings, box_deltas, anchor_offsets
-
-    def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
-        """(N, E, Hi, Wi) -> (N, Hi*Wi*G, D), G = A per anchor, 1 per location ((h, w, a) order)."""
-        return permute_to_N_HWA_K(grid_embeddings, self.embed_dim)
-
-    def logits(self, rows: Tensor, class_indices: Optional[Tensor] = None) -> Tensor:
-        """(..., D) embeddings -> (..., K) logits, or (..., len(class_indices)) for a subset."""
-        text = None
-        if class_indices is not None:
-            text = self.classifier.text_embeddings[class_indices]
-        return self.classifier(rows, text)
-
-    def anchor_logits(
-        self,
-        grid_embeddings: List[Tensor],
-        anchor_offsets: Optional[List[Tensor]] = None,
-        class_indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Per-anchor logits of all levels: (N, R, K') with R = sum(Hi*Wi*A), in anchor order.
-
-        A per-location embedding is scored once, then its logits are expanded to its A anchors
-        (plus their offsets) in one allocation; K' = len(class_indices) or K.
-        """
-        rows = torch.cat([self.embedding_rows(x) for x in grid_embeddings], dim=1)
-        logits = self.logits(rows, class_indices)  # (N, M, K')
-        group = self.anchors_per_embedding
-        if group == 1:
-            return logits
-        n, m, k = logits.shape
-        logits = logits[:, :, None, :]
-        if anchor_offsets is not None:
-            offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
-            logits = logits + offsets.view(n, m, group, 1).to(logits.dtype)
-        else:
-            logits = logits.expand(n, m, group, k)
-        return logits.reshape(n, m * group, k)
-
-    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """RetinaNet's contract: logits (N, A*K, Hi, Wi) and box deltas (N, A*4, Hi, Wi).
-
-        Materialises per-anchor logits; GridCLIP's own training and inference do not use it.
-        """
-        grid_embeddings, box_deltas, anchor_offsets = self.forward_embeddings(features)
-        logits = []
-        for i, x in enumerate(grid_embeddings):
-            n, _, h, w = x.shape
-            offsets = [anchor_offsets[i]] if anchor_offsets is not None else None
-            level = self.anchor_logits([x], offsets)  # (N, H*W*A, K)
-            k = level.shape[-1]
-            logits.append(level.reshape(n, h, w, self.num_anchors * k).permute(0, 3, 1, 2))
-        return logits, box_deltas
-
 
 def _vocabulary_dataset(cfg) -> Optional[str]:
     if len(cfg.DATASETS.TRAIN):
@@ -306,7 +129,6 @@ class GridCLIP(RetinaNet):
         trained_class_mask: Optional[Tensor] = None,
         class_names: Optional[Sequence[str]] = None,
         vocabulary_cfg=None,
-        focal_loss_impl: str = "grid",
         dense_clip: Optional[DenseCLIPProjection] = None,
         dense_clip_weight: float = 1.0,
         **kwargs,
@@ -318,35 +140,27 @@ class GridCLIP(RetinaNet):
             trained_class_mask: (K,) bool, classes trained by the focal loss (default: all).
             class_names: names of the K classes, if known (informative: demos, logs).
             vocabulary_cfg: the config used to embed class names in :meth:`set_vocabulary`.
-            focal_loss_impl: ``"grid"`` (:func:`grid_focal_loss`, no per-anchor expansion) or
-                ``"detectron2"`` (``RetinaNet.losses`` on expanded logits); same loss.
             dense_clip: CLIP's attention-pool value path (:class:`DenseCLIPProjection`) on the
-                backbone's bottom-up ``res5``; its normalised output, resampled to every level,
-                is added to the grid embeddings (``MODEL.GRIDCLIP.DENSE_CLIP``). The backbone
-                must be an FPN over a :class:`CLIPResNet` with ``res5``.
+                backbone's ``res5`` output; its normalised output, resampled to every level, is
+                added to the grid embeddings (``MODEL.GRIDCLIP.DENSE_CLIP``). The backbone must
+                return the CLIP trunk's ``res5`` (``build_clip_resnet_fpn_backbone`` does).
             dense_clip_weight: initial value of the learned scale of that term.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
-        if focal_loss_impl not in FOCAL_LOSS_IMPLS:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.FOCAL_LOSS_IMPL={focal_loss_impl!r}; choose one of "
-                f"{FOCAL_LOSS_IMPLS}"
-            )
         super().__init__(head=head, num_classes=head.num_classes, **kwargs)
-        self.focal_loss_impl = focal_loss_impl
         self.image_alignment = image_alignment
         self.dense_clip = dense_clip
         if dense_clip is not None:
-            bottom_up = getattr(self.backbone, "bottom_up", None)
-            if not isinstance(bottom_up, CLIPResNet) or "res5" not in bottom_up.output_shape():
+            shapes = self.backbone.output_shape()
+            if "res5" not in shapes:
                 raise ValueError(
-                    "MODEL.GRIDCLIP.DENSE_CLIP needs a backbone over CLIP's ResNet trunk with res5 "
-                    "(MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone, 'res5' in "
-                    f"MODEL.CLIP_RESNET.OUT_FEATURES); got {type(self.backbone).__name__} over "
-                    f"{type(bottom_up).__name__}"
+                    "MODEL.GRIDCLIP.DENSE_CLIP needs a backbone that returns CLIP's ResNet trunk's "
+                    "res5 (MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone, 'res5' in "
+                    f"MODEL.CLIP_RESNET.OUT_FEATURES); {type(self.backbone).__name__} returns "
+                    f"{sorted(shapes)}"
                 )
-            channels = bottom_up.output_shape()["res5"].channels
+            channels = shapes["res5"].channels
             if dense_clip.in_channels != channels or dense_clip.embed_dim != head.embed_dim:
                 raise ValueError(
                     "MODEL.GRIDCLIP.DENSE_CLIP: the CLIP attention pool maps "
@@ -375,7 +189,6 @@ class GridCLIP(RetinaNet):
             "trained_class_mask": trained_class_mask_from_cfg(cfg, text_embeddings.shape[0]),
             "class_names": class_names,
             "vocabulary_cfg": vocabulary_cfg,
-            "focal_loss_impl": cfg.MODEL.GRIDCLIP.FOCAL_LOSS_IMPL,
             "dense_clip": (
                 build_dense_clip_projection(cfg) if cfg.MODEL.GRIDCLIP.DENSE_CLIP else None
             ),
@@ -482,52 +295,38 @@ class GridCLIP(RetinaNet):
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``)."""
         images = self.preprocess_image(batched_inputs)
-        features, res5 = self._backbone_features(images.tensor)
-        features = [features[f] for f in self.head_in_features]
-        predictions = list(self.head.forward_embeddings(features))
-        if res5 is not None:
-            predictions[0] = self._add_dense_clip(predictions[0], res5)
+        backbone_features = self.backbone(images.tensor)
+        features = [backbone_features[f] for f in self.head_in_features]
+        predictions = self.predict(features, backbone_features.get("res5"))
 
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             losses = self.forward_training(images, features, predictions, gt_instances)
             if self.image_alignment is not None:
-                shapes = self.backbone.output_shape()
-                strides = [shapes[f].stride for f in self.head_in_features]
-                losses.update(
-                    self.image_alignment(
-                        predictions[0], strides, images.image_sizes, batched_inputs
-                    )
-                )
+                losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
             return losses
-
         results = self.forward_inference(images, features, predictions)
-        processed_results = []
-        for results_per_image, input_per_image, image_size in zip(
-            results, batched_inputs, images.image_sizes
-        ):
-            height = input_per_image.get("height", image_size[0])
-            width = input_per_image.get("width", image_size[1])
-            processed_results.append(
-                {"instances": detector_postprocess(results_per_image, height, width)}
-            )
-        return processed_results
+        return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
 
-    def _backbone_features(self, x: Tensor) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
-        """The backbone's outputs, and its bottom-up res5 when the dense CLIP term is on (read
-        with a forward hook: FPN consumes res5 without returning it)."""
-        if self.dense_clip is None:
-            return self.backbone(x), None
-        captured: Dict[str, Tensor] = {}
-        hook = self.backbone.bottom_up.register_forward_hook(
-            lambda module, inputs, outputs: captured.update(res5=outputs["res5"])
-        )
-        try:
-            features = self.backbone(x)
-        finally:
-            hook.remove()
-        return features, captured["res5"]
+    def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
+        """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
+        :meth:`GridCLIPHead.forward_embeddings`), the grid embeddings with the dense CLIP term
+        of ``res5`` (the backbone's trunk output) when it is on."""
+        predictions = list(self.head.forward_embeddings(features))
+        if self.dense_clip is not None:
+            assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
+            predictions[0] = self._add_dense_clip(predictions[0], res5)
+        return predictions
+
+    def image_alignment_losses(
+        self, images: ImageList, predictions: List, batched_inputs: List[Dict]
+    ) -> Dict[str, Tensor]:
+        """``{"loss_image_align"}``: grid embeddings pooled and aligned with the CLIP teacher's
+        embeddings of the raw input images (:class:`ImageAlignment`)."""
+        shapes = self.backbone.output_shape()
+        strides = [shapes[f].stride for f in self.head_in_features]
+        return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""
@@ -548,21 +347,10 @@ class GridCLIP(RetinaNet):
             out.append(x + level)
         return out
 
-    @contextlib.contextmanager
-    def _loss_class_space(self, num_classes: int):
-        """RetinaNet's losses read ``self.num_classes``; train only ``num_classes`` columns."""
-        saved = self.num_classes
-        self.num_classes = num_classes
-        try:
-            yield
-        finally:
-            self.num_classes = saved
-
     def forward_training(self, images, features, predictions, gt_instances):
         """
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets] from
-                ``head.forward_embeddings``.
+            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
         Returns:
             {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes.
         """
@@ -572,24 +360,9 @@ class GridCLIP(RetinaNet):
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
         trained = self.trained_class_mask
         trained_indices = None
-        num_trained = self.num_classes
         if not bool(trained.all()):
             trained_indices = trained.nonzero().flatten()
-            num_trained = trained_indices.numel()
-            # Labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'}. A box of a
-            # class outside the trained set makes its anchors "ignore": neither positive nor
-            # negative.
-            lookup = torch.full(
-                (self.num_classes + 2,), -1, dtype=torch.long, device=trained.device
-            )
-            lookup[trained_indices + 1] = torch.arange(num_trained, device=trained.device)
-            lookup[self.num_classes + 1] = num_trained
-            gt_labels = [lookup[labels + 1] for labels in gt_labels]
-
-        if self.focal_loss_impl == "detectron2":
-            pred_logits = self.head.anchor_logits(grid_embeddings, anchor_offsets, trained_indices)
-            with self._loss_class_space(num_trained):
-                return self.losses(anchors, [pred_logits], gt_labels, pred_deltas, gt_boxes)
+            gt_labels = self._to_trained_labels(gt_labels, trained_indices)
 
         rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
         logits = self.head.logits(rows, trained_indices)  # (N, M, K'), M rows of G anchors
@@ -598,18 +371,40 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        return self.grid_losses(anchors, logits, offsets, gt_labels, pred_deltas, gt_boxes)
+        return self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets)
 
-    def grid_losses(self, anchors, logits, offsets, gt_labels, pred_anchor_deltas, gt_boxes):
+    def _to_trained_labels(self, gt_labels: List[Tensor], trained_indices: Tensor) -> List[Tensor]:
+        """Anchor labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'} over the
+        K' trained classes. A box of a class outside the trained set makes its anchors
+        "ignore": neither positive nor negative."""
+        num_trained = trained_indices.numel()
+        device = trained_indices.device
+        lookup = torch.full((self.num_classes + 2,), -1, dtype=torch.long, device=device)
+        lookup[trained_indices + 1] = torch.arange(num_trained, device=device)
+        lookup[self.num_classes + 1] = num_trained
+        return [lookup[labels + 1] for labels in gt_labels]
+
+    def losses(
+        self,
+        anchors,
+        pred_logits,
+        gt_labels,
+        pred_anchor_deltas,
+        gt_boxes,
+        anchor_offsets: Optional[Tensor] = None,
+    ):
         """:meth:`RetinaNet.losses` (same normaliser, ``num_pos_anchors`` event, box loss) with
         the focal loss of :func:`grid_focal_loss` on logits shared by groups of anchors.
 
         Args:
-            anchors, gt_labels, pred_anchor_deltas, gt_boxes: as :meth:`RetinaNet.losses`
-                (labels over the K' = ``logits.shape[-1]`` trained classes).
-            logits: (N, M, K') logits of M embedding rows, each shared by R / M anchors.
-            offsets: (N, M, R / M) per-anchor logit offsets, or None.
+            anchors, gt_labels, pred_anchor_deltas, gt_boxes: as :meth:`RetinaNet.losses`, the
+                labels over the K' = ``pred_logits[0].shape[-1]`` classes trained (K' is read
+                from the logits, not from ``self.num_classes``).
+            pred_logits: list of (N, M_i, K') logits, M = sum(M_i) embedding rows, each shared
+                by R / M anchors (R / M = 1: per-anchor logits, as RetinaNet's).
+            anchor_offsets: (N, M, R / M) per-anchor logit offsets, or None.
         """
+        logits = torch.cat(pred_logits, dim=1) if len(pred_logits) > 1 else pred_logits[0]
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         num_classes = logits.shape[-1]
@@ -620,7 +415,7 @@ class GridCLIP(RetinaNet):
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
         loss_cls = grid_focal_loss(
             logits,
-            offsets,
+            anchor_offsets,
             gt_labels,
             num_classes,
             alpha=self.focal_loss_alpha,
@@ -643,8 +438,7 @@ class GridCLIP(RetinaNet):
         """Ranks (location, class) pairs, expands only the top ones to anchors (module doc).
 
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets] from
-                ``head.forward_embeddings``.
+            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions
         anchors = self.anchor_generator(features)

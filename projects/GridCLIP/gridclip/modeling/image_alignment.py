@@ -16,25 +16,14 @@ left and right tiles; since the mapper does not tell whether an image was flippe
 from the cache are compared both as stored and mirrored, and the closer match counts. Random
 crops would invalidate cached tiles: use the online teacher with crop augmentation.
 
-The teacher is deliberately *not* a registered submodule of the detector: it is not saved in
-checkpoints, not seen by the optimizer or DDP, and is moved to the input device lazily.
+The teacher is deliberately *not* a registered submodule of the detector: it is held by a
+:class:`~gridclip.modeling.teacher_holder.TeacherHolder` (not saved in checkpoints, not seen by
+the optimizer or DDP, moved to the input device lazily, built only when training needs it).
 
-Pooling (``MODEL.GRIDCLIP.IMAGE_ALIGN_POOL``): ``mean`` averages a view's grid embeddings into
-one student embedding (per level, then over levels); ``matched`` averages them only on the level
-whose anchors match the view's size (a 64 px tile is compared with the locations whose 64 px
-anchors cover it), so each view is distilled into the locations that detect objects of its
-size; ``max`` is a multiple-instance alignment: per view, a soft maximum (softmax
-weights at ``IMAGE_ALIGN_TEMPERATURE``) over its locations (all levels; a location belongs to the
-tile holding its centre) of cos(grid embedding, teacher), so the loss pulls the locations that
-already resemble the view's content to CLIP's embedding of it and leaves background locations to
-the detection loss. A view then holds a few objects, not a scene average: use small tiles (e.g.
-grids ``[1, 2, 4]``). With ``max`` the loss is ``1 - soft max of the cosines`` (``cosine``) or
-the L1 distance from the teacher of the soft-max-weighted mean of the normalised embeddings.
-``dense`` pools nothing: the teacher embeds the whole image once, densely (the attention pool's
-value path at every res5 cell, MaskCLIP-style, at ``IMAGE_ALIGN_DENSE_SCALE`` times the input
-size), and every grid location of every level is aligned with the teacher's embedding sampled
-(bilinearly) at its centre; the loss is averaged over locations per level, then over levels.
-A ModifiedResNet teacher is needed, online (no cache); the grids are not used.
+Pooling: a view's grid embeddings (all FPN levels, normalised) are averaged into one student
+embedding per level, then over levels. Other poolings were measured worse on the embedded world
+and removed (README: matched-level pooling, a soft maximum over each view's locations, dense
+MaskCLIP-style alignment of every location).
 
 Loss (``MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS``), on L2-normalised student ``s`` / teacher ``t``:
 
@@ -48,6 +37,7 @@ vectors is about ``sqrt(4 D / pi)`` (36 for D = 1024): weigh it accordingly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -59,6 +49,9 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from ..clip import build_clip_teacher_from_cfg
+from .teacher_holder import TeacherHolder
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -67,12 +60,10 @@ __all__ = [
     "build_image_alignment",
     "teacher_cache_key",
     "pool_grid_embeddings",
-    "attention_pool_grid_embeddings",
     "raw_rgb_image",
 ]
 
 ALIGN_LOSSES = ("l1", "cosine")
-ALIGN_POOLS = ("mean", "matched", "max", "dense")
 
 
 def teacher_cache_key(dataset_dict: Dict) -> str:
@@ -145,122 +136,6 @@ def pool_grid_embeddings(
         for j in range(len(grids)):
             pooled[j].append(F.normalize(per_grid[j], dim=-1))
     return [torch.stack(p) for p in pooled]
-
-
-def location_centres(hi: int, wi: int, stride: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Centres (y, x) in input pixels of an (hi, wi) level's locations, each (hi, wi): the
-    anchor generator's convention (offset 0.5 of a stride)."""
-    ys = (torch.arange(hi, device=device, dtype=torch.float32) + 0.5) * stride
-    xs = (torch.arange(wi, device=device, dtype=torch.float32) + 0.5) * stride
-    return torch.meshgrid(ys, xs, indexing="ij")
-
-
-def _level_locations(x: torch.Tensor, i: int, stride: int, h: int, w: int, embed_dim: int):
-    """Image ``i``'s valid locations of one level: (L, D) normalised embeddings and (L,) centre
-    coordinates y, x in input pixels (per-anchor embeddings: A rows per location)."""
-    emb = valid_embeddings(x, i, stride, h, w, embed_dim)  # (G, D, h_l, w_l)
-    group, _, valid_h, valid_w = emb.shape
-    emb = emb.flatten(2).permute(0, 2, 1).reshape(-1, embed_dim)
-    cy, cx = location_centres(valid_h, valid_w, stride, x.device)
-    return emb, cy.reshape(-1).repeat(group), cx.reshape(-1).repeat(group)
-
-
-def matched_levels(
-    image_sizes: Sequence[Tuple[int, int]], grids: Sequence[int], anchor_sizes: Sequence[float]
-) -> List[List[int]]:
-    """Per image, per grid: the level whose anchor size is closest (log scale) to the tile's."""
-    log_sizes = torch.tensor([math.log2(a) for a in anchor_sizes])
-    out = []
-    for h, w in image_sizes:
-        tile = [math.log2(max(1.0, math.sqrt(h * w) / g)) for g in grids]
-        out.append([int((log_sizes - t).abs().argmin()) for t in tile])
-    return out
-
-
-def pool_matched_grid_embeddings(
-    grid_embeddings: Sequence[torch.Tensor],
-    strides: Sequence[int],
-    image_sizes: Sequence[Tuple[int, int]],
-    grids: Sequence[int],
-    embed_dim: int,
-    anchor_sizes: Sequence[float],
-) -> List[torch.Tensor]:
-    """Like :func:`pool_grid_embeddings`, but each grid's tiles are pooled only on the level
-    whose anchor size (``anchor_sizes[level]``) is closest to the tile size."""
-    assert len(grid_embeddings) == len(strides) == len(anchor_sizes), "one entry per level"
-    levels = matched_levels(image_sizes, grids, anchor_sizes)
-    pooled = [[] for _ in grids]
-    for i, (h, w) in enumerate(image_sizes):
-        for j, g in enumerate(grids):
-            x, stride = grid_embeddings[levels[i][j]], strides[levels[i][j]]
-            emb = valid_embeddings(x, i, stride, h, w, embed_dim).mean(dim=0)
-            tiles = F.adaptive_avg_pool2d(emb, (g, g)).flatten(1).t()
-            pooled[j].append(F.normalize(tiles, dim=-1))
-    return [torch.stack(p) for p in pooled]
-
-
-def attention_pool_grid_embeddings(
-    grid_embeddings: Sequence[torch.Tensor],
-    strides: Sequence[int],
-    image_sizes: Sequence[Tuple[int, int]],
-    grids: Sequence[int],
-    embed_dim: int,
-    teacher: Sequence[torch.Tensor],
-    temperature: float,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Student views for multiple-instance alignment (``IMAGE_ALIGN_POOL: max``).
-
-    Each view's locations (every level; a location belongs to the tile that holds its centre)
-    are weighted by ``softmax(cos(grid embedding, teacher view) / temperature)``.
-
-    Args:
-        grid_embeddings, strides, image_sizes, grids, embed_dim: as :func:`pool_grid_embeddings`.
-        teacher: list over grids of (N, g*g, D) normalised teacher embeddings.
-        temperature: softmax temperature on cosines (small: close to a hard maximum).
-    Returns:
-        (similarities, pooled): lists over grids of (N, g*g) soft-max cosines and of (N, g*g, D)
-        normalised weighted means of the locations' embeddings.
-    """
-    assert len(grid_embeddings) == len(strides), "one stride per level"
-    assert temperature > 0, f"temperature must be > 0, got {temperature}"
-    sims = [[] for _ in grids]
-    pooled = [[] for _ in grids]
-    for i, (h, w) in enumerate(image_sizes):
-        parts = [
-            _level_locations(x, i, s, h, w, embed_dim) for x, s in zip(grid_embeddings, strides)
-        ]
-        emb = torch.cat([p[0] for p in parts])  # (L, D)
-        cy = torch.cat([p[1] for p in parts])
-        cx = torch.cat([p[2] for p in parts])
-        for j, g in enumerate(grids):
-            row = (cy * g / h).long().clamp_(0, g - 1)
-            col = (cx * g / w).long().clamp_(0, g - 1)
-            tile = row * g + col  # (L,)
-            views = teacher[j][i].to(emb.dtype)  # (g*g, D)
-            cos = views @ emb.t()  # (g*g, L)
-            inside = tile[None, :] == torch.arange(g * g, device=tile.device)[:, None]
-            weights = torch.softmax((cos / temperature).masked_fill(~inside, float("-inf")), 1)
-            weights = torch.nan_to_num(weights)  # a view without locations: all-zero weights
-            sims[j].append((weights * cos).sum(dim=1))
-            pooled[j].append(F.normalize(weights @ emb, dim=-1))
-    return [torch.stack(s) for s in sims], [torch.stack(p) for p in pooled]
-
-
-def sample_dense_targets(
-    teacher: torch.Tensor, strides: Sequence[int], shapes: Sequence[Tuple[int, int]], h: int, w: int
-) -> List[torch.Tensor]:
-    """One image's dense teacher map (D, th, tw), covering its (h, w) valid region, sampled at
-    the centres of each level's locations: list over levels of (D, Hi, Wi), re-normalised."""
-    out = []
-    for stride, (hi, wi) in zip(strides, shapes):
-        cy, cx = location_centres(hi, wi, stride, teacher.device)
-        gy, gx = cy / h * 2 - 1, cx / w * 2 - 1
-        grid = torch.stack([gx, gy], dim=-1)[None]  # (1, Hi, Wi, 2), x first
-        sampled = F.grid_sample(
-            teacher[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        out.append(F.normalize(sampled[0], dim=0))
-    return out
 
 
 def mirror_tiles(tiles: torch.Tensor, g: int) -> torch.Tensor:
@@ -438,7 +313,8 @@ class TeacherEmbeddingCache:
 class ImageAlignment(nn.Module):
     """Image-level alignment loss between pooled grid embeddings and CLIP image embeddings.
 
-    Has no parameters and no state_dict entries: the teacher and the cache are plain attributes.
+    Has no parameters and no state_dict entries: the teacher (in a :class:`TeacherHolder`) and
+    the cache are plain attributes.
     """
 
     @configurable
@@ -453,10 +329,6 @@ class ImageAlignment(nn.Module):
         teacher_factory: Optional[Callable[[], nn.Module]] = None,
         teacher_cache: Optional[TeacherEmbeddingCache] = None,
         input_format: str = "RGB",
-        pool: str = "mean",
-        temperature: float = 0.05,
-        dense_scale: float = 1.0,
-        anchor_sizes: Optional[Sequence[float]] = None,
     ):
         """
         Args:
@@ -469,36 +341,12 @@ class ImageAlignment(nn.Module):
                 which never needs it, never loads it).
             teacher_cache: a :class:`TeacherEmbeddingCache`; used instead of the teacher.
             input_format: ``INPUT.FORMAT`` of the raw input images (RGB or BGR).
-            pool: ``"mean"`` (average-pool each view) or ``"max"`` (multiple-instance: soft
-                maximum over each view's locations; module doc).
-            temperature: softmax temperature of ``"max"`` pooling, on cosines.
-            dense_scale: ``"dense"``: the teacher encodes the image at this times its size.
-            anchor_sizes: ``"matched"``: the (first) anchor size of each level.
         """
         super().__init__()
         assert weight > 0, f"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT must be > 0 here, got {weight}"
         if loss_type not in ALIGN_LOSSES:
             raise ValueError(
                 f"MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS={loss_type!r}; choose one of {ALIGN_LOSSES}"
-            )
-        if pool not in ALIGN_POOLS:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.IMAGE_ALIGN_POOL={pool!r}; choose one of {ALIGN_POOLS}"
-            )
-        if not temperature > 0:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.IMAGE_ALIGN_TEMPERATURE must be > 0, got {temperature}"
-            )
-        if pool == "matched" and not anchor_sizes:
-            raise ValueError("IMAGE_ALIGN_POOL 'matched' needs the anchor size of each level")
-        if pool == "dense" and teacher_cache is not None:
-            raise ValueError(
-                "MODEL.GRIDCLIP.IMAGE_ALIGN_POOL 'dense' needs the online teacher; the teacher "
-                "cache holds pooled views only: set MODEL.GRIDCLIP.TEACHER_CACHE ''"
-            )
-        if not dense_scale > 0:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.IMAGE_ALIGN_DENSE_SCALE must be > 0, got {dense_scale}"
             )
         grids = [int(g) for g in grids]
         if not grids or any(g < 1 for g in grids) or len(set(grids)) != len(grids):
@@ -523,14 +371,11 @@ class ImageAlignment(nn.Module):
         self.loss_type = loss_type
         self.grids = grids
         self.input_format = input_format
-        self.pool = pool
-        self.temperature = float(temperature)
-        self.dense_scale = float(dense_scale)
-        self.anchor_sizes = [float(a) for a in anchor_sizes] if anchor_sizes else None
-        # Plain attributes (object.__setattr__ skips nn.Module registration): never in the
-        # state_dict, never given to the optimizer, never wrapped by DDP.
-        object.__setattr__(self, "_teacher", teacher)
-        object.__setattr__(self, "_teacher_factory", teacher_factory)
+        # A plain object, not a submodule: never in the state_dict, never given to the
+        # optimizer, never wrapped by DDP.
+        self.teacher_holder = TeacherHolder(
+            teacher, teacher_factory, name="CLIP image teacher of image-level alignment"
+        )
         self.teacher_cache = teacher_cache
 
     @classmethod
@@ -542,10 +387,6 @@ class ImageAlignment(nn.Module):
             "loss_type": g.IMAGE_ALIGN_LOSS,
             "grids": list(g.IMAGE_ALIGN_GRIDS),
             "input_format": cfg.INPUT.FORMAT,
-            "pool": g.IMAGE_ALIGN_POOL,
-            "temperature": g.IMAGE_ALIGN_TEMPERATURE,
-            "dense_scale": g.IMAGE_ALIGN_DENSE_SCALE,
-            "anchor_sizes": level_anchor_sizes(cfg),
         }
         if g.TEACHER_CACHE:
             ret["teacher_cache"] = TeacherEmbeddingCache.load(
@@ -556,43 +397,19 @@ class ImageAlignment(nn.Module):
                 f"from {g.TEACHER_CACHE}"
             )
         else:
-            from gridclip.clip import build_clip_teacher_from_cfg
-
-            teacher_cfg = cfg.clone()
-            ret["teacher_factory"] = lambda: build_clip_teacher_from_cfg(teacher_cfg)
+            ret["teacher_factory"] = functools.partial(build_clip_teacher_from_cfg, cfg.clone())
         return ret
 
     @property
     def teacher(self) -> Optional[nn.Module]:
         """The CLIP teacher (built on first access when given a factory); None with a cache."""
-        if self._teacher is None and self._teacher_factory is not None:
-            object.__setattr__(self, "_teacher", self._teacher_factory())
-            logger.info(
-                f"Built the CLIP image teacher ({type(self._teacher).__name__}, "
-                f"{self._teacher.extra_repr()})"
-            )
-        return self._teacher
-
-    def teacher_on(self, device) -> nn.Module:
-        """The online teacher, moved to ``device`` on first use there (lazily: the detector's
-        ``.to()`` does not see it)."""
-        teacher = self.teacher
-        if teacher.device != torch.device(device):
-            teacher.to(device)
-        return teacher
+        if self.teacher_cache is not None and not self.teacher_holder.available:
+            return None
+        return self.teacher_holder.get()
 
     def extra_repr(self) -> str:
         source = f"cache={self.teacher_cache.path}" if self.teacher_cache else "teacher=online"
-        pool = {
-            "mean": "mean",
-            "matched": "matched",
-            "max": f"max(T={self.temperature})",
-            "dense": f"dense(scale={self.dense_scale})",
-        }[self.pool]
-        return (
-            f"loss={self.loss_type}, pool={pool}, weight={self.weight}, grids={self.grids}, "
-            f"{source}"
-        )
+        return f"loss={self.loss_type}, weight={self.weight}, grids={self.grids}, {source}"
 
     @torch.no_grad()
     def teacher_embeddings(self, batched_inputs: List[Dict], device) -> List[torch.Tensor]:
@@ -602,7 +419,7 @@ class ImageAlignment(nn.Module):
                 self.teacher_cache.get(teacher_cache_key(x), self.grids) for x in batched_inputs
             ]
         else:
-            teacher = self.teacher_on(device)
+            teacher = self.teacher_holder.on(device)
             per_image = []
             for x in batched_inputs:
                 image = raw_rgb_image(x["image"].to(device), self.input_format)
@@ -655,97 +472,12 @@ class ImageAlignment(nn.Module):
         assert len(batched_inputs) == grid_embeddings[0].shape[0], "one input per image"
         device = grid_embeddings[0].device
         with torch.autocast(device_type=device.type, enabled=False):
-            if self.pool == "dense":
-                loss = self._dense_alignment_loss(
-                    grid_embeddings, strides, image_sizes, batched_inputs
-                )
-                return {"loss_image_align": loss * self.weight}
             teacher = self.teacher_embeddings(batched_inputs, device)
-            mirror = self.teacher_cache is not None
-            if self.pool in ("mean", "matched"):
-                if self.pool == "mean":
-                    student = pool_grid_embeddings(
-                        grid_embeddings, strides, image_sizes, self.grids, self.embed_dim
-                    )
-                else:
-                    assert len(self.anchor_sizes) == len(grid_embeddings), (
-                        f"{len(self.anchor_sizes)} anchor sizes (MODEL.ANCHOR_GENERATOR.SIZES) "
-                        f"for {len(grid_embeddings)} levels"
-                    )
-                    student = pool_matched_grid_embeddings(
-                        grid_embeddings,
-                        strides,
-                        image_sizes,
-                        self.grids,
-                        self.embed_dim,
-                        self.anchor_sizes,
-                    )
-                loss = self.alignment_loss(student, teacher, mirror)
-            else:
-                loss = self._instance_alignment_loss(
-                    grid_embeddings, strides, image_sizes, teacher, mirror
-                )
-        return {"loss_image_align": loss * self.weight}
-
-    def _dense_alignment_loss(self, grid_embeddings, strides, image_sizes, batched_inputs):
-        """``dense``: each location against the teacher's dense embedding at its centre."""
-        device = grid_embeddings[0].device
-        teacher = self.teacher_on(device)
-        per_level = [[] for _ in grid_embeddings]
-        for i, ((h, w), x) in enumerate(zip(image_sizes, batched_inputs)):
-            image = raw_rgb_image(x["image"].to(device), self.input_format)[:, :h, :w]
-            dense = teacher.embed_dense(image[None], self.dense_scale)[0]  # (D, th, tw)
-            student = [
-                valid_embeddings(emb, i, stride, h, w, self.embed_dim)
-                for emb, stride in zip(grid_embeddings, strides)
-            ]
-            shapes = [tuple(s.shape[-2:]) for s in student]
-            targets = sample_dense_targets(dense, strides, shapes, h, w)
-            for lvl, (s, t) in enumerate(zip(student, targets)):
-                t = t.to(s.dtype)[None]
-                if self.loss_type == "cosine":
-                    loss = 1.0 - (s * t).sum(dim=1)
-                else:
-                    loss = (s - t).abs().sum(dim=1)
-                per_level[lvl].append(loss.flatten())
-        return torch.stack([torch.cat(x).mean() for x in per_level]).mean()
-
-    def _instance_alignment_loss(self, grid_embeddings, strides, image_sizes, teacher, mirror):
-        """``max`` pooling: the student views depend on the teacher's, so a mirrored cached
-        teacher pools the student again."""
-
-        def per_grid(views):
-            sims, pooled = attention_pool_grid_embeddings(
-                grid_embeddings,
-                strides,
-                image_sizes,
-                self.grids,
-                self.embed_dim,
-                views,
-                self.temperature,
+            student = pool_grid_embeddings(
+                grid_embeddings, strides, image_sizes, self.grids, self.embed_dim
             )
-            if self.loss_type == "cosine":
-                return [1.0 - s for s in sims]
-            return [self._per_tile_loss(p, t) for p, t in zip(pooled, views)]
-
-        losses = [x.mean(dim=1) for x in per_grid(teacher)]
-        if mirror and any(g > 1 for g in self.grids):
-            flipped = [mirror_tiles(t, g) for t, g in zip(teacher, self.grids)]
-            losses = [
-                torch.minimum(a, b.mean(dim=1)) if g > 1 else a
-                for a, b, g in zip(losses, per_grid(flipped), self.grids)
-            ]
-        return torch.stack([x.mean() for x in losses]).mean()
-
-
-def level_anchor_sizes(cfg) -> List[float]:
-    """The first anchor size of each level of ``MODEL.RETINANET.IN_FEATURES`` (Detectron2
-    repeats a single list for every level)."""
-    sizes = cfg.MODEL.ANCHOR_GENERATOR.SIZES
-    levels = len(cfg.MODEL.RETINANET.IN_FEATURES)
-    if len(sizes) == 1:
-        sizes = list(sizes) * levels
-    return [float(s[0]) for s in sizes]
+            loss = self.alignment_loss(student, teacher, self.teacher_cache is not None)
+        return {"loss_image_align": loss * self.weight}
 
 
 def build_image_alignment(cfg) -> Optional[ImageAlignment]:

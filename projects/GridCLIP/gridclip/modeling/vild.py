@@ -19,11 +19,12 @@ Faster R-CNN R50-FPN whose box classifier is replaced by CLIP text embeddings:
   ``p = p_text^(1-w) * p_img^(w)`` per class with w = w_base or w_novel (background: w_base).
 
 Modules: ``vild_heads`` (output layers, ROI heads), ``fast_rcnn_topk`` (inference),
-``vild_teacher`` (offline teacher cache + mapper), this file (meta-architecture, backbone).
+``vild_teacher`` (offline teacher cache + mapper), this file (meta-architecture); the backbone
+is ``clip_backbone.build_clip_resnet_rcnn_fpn_backbone``.
 
-The frozen CLIP teacher is held by the :class:`ViLD` meta-architecture outside its module tree:
-it is not in ``state_dict`` (never saved in checkpoints) and is built lazily, only when online
-distillation needs it.
+The frozen CLIP teacher is held by the :class:`ViLD` meta-architecture outside its module tree
+(a :class:`~gridclip.modeling.teacher_holder.TeacherHolder`): it is not in ``state_dict`` (never
+saved in checkpoints) and is built lazily, only when online distillation needs it.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, GeneralizedRCNN
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..clip import build_clip_teacher_from_cfg
+from .clip_backbone import build_clip_resnet_rcnn_fpn_backbone
 from .fast_rcnn_topk import fast_rcnn_inference_topk
+from .teacher_holder import TeacherHolder
 from .text_classifier import check_text_embeddings
 from .vild_heads import (
     ViLDOutputLayers,
@@ -66,42 +68,7 @@ __all__ = [
 TEACHER_SOURCES = ("online", "cache")
 
 
-# ---------------------------------------------------------------------------------- backbone
-@BACKBONE_REGISTRY.register()
-def build_clip_resnet_rcnn_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """CLIP ModifiedResNet trunk + Faster R-CNN's FPN (P2-P5 + P6 by max-pool).
-
-    The two-stage counterpart of ``build_clip_resnet_fpn_backbone`` (RetinaNet's P3-P7), so
-    ViLD can start from the same CLIP trunk as GridCLIP. Uses ``MODEL.CLIP_RESNET.*`` for the
-    trunk and ``MODEL.FPN.IN_FEATURES / OUT_CHANNELS / NORM / FUSE_TYPE``.
-    """
-    from .clip_backbone import build_clip_resnet_backbone
-
-    bottom_up = build_clip_resnet_backbone(cfg, input_shape)
-    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
-    missing = [f for f in in_features if f not in bottom_up.output_shape()]
-    if missing:
-        raise ValueError(
-            f"MODEL.FPN.IN_FEATURES {in_features} asks for {missing}, which "
-            f"MODEL.CLIP_RESNET.OUT_FEATURES {list(cfg.MODEL.CLIP_RESNET.OUT_FEATURES)} lacks"
-        )
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=in_features,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
-
-
 # -------------------------------------------------------------------------- meta-architecture
-def _build_teacher(cfg):
-    from gridclip.clip import build_clip_teacher_from_cfg
-
-    return build_clip_teacher_from_cfg(cfg)
-
-
 @META_ARCH_REGISTRY.register()
 class ViLD(GeneralizedRCNN):
     """Faster R-CNN with ViLD's open-vocabulary ROI heads and online/cached CLIP distillation.
@@ -153,10 +120,18 @@ class ViLD(GeneralizedRCNN):
         self.teacher_source = teacher_source
         self.num_distill_proposals = int(num_distill_proposals)
         self.crop_scales = tuple(float(s) for s in crop_scales)
-        self._clip_teacher_builder = clip_teacher_builder
+        # A plain object, not a submodule: the teacher is never in state_dict / checkpoints.
+        self.teacher_holder = TeacherHolder(
+            clip_teacher,
+            clip_teacher_builder,
+            name="CLIP teacher of ViLD-image distillation",
+            missing_hint=(
+                ": online distillation needs one; build the model from a config (MODEL.CLIP) or "
+                "call model.set_clip_teacher(teacher)"
+            ),
+        )
         self._vocabulary_cfg = vocabulary_cfg
         self.class_names: Optional[List[str]] = list(class_names) if class_names else None
-        self.set_clip_teacher(clip_teacher)
         self.register_load_state_dict_post_hook(ViLD._forget_names_of_other_vocabulary)
 
     @classmethod
@@ -171,7 +146,7 @@ class ViLD(GeneralizedRCNN):
         metadata = _train_metadata(cfg)
         ret.update(
             {
-                "clip_teacher_builder": functools.partial(_build_teacher, cfg.clone()),
+                "clip_teacher_builder": functools.partial(build_clip_teacher_from_cfg, cfg.clone()),
                 "teacher_source": v.TEACHER,
                 "num_distill_proposals": v.NUM_DISTILL_PROPOSALS,
                 "crop_scales": v.CROP_SCALES,
@@ -186,23 +161,11 @@ class ViLD(GeneralizedRCNN):
     @property
     def clip_teacher(self) -> nn.Module:
         """The frozen CLIP image teacher (built on first access if a builder is known)."""
-        if self._clip_teacher is None:
-            if self._clip_teacher_builder is None:
-                raise RuntimeError(
-                    "ViLD: online distillation needs a CLIP teacher; build the model from a "
-                    "config (MODEL.CLIP) or call model.set_clip_teacher(teacher)"
-                )
-            logger.info("Building the frozen CLIP teacher for ViLD-image distillation")
-            self.set_clip_teacher(self._clip_teacher_builder())
-        return self._clip_teacher
+        return self.teacher_holder.get()
 
     def set_clip_teacher(self, teacher: Optional[nn.Module]) -> None:
         """Use ``teacher`` (kept outside the module tree: never in state_dict/checkpoints)."""
-        if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            teacher.eval()
-        object.__setattr__(self, "_clip_teacher", teacher)
+        self.teacher_holder.set(teacher)
 
     @property
     def distillation_enabled(self) -> bool:
@@ -307,10 +270,7 @@ class ViLD(GeneralizedRCNN):
                     "is_train=True) (train_net.py does this for META_ARCHITECTURE 'ViLD')"
                 )
             return [x["distill_proposals"][:N].to(self.device) for x in batched_inputs]
-        teacher = self.clip_teacher
-        teacher_param = next(iter(teacher.parameters()), None)
-        if teacher_param is not None and teacher_param.device != self.device:
-            teacher.to(self.device)  # follows the detector (e.g. after model.to("cuda"))
+        teacher = self.teacher_holder.on(self.device)  # follows the detector's device
         out = []
         for x, p in zip(batched_inputs, proposals):
             boxes = p.proposal_boxes[:N]
