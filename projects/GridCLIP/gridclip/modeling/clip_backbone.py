@@ -29,6 +29,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from torch import nn
 
+from ..clip import load_clip_from_cfg
+from ..clip.dense import attnpool_dense
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -165,8 +168,6 @@ def clip_visual_from_cfg(cfg) -> nn.Module:
     name = cfg.MODEL.CLIP.NAME
     if not init_from_clip and name in KNOWN_ARCHITECTURES:
         return _random_modified_resnet(KNOWN_ARCHITECTURES[name])
-    from gridclip.clip import load_clip_from_cfg
-
     # The shared, memoised instance: callers copy what they keep (CLIPResNet deep-copies the
     # trunk, DenseCLIPProjection the projections), so one model build copies CLIP once, not per
     # caller.
@@ -214,8 +215,6 @@ class DenseCLIPProjection(nn.Module):
 
     def forward(self, res5: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) res5 features -> (N, D, h, w) CLIP-space embeddings (not normalised)."""
-        from gridclip.clip.dense import attnpool_dense
-
         return attnpool_dense(self, res5.to(self.v_proj.weight.dtype))
 
 
