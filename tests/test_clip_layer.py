@@ -50,6 +50,7 @@ from gridclip.clip import (
     text_embeddings_from_cfg,
     tokenize_for_model,
 )
+from gridclip.utils.cache import load_cache
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 49407
@@ -414,7 +415,11 @@ def test_text_embedding_cache_hit_miss_and_corruption(tiny, tmp_path, caplog):
     first = get_text_embeddings(names, clip_loader=loader, **kw)
     assert loader.calls == 1 and first.shape == (3, 64)
     files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary files left behind
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temporary files left
+    tensors, provenance = load_cache(str(files[0]), "text_embeddings")
+    assert torch.equal(tensors["text_embeddings"], first)
+    assert provenance["clip"] == "tiny0" and provenance["num_classes"] == 3
+    assert provenance["prompts"] == load_prompts("single")
     second = get_text_embeddings(names, clip_loader=loader, **kw)
     assert loader.calls == 1, "a cache hit must not load CLIP"
     assert torch.equal(first, second)
@@ -424,21 +429,26 @@ def test_text_embedding_cache_hit_miss_and_corruption(tiny, tmp_path, caplog):
     get_text_embeddings(names, clip_loader=loader, **{**kw, "model_key": "tiny1"})
     assert loader.calls == 4 and len(list(cache.iterdir())) == 4
     # corrupt entries are recomputed with a warning, never used
-    for corruption in (b"garbage", None):
-        if corruption is None:
-            np.save(files[0], np.zeros((3, 64), dtype=np.float32))  # readable, but zero rows
+    zeros = torch.zeros(3, 64)
+    for corruption in ("garbage", "zero rows", "other provenance", "old .npy format"):
+        if corruption == "garbage":
+            files[0].write_bytes(b"garbage")
+        elif corruption == "zero rows":  # readable, right header, unusable values
+            save_text_embeddings(str(files[0]), zeros, provenance)
+        elif corruption == "other provenance":
+            save_text_embeddings(str(files[0]), first, dict(provenance, clip="another"))
         else:
-            files[0].write_bytes(corruption)
+            np.save(open(files[0], "wb"), first.numpy())
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="gridclip.clip.text"):
             again = get_text_embeddings(names, clip_loader=loader, **kw)
-        assert "corrupt" in caplog.text
+        assert "corrupt" in caplog.text and str(files[0]) in caplog.text
         torch.testing.assert_close(again, first)
-    assert loader.calls == 6
-    np.save(files[0], np.ones((2, 64), dtype=np.float32))  # wrong class count
+    assert loader.calls == 8
+    save_text_embeddings(str(files[0]), torch.ones(2, 64), provenance)  # wrong class count
     get_text_embeddings(names, clip_loader=loader, **kw)
-    assert loader.calls == 7
-    assert torch.equal(torch.from_numpy(np.load(files[0])), first)  # rewritten correctly
+    assert loader.calls == 9
+    assert torch.equal(load_text_embeddings(str(files[0])), first)  # rewritten correctly
 
 
 def test_text_embeddings_without_model_or_loader_or_cache(tiny, tmp_path):
@@ -450,7 +460,7 @@ def test_text_embeddings_without_model_or_loader_or_cache(tiny, tmp_path):
         get_text_embeddings([], tiny, model_key="k", cache_dir=None)
 
 
-@pytest.mark.parametrize("ext", [".npy", ".pt"])
+@pytest.mark.parametrize("ext", [".npy", ".pt", ".safetensors"])
 def test_save_and_load_text_embeddings(tmp_path, ext):
     emb = torch.randn(5, 8)
     path = save_text_embeddings(str(tmp_path / "sub" / f"emb{ext}"), emb)

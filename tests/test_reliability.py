@@ -29,6 +29,15 @@ from detectron2.utils.events import EventStorage
 from gridclip import get_gridclip_cfg
 from gridclip.clip import CLIPImageTeacher, CLIPWeightsError, clear_clip_memo, load_clip_from_cfg
 from gridclip.clip import loading as clip_loading
+from gridclip.clip.teacher_cache import (
+    TeacherCache,
+    TeacherCacheError,
+    TeacherEmbeddingCache,
+    cache_entry_path,
+    read_cache_entry,
+    write_cache_entry,
+    write_cache_meta,
+)
 from gridclip.data import datasets_root
 from gridclip.data.world import generate_world
 from gridclip.engine import AtomicCheckpointer, Trainer
@@ -600,3 +609,50 @@ def test_train_net_corrupt_clip_weights_fail_before_training(world, tmp_path):
     # default_setup wrote the config and the log; no checkpoint or results exist
     assert visible_checkpoints(out) == [] and not (out / "last_checkpoint").exists()
     assert not (out / "results.json").exists() and temp_files(out) == []
+
+
+# ------------------------------------------------------------------- teacher caches' format
+def test_gridclip_teacher_cache_round_trip_and_provenance_refusal(tmp_path):
+    cache = TeacherEmbeddingCache(8, [1, 2], {"clip": "aaaa", "teacher_input_size": 64})
+    cache.add("7", [torch.randn(1, 8), torch.randn(4, 8)])
+    path = cache.save(str(tmp_path / "teacher.safetensors"))
+    loaded = TeacherEmbeddingCache.load(path, embed_dim=8, grids=[2], expected_provenance={
+        "clip": "aaaa", "teacher_input_size": 64
+    })  # fmt: skip
+    assert loaded.keys() == ["7"] and loaded.provenance["grids"] == [1, 2]
+    torch.testing.assert_close(loaded.get("7")[1], cache.get("7")[1])
+    with pytest.raises(
+        ValueError, match=r'provenance\[\'clip\'\] is "aaaa" in the file but "bbbb"'
+    ):
+        TeacherEmbeddingCache.load(path, expected_provenance={"clip": "bbbb"})
+    torch.save({"format": "gridclip-teacher-cache", "version": 1}, str(tmp_path / "old.pt"))
+    with pytest.raises(ValueError, match=r"old\.pt is not a GridCLIP teacher cache.*rebuilt"):
+        TeacherEmbeddingCache.load(str(tmp_path / "old.pt"))
+
+
+def test_vild_teacher_cache_format_old_layout_and_truncation(tmp_path):
+    out = str(tmp_path / "vild")
+    write_cache_meta(out, {"clip": "aaaa", "embed_dim": 8, "crop_scales": [1.0]})
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    entry = dict(image_id=3, file_name="x.png", height=20, width=30, boxes=boxes)
+    entry["embeddings"] = torch.randn(1, 8)
+    path = cache_entry_path(out, 3)
+    write_cache_entry(path, entry)
+    assert path.endswith(".safetensors")
+    cache = TeacherCache(out, embed_dim=8)
+    assert cache.meta["clip"] == "aaaa"
+    got = cache.get(3, (20, 30))
+    assert got["file_name"] == "x.png" and got["embeddings"].dtype == torch.float16
+    with pytest.raises(TeacherCacheError, match="built for an image of 20x30"):
+        cache.get(3, (21, 30))
+    with open(path, "r+b") as f:
+        f.truncate(60)
+    with pytest.raises(TeacherCacheError, match=r"cannot read .*000000/3\.safetensors.*truncated"):
+        read_cache_entry(path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(
+        TeacherCacheError, match="no longer read.*cache_vild_teacher.py --overwrite"
+    ):
+        TeacherCache(str(old))

@@ -23,20 +23,20 @@ from detectron2.utils.events import EventStorage
 import gridclip  # noqa: F401
 from gridclip import get_gridclip_cfg
 from gridclip.clip import CLIPImageTeacher
+from gridclip.clip.teacher_cache import (
+    TeacherCache,
+    TeacherCacheError,
+    cache_entry_path,
+    read_cache_entry,
+    sliding_window_proposals,
+)
 from gridclip.data import register_lvis_format_dataset
+from gridclip.data.mapper import ViLDDatasetMapper
 from gridclip.modeling.vild import (
     ViLD,
     ViLDOutputLayers,
     ensemble_probabilities,
     fast_rcnn_inference_topk,
-)
-from gridclip.modeling.vild_teacher import (
-    TeacherCache,
-    TeacherCacheError,
-    ViLDDatasetMapper,
-    cache_entry_path,
-    read_cache_entry,
-    sliding_window_proposals,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

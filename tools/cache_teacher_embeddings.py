@@ -30,8 +30,12 @@ from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers the datasets)
 from gridclip import get_gridclip_cfg
-from gridclip.clip import build_clip_teacher_from_cfg, resolve_clip_weights
-from gridclip.modeling.image_alignment import TeacherEmbeddingCache, teacher_cache_key
+from gridclip.clip import build_clip_teacher_from_cfg
+from gridclip.clip.teacher_cache import (
+    TeacherEmbeddingCache,
+    gridclip_teacher_provenance,
+    teacher_cache_key,
+)
 
 logger = logging.getLogger("gridclip.tools.cache_teacher_embeddings")
 
@@ -69,11 +73,12 @@ def _open_cache(path, embed_dim, grids, meta, overwrite):
                 f"{path} holds {cache.embed_dim}-d embeddings for grids {cache.grids}, not "
                 f"{embed_dim}-d for grids {grids}; pass --overwrite to rebuild it"
             )
-        if cache.meta.get("clip_weights") != meta["clip_weights"]:
-            raise SystemExit(
-                f"{path} was built with CLIP {cache.meta.get('clip_weights')!r}, not "
-                f"{meta['clip_weights']!r}; pass --overwrite to rebuild it"
-            )
+        for key in ("clip", "teacher_input_size"):
+            if cache.meta.get(key) != meta[key]:
+                raise SystemExit(
+                    f"{path} was built with {key} {cache.meta.get(key)!r}, not {meta[key]!r}; "
+                    "pass --overwrite to rebuild it"
+                )
         logger.info(f"Resuming {path}: {len(cache)} images already embedded")
         return cache
     return TeacherEmbeddingCache(embed_dim, grids, meta)
@@ -100,13 +105,7 @@ def main(argv=None) -> str:
         logger.warning(f"device {device!r} is not available; using the CPU")
         device = "cpu"
 
-    meta = {
-        "dataset": dataset,
-        "clip_weights": resolve_clip_weights(
-            cfg.MODEL.CLIP.WEIGHTS, cfg.MODEL.CLIP.NAME, cfg.MODEL.CLIP.CACHE_DIR
-        ),
-        "input_size": int(cfg.MODEL.CLIP.TEACHER_INPUT_SIZE),
-    }
+    meta = gridclip_teacher_provenance(cfg, dataset)
     cache = _open_cache(output, int(cfg.MODEL.CLIP.EMBED_DIM), grids, meta, args.overwrite)
     dicts = DatasetCatalog.get(dataset)
     todo = [d for d in dicts if teacher_cache_key(d) not in cache]

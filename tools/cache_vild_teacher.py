@@ -11,7 +11,7 @@ Proposals per image (up to ``--num-proposals``, default MODEL.VILD.NUM_DISTILL_P
   image. ViLD uses the proposals of a trained detector in the same way.
 - otherwise: a deterministic class-agnostic set of multi-scale sliding windows (6 sizes from 10%
   to 90% of the shorter side, aspect ratios 1:2, 1:1, 2:1, 50% overlap, a fixed-seed subset),
-  which needs no trained detector (``gridclip.modeling.vild_teacher.sliding_window_proposals``).
+  which needs no trained detector (``gridclip.clip.teacher_cache.sliding_window_proposals``).
 
 Each box is embedded by the frozen CLIP of MODEL.CLIP (crops at MODEL.VILD.CROP_SCALES around
 the box, at MODEL.CLIP.TEACHER_INPUT_SIZE, embeddings summed and L2-normalised), from the
@@ -20,8 +20,8 @@ flip as to the image.
 
 Resumable and safe to interrupt: one file per image, written to a temporary file and renamed;
 images whose entry exists and validates are skipped, invalid entries are recomputed. A second
-run over a finished cache does no work. ``meta.json`` records the settings; resuming with other
-settings is refused (use another ``--output`` or ``--overwrite``).
+run over a finished cache does no work. ``meta.safetensors`` records the settings; resuming with
+other settings is refused (use another ``--output`` or ``--overwrite``).
 
 Examples::
 
@@ -50,7 +50,7 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers datasets and models)
 from gridclip import get_gridclip_cfg
 from gridclip.clip import build_clip_teacher_from_cfg, clip_model_key, resolve_clip_weights
-from gridclip.modeling.vild_teacher import (
+from gridclip.clip.teacher_cache import (
     META_FILE,
     TeacherCacheError,
     cache_entry_path,

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 import gridclip  # noqa: F401  (registers the datasets whose class names --dataset reads)
 from gridclip import get_gridclip_cfg
 from gridclip.clip import (
+    check_text_embeddings,
     clean_class_name,
     clip_model_key,
     get_text_embeddings,
@@ -34,7 +35,7 @@ from gridclip.clip import (
     resolve_clip_weights,
     save_text_embeddings,
 )
-from gridclip.modeling.text_classifier import check_text_embeddings, normalize_class_names
+from gridclip.modeling.vocabulary import normalize_class_names
 
 logger = logging.getLogger("gridclip.tools.dump_text_embeddings")
 

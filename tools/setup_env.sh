@@ -44,7 +44,7 @@ pip_install "setuptools<81"
 # detectron2's runtime dependencies (the fallback wheel's metadata omits some and pins numpy<2).
 pip_install fvcore iopath yacs termcolor tabulate cloudpickle tensorboard omegaconf hydra-core \
   matplotlib pycocotools Pillow packaging tqdm opencv-python-headless ftfy regex pytest \
-  pytest-timeout nbformat nbclient ipykernel
+  pytest-timeout nbformat nbclient ipykernel safetensors
 
 if "$PY" -c "import detectron2" >/dev/null 2>&1; then
   log "using the detectron2 already installed: $("$PY" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"

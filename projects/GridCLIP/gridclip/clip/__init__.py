@@ -1,4 +1,5 @@
-"""The CLIP layer: loading OpenAI CLIP weights, dense grid features, text embeddings, teacher.
+"""The CLIP layer: loading OpenAI CLIP weights, dense grid features, text embeddings (+ cache),
+the teacher and its caches.
 
 (This package is ``gridclip.clip``; OpenAI's code is the top-level ``clip`` module.)
 """
@@ -14,6 +15,7 @@ from .dense import (
     interpolate_positional_embedding,
     modified_resnet_features,
 )
+from .embeddings import check_text_embeddings, l2_normalize
 from .loading import (
     EMBEDDED_CLIP_PATH,
     CLIPWeightsError,
@@ -26,6 +28,7 @@ from .loading import (
     resolve_clip_weights,
 )
 from .teacher import CLIPImageTeacher, build_clip_teacher_from_cfg
+from .teacher_cache import TeacherCache, TeacherEmbeddingCache, teacher_cache_key
 from .text import (
     PROMPT_TEMPLATES,
     clean_class_name,
@@ -37,6 +40,7 @@ from .text import (
     save_text_embeddings,
     text_embeddings_cache_key,
     text_embeddings_from_cfg,
+    text_embeddings_provenance,
     tokenize_for_model,
 )
 
@@ -71,5 +75,11 @@ __all__ = [
     "save_text_embeddings",
     "text_embeddings_cache_key",
     "text_embeddings_from_cfg",
+    "text_embeddings_provenance",
     "tokenize_for_model",
+    "check_text_embeddings",
+    "l2_normalize",
+    "TeacherCache",
+    "TeacherEmbeddingCache",
+    "teacher_cache_key",
 ]

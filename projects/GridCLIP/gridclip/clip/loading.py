@@ -77,6 +77,9 @@ _HOW_TO_GET = (
 )
 
 
+_MEMO_LOCK = threading.Lock()  # guards the memos of loaded models and of content keys
+
+
 class CLIPWeightsError(RuntimeError):
     """CLIP weights are missing, unreadable or of an unexpected architecture."""
 
@@ -136,21 +139,31 @@ def resolve_clip_weights(
     )
 
 
-def clip_model_key(weights_path: str) -> str:
-    """A short stable id of a weights file, for cache keys (16 hex digits).
+_KEY_MEMO: Dict[Tuple[str, int, int], str] = {}
 
-    sha256 over the file size and its first and last MiB: cheap for 400 MB files and changes
-    whenever the weights are retrained or replaced.
+
+def clip_model_key(weights_path: str) -> str:
+    """Content key of a weights file (16 hex digits of the sha256 of its bytes), for cache
+    keys and cache provenance.
+
+    The whole file is hashed (about 1 s per GB), once per process per (path, size, mtime): two
+    files with the same bytes share a key wherever they live, and any change of a weight changes
+    it.
     """
-    chunk = 1 << 20
-    size = os.path.getsize(weights_path)
-    h = hashlib.sha256(str(size).encode())
-    with open(weights_path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(chunk, size - chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:16]
+    path = os.path.abspath(weights_path)
+    st = os.stat(path)
+    memo_key = (path, st.st_size, st.st_mtime_ns)
+    with _MEMO_LOCK:
+        key = _KEY_MEMO.get(memo_key)
+    if key is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        key = h.hexdigest()[:16]
+        with _MEMO_LOCK:
+            _KEY_MEMO[memo_key] = key
+    return key
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -278,7 +291,6 @@ def load_clip(
 
 
 _MEMO: Dict[Tuple, object] = {}
-_MEMO_LOCK = threading.Lock()
 
 
 def load_clip_from_cfg(cfg, copy_model: bool = True):
@@ -312,3 +324,4 @@ def clear_clip_memo() -> None:
     """Forget memoised CLIP models (tests, or to free memory)."""
     with _MEMO_LOCK:
         _MEMO.clear()
+        _KEY_MEMO.clear()

@@ -2,8 +2,10 @@
 
 A class embedding is the L2-normalised mean of the L2-normalised CLIP text embeddings of the
 class name in every prompt template (ViLD's prompt ensemble). Results are cached as
-``<cache_dir>/<key>.npy`` keyed by the CLIP weights, the names and the templates, so training
-and evaluation need no text encoder once a vocabulary has been seen.
+``<cache_dir>/<key>.safetensors`` (the project's cache format, :mod:`gridclip.utils.cache`, kind
+``text_embeddings``) keyed by the CLIP weights, the names and the templates, with those recorded
+in the header's provenance, so training and evaluation need no text encoder once a vocabulary
+has been seen.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..utils.cache import CacheError, load_cache, save_cache
+from ..utils.io import atomic_write
+from .embeddings import check_text_embeddings
 from .loading import clip_embed_dim, clip_model_key, load_clip_from_cfg, resolve_clip_weights
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,13 @@ __all__ = [
     "text_embeddings_from_cfg",
     "load_text_embeddings",
     "save_text_embeddings",
+    "text_embeddings_provenance",
+    "TEXT_EMBEDDINGS_KIND",
 ]
+
+#: ``kind`` of text-embedding caches and ``.safetensors`` files (:mod:`gridclip.utils.cache`).
+TEXT_EMBEDDINGS_KIND = "text_embeddings"
+_TOOL = "tools/dump_text_embeddings.py"
 
 #: Prompt-template sets; ``{}`` is replaced by the class name.
 PROMPT_TEMPLATES: Dict[str, List[str]] = {
@@ -263,6 +273,21 @@ def text_embeddings_cache_key(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
+def text_embeddings_provenance(
+    model_key: str, names: Sequence[str], templates: Sequence[str]
+) -> Dict[str, object]:
+    """What text embeddings are computed from, as recorded in their cache header: the CLIP
+    weights' content key, the number and sha256 of the class names, and the prompt templates."""
+    names = [str(n) for n in names]
+    digest = hashlib.sha256(json.dumps(names, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {
+        "clip": str(model_key),
+        "num_classes": len(names),
+        "class_names_sha256": digest,
+        "prompts": [str(t) for t in templates],
+    }
+
+
 def _validate(emb, num_classes: int, embed_dim: Optional[int]) -> Optional[str]:
     """Reason why a loaded (C, D) array is unusable, or None."""
     if emb.ndim != 2 or emb.shape[0] != num_classes:
@@ -308,15 +333,17 @@ def get_text_embeddings(
     )
     path = None
     expected_dim = clip_embed_dim(clip_model) if clip_model is not None else None
+    provenance = text_embeddings_provenance(model_key, names, templates)
     if cache_dir:
         key = text_embeddings_cache_key(model_key, names, templates)
-        path = os.path.join(os.path.expanduser(cache_dir), key + ".npy")
+        path = os.path.join(os.path.expanduser(cache_dir), key + ".safetensors")
         if os.path.isfile(path):
             try:
-                emb = np.load(path, allow_pickle=False)
+                tensors, _ = load_cache(path, TEXT_EMBEDDINGS_KIND, provenance)
+                emb = tensors["text_embeddings"].numpy()
                 reason = _validate(emb, len(names), expected_dim)
-            except Exception as e:  # truncated / not a .npy
-                reason = f"unreadable ({type(e).__name__}: {e})"
+            except (CacheError, KeyError) as e:  # truncated, foreign, or of another vocabulary
+                reason = f"unusable ({type(e).__name__}: {e})"
             if reason is None:
                 logger.info("Text embeddings (%d x %d) from cache %s", *emb.shape, path)
                 return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
@@ -333,43 +360,47 @@ def get_text_embeddings(
     emb = encode_text_embeddings(clip_model, names, templates, progress=progress)
     if path is not None:
         try:
-            save_text_embeddings(path, emb)
+            save_text_embeddings(path, emb, provenance)
             logger.info("Cached text embeddings (%d x %d) at %s", *emb.shape, path)
         except OSError as e:
             logger.warning("Could not write the text-embedding cache %s: %s", path, e)
     return emb
 
 
-def save_text_embeddings(path: str, emb) -> str:
-    """Write (C, D) embeddings atomically to ``.npy`` (float32) or ``.pt``; returns the path."""
+def save_text_embeddings(path: str, emb, provenance: Optional[Dict[str, object]] = None) -> str:
+    """Write (C, D) embeddings atomically; returns the path.
+
+    ``.safetensors``: the project's cache format (kind ``text_embeddings``) with ``provenance``
+    (see :func:`text_embeddings_provenance`) in its header. ``.npy`` (float32) or ``.pt``: a
+    plain array/tensor, for other tools (no provenance).
+    """
     path = os.path.expanduser(path)
     emb = torch.as_tensor(emb).detach().float().cpu()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.endswith(".pt"):
-                torch.save(emb, f)
-            else:
-                np.save(f, emb.numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if path.endswith(".safetensors"):
+        return save_cache(path, {"text_embeddings": emb}, TEXT_EMBEDDINGS_KIND, provenance or {})
+    with atomic_write(path, "wb") as f:
+        if path.endswith(".pt"):
+            torch.save(emb, f)
+        else:
+            np.save(f, emb.numpy())
     return path
 
 
 def load_text_embeddings(path: str) -> torch.Tensor:
-    """Read a (C, D) text-embedding file (``.npy``, or ``.pt`` holding a tensor/array or a dict
-    with one). Raises ValueError naming the file when it is missing or unreadable."""
+    """Read a (C, D) text-embedding file: the project's ``.safetensors`` cache format, a
+    ``.npy``, or a ``.pt`` holding a tensor/array or a dict with one. Raises ValueError naming
+    the file when it is missing or unreadable."""
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
         raise ValueError(
             f"Text-embedding file {full} (MODEL.CLIP.TEXT_EMBEDDINGS) does not exist. Write it "
-            f"with tools/dump_text_embeddings.py, or leave the key empty to compute embeddings."
+            f"with {_TOOL}, or leave the key empty to compute embeddings."
         )
+    if full.endswith(".safetensors"):
+        tensors, _ = load_cache(full, TEXT_EMBEDDINGS_KIND, hint=f"Regenerate it with {_TOOL}.")
+        if "text_embeddings" not in tensors:
+            raise ValueError(f"{full}: no 'text_embeddings' tensor (has {sorted(tensors)})")
+        return tensors["text_embeddings"].float()
     try:
         if full.endswith(".npy"):
             obj = np.load(full, allow_pickle=False)
@@ -384,7 +415,7 @@ def load_text_embeddings(path: str) -> torch.Tensor:
     except Exception as e:
         raise ValueError(
             f"Could not read text embeddings from {full} ({type(e).__name__}: {e}); expected a "
-            f"(C, D) array in .npy or .pt. Regenerate it with tools/dump_text_embeddings.py."
+            f"(C, D) array in .safetensors, .npy or .pt. Regenerate it with {_TOOL}."
         ) from e
 
 
@@ -395,8 +426,6 @@ def text_embeddings_from_cfg(cfg, names: Sequence[str]) -> torch.Tensor:
     MODEL.CLIP.EMBED_DIM). Otherwise computed with the CLIP of ``cfg`` (loaded only on a cache
     miss) for the cleaned names and MODEL.CLIP.PROMPTS, cached in MODEL.CLIP.TEXT_CACHE_DIR.
     """
-    from ..modeling.text_classifier import check_text_embeddings
-
     c = cfg.MODEL.CLIP
     names = list(names)
     if c.TEXT_EMBEDDINGS:

@@ -29,6 +29,8 @@ __all__ = [
     "filter_novel_annotations",
     "validate_dataset_dicts",
     "novel_class_mask",
+    "has_class_frequencies",
+    "NoClassFrequenciesError",
     "datasets_root",
     "DATASETS_README",
 ]
@@ -198,20 +200,50 @@ def _ensure_class_metadata(name: str) -> None:
     )
 
 
-def novel_class_mask(metadata) -> torch.Tensor:
-    """(C,) bool tensor, True for novel (frequency ``r``) classes of a dataset's metadata.
+class NoClassFrequenciesError(ValueError):
+    """A dataset without the LVIS ``class_frequencies`` metadata that tells novel classes."""
 
-    Raises a clear error when the metadata carries no ``class_frequencies``.
-    """
+
+def has_class_frequencies(dataset_name: str) -> bool:
+    """Whether :func:`novel_class_mask` can tell the novel classes of ``dataset_name``."""
+    metadata = MetadataCatalog.get(dataset_name)
     if hasattr(metadata, "json_file") and "class_frequencies" not in metadata.as_dict():
         _ensure_class_metadata(metadata.name)
-    freqs = getattr(metadata, "class_frequencies", None)
-    if freqs is None:
-        raise KeyError(
-            f"dataset {metadata.name!r} has no 'class_frequencies' metadata (f/c/r per class); "
-            "register it with gridclip.data.register_lvis_format_dataset"
+    return getattr(metadata, "class_frequencies", None) is not None
+
+
+def novel_class_mask(
+    dataset_name: str, num_classes: Optional[int] = None, *, setting: str = ""
+) -> torch.Tensor:
+    """(K,) bool tensor, True for the novel (LVIS frequency ``r``) classes of a dataset.
+
+    The one place that tells novel classes; models call it and add no message of their own.
+
+    Args:
+        dataset_name: a registered dataset (a ``Metadata`` entry is accepted too).
+        num_classes: the model's class count K, checked against the dataset's.
+        setting: the config key that asked for novel classes, named in the error.
+
+    Raises:
+        NoClassFrequenciesError: the dataset has no ``class_frequencies`` metadata.
+        ValueError: the dataset's class count differs from ``num_classes``.
+    """
+    name = dataset_name if isinstance(dataset_name, str) else dataset_name.name
+    if not has_class_frequencies(name):
+        needed = f", which {setting} True needs" if setting else ""
+        instead = f", or set {setting} False" if setting else ""
+        raise NoClassFrequenciesError(
+            f"dataset {name!r} has no 'class_frequencies' metadata (LVIS f/c/r per class) to tell "
+            f"novel classes{needed}; register it with "
+            f"gridclip.data.register_lvis_format_dataset{instead}"
         )
-    return torch.tensor([f == NOVEL_FREQUENCY for f in freqs], dtype=torch.bool)
+    frequencies = MetadataCatalog.get(name).class_frequencies
+    if num_classes is not None and len(frequencies) != int(num_classes):
+        raise ValueError(
+            f"dataset {name!r} has class_frequencies for {len(frequencies)} classes, the model has "
+            f"{int(num_classes)}"
+        )
+    return torch.tensor([f == NOVEL_FREQUENCY for f in frequencies], dtype=torch.bool)
 
 
 def register_lvis_v1_ovd(root: Optional[str] = None) -> None:

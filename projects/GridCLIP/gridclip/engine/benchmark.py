@@ -321,14 +321,14 @@ class BenchmarkAssets:
         return name
 
     def gridclip_teacher_cache(self, grids: Sequence[int], image_key: str) -> str:
-        from ..modeling.image_alignment import TeacherEmbeddingCache
+        from ..clip.teacher_cache import TeacherEmbeddingCache
 
         path = os.path.join(
             self.root, "gridclip_teacher_cache_" + "_".join(map(str, grids)) + ".pt"
         )
         if not os.path.isfile(path):
             d = self.architecture.embed_dim
-            cache = TeacherEmbeddingCache(d, grids, meta={"dataset": "benchmark (random)"})
+            cache = TeacherEmbeddingCache(d, grids, {"dataset": "benchmark (random)"})
             cache.add(image_key, [random_text_embeddings(g * g, d, self.seed + 7) for g in grids])
             cache.save(path)
         return path
@@ -336,7 +336,7 @@ class BenchmarkAssets:
     def vild_teacher_cache(
         self, image_id: int, height: int, width: int, num_proposals: int, crop_scales
     ) -> str:
-        from ..modeling.vild_teacher import (
+        from ..clip.teacher_cache import (
             cache_entry_path,
             sliding_window_proposals,
             write_cache_entry,
@@ -919,7 +919,7 @@ class TrainingJob:
         self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
         self.vild_cache = None
         if spec.family == "vild" and spec.teacher == "cache":
-            from ..modeling.vild_teacher import TeacherCache
+            from ..clip.teacher_cache import TeacherCache
 
             self.vild_cache = TeacherCache(
                 cfg.MODEL.VILD.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM

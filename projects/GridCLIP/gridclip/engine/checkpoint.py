@@ -2,8 +2,9 @@
 
 fvcore's ``Checkpointer`` writes every file through ``self.path_manager.open(path, "wb"/"w")``.
 Instead of re-implementing ``save``, :class:`AtomicCheckpointer` swaps in a path manager whose
-write-mode ``open`` goes to a temporary file in the same folder, fsyncs it and ``os.replace``-s it
-over the target on a clean close (and deletes it if the writer raised). Reading is unchanged.
+write-mode ``open`` is :func:`gridclip.utils.io.atomic_write` (a temporary file in the same
+folder, fsynced and ``os.replace``-d over the target on a clean close, deleted if the writer
+raised; the file mode follows the umask). Reading is unchanged.
 
 It also refuses to save non-finite weights (a diverged run must not overwrite good checkpoints with
 NaN/inf ones), turns a corrupt file into an error that says what to do, and on resume deletes the
@@ -15,70 +16,26 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import tempfile
 from typing import Any, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..utils.io import TEMP_SUFFIX, atomic_write
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointer", "atomic_open", "AtomicWritePathManager", "non_finite_entries"]
+__all__ = [
+    "AtomicCheckpointer",
+    "AtomicWritePathManager",
+    "atomic_open",
+    "atomic_write",
+    "make_atomic",
+    "non_finite_entries",
+]
 
-_TMP_SUFFIX = ".tmp"
-
-
-class _AtomicFile:
-    """A file object that becomes visible at ``path`` only when closed without error."""
-
-    def __init__(self, path: str, mode: str):
-        directory = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX, dir=directory
-        )
-        self._file = os.fdopen(fd, mode)
-        self._path = path
-        self._done = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
-    def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._path)
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.close()
-        try:
-            os.remove(self._tmp)
-        except FileNotFoundError:
-            pass
-
-
-def atomic_open(path: str, mode: str = "wb") -> _AtomicFile:
-    """Open ``path`` for writing such that it appears atomically on close (temp + rename)."""
-    if not any(m in mode for m in "wx") or "+" in mode:
-        raise ValueError(f"atomic_open is for writing a new file, got mode {mode!r}")
-    return _AtomicFile(path, mode.replace("x", "w"))
+#: Deprecated alias of :func:`gridclip.utils.io.atomic_write` (kept for existing callers).
+atomic_open = atomic_write
 
 
 class AtomicWritePathManager:
@@ -90,7 +47,7 @@ class AtomicWritePathManager:
     def open(self, path: str, mode: str = "r", **kwargs):
         local = "://" not in path
         if local and any(m in mode for m in "wx") and "+" not in mode:
-            return atomic_open(path, mode)
+            return atomic_write(path, mode)  # fvcore always writes inside ``with``
         return self._base.open(path, mode, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -136,7 +93,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _remove_stale_temp_files(self) -> None:
         """Delete ``.<file>.<random>.tmp`` files that a killed run left in ``save_dir``."""
-        for tmp in glob.glob(os.path.join(glob.escape(self.save_dir), ".*" + _TMP_SUFFIX)):
+        for tmp in glob.glob(os.path.join(glob.escape(self.save_dir), ".*" + TEMP_SUFFIX)):
             if not os.path.isfile(tmp):
                 continue
             logger.warning(f"Removing {tmp}: a checkpoint write interrupted by a previous run")

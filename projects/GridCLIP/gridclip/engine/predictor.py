@@ -23,13 +23,16 @@ import inspect
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from ..config import get_gridclip_cfg
+from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -42,107 +45,10 @@ __all__ = [
     "vocabulary_metadata",
 ]
 
-#: name -> what it is (see :func:`builtin_vocabulary`)
-BUILTIN_VOCABULARIES = {
-    "lvis": "LVIS v1's 1,203 categories",
-    "lvis_base": "LVIS v1 frequent + common categories (866, boxed in OVD training)",
-    "lvis_novel": "LVIS v1 rare categories (337, the OVD novel classes)",
-    "world": "the embedded world's 48 categories",
-    "world_base": "the embedded world's frequent + common categories (boxed in training)",
-    "world_novel": "the embedded world's rare categories (never boxed in training)",
-}
-
 #: small images are drawn enlarged to at least this many pixels on their longer side
 MIN_DRAWING_SIDE = 640
 
 Vocabulary = Union[str, os.PathLike, Sequence[str]]
-
-
-def builtin_vocabulary(name: str) -> List[str]:
-    """Class names of a built-in vocabulary (``BUILTIN_VOCABULARIES``), in category-id order.
-
-    ``*_base`` keeps LVIS frequencies ``f`` and ``c``, ``*_novel`` keeps ``r``.
-    """
-    key = str(name).strip().lower()
-    if key not in BUILTIN_VOCABULARIES:
-        raise KeyError(
-            f"unknown built-in vocabulary {name!r}; choose one of {sorted(BUILTIN_VOCABULARIES)} "
-            "or give class names (a list, a comma-separated string or a .txt file)"
-        )
-    source, _, subset = key.partition("_")
-    if source == "lvis":
-        from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
-
-        categories = sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
-    else:
-        from gridclip.data.world import world_categories
-
-        categories = world_categories()
-    keep = {"": "fcr", "base": "fc", "novel": "r"}[subset]
-    return [c["name"] for c in categories if c["frequency"] in keep]
-
-
-def _read_vocabulary_file(path: str) -> List[str]:
-    """One class name per line; blank lines and lines starting with ``#`` are skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read vocabulary file {path!r}: {e}") from e
-    names = [line.strip() for line in lines]
-    names = [n for n in names if n and not n.startswith("#")]
-    if not names:
-        raise ValueError(
-            f"vocabulary file {path!r} holds no class names (expected one name per line)"
-        )
-    return names
-
-
-def parse_vocabulary(vocabulary: Vocabulary) -> Tuple[List[str], str]:
-    """Turn what a user typed into ``(class_names, description)``.
-
-    Args:
-        vocabulary: a built-in name (``lvis``, ``world``, ``world_base``, ``world_novel``, ...),
-            a list/tuple of class names, a path to a text file with one name per line, or a
-            comma-separated string of names (``"red star, blue ring"``; one name is fine too).
-
-    Returns:
-        class_names: stripped names, non-empty, without duplicates (case-insensitive).
-        description: a short human description (for logs and titles).
-    """
-    from gridclip.modeling.text_classifier import normalize_class_names
-
-    if isinstance(vocabulary, os.PathLike):
-        vocabulary = os.fspath(vocabulary)
-    if isinstance(vocabulary, str):
-        text = vocabulary.strip()
-        if text.lower() in BUILTIN_VOCABULARIES:
-            names, description = builtin_vocabulary(text), f"built-in {text.lower()!r}"
-        elif os.path.isfile(os.path.expanduser(text)):
-            path = os.path.expanduser(text)
-            names, description = _read_vocabulary_file(path), f"file {path!r}"
-        elif text.lower().endswith(".txt") or (os.sep in text and "," not in text):
-            raise FileNotFoundError(
-                f"vocabulary file {text!r} does not exist (give an existing .txt file with one "
-                "class name per line, comma-separated names, or a built-in vocabulary: "
-                f"{sorted(BUILTIN_VOCABULARIES)})"
-            )
-        else:
-            names, description = text.split(","), "custom"
-    elif isinstance(vocabulary, (list, tuple)):
-        if any(not isinstance(n, str) for n in vocabulary):
-            raise TypeError(
-                "vocabulary: a list must hold class names (str); got "
-                f"{sorted({type(n).__name__ for n in vocabulary})}"
-            )
-        names, description = list(vocabulary), "custom"
-    else:
-        raise TypeError(
-            "vocabulary must be a built-in name, a list of class names, a comma-separated string "
-            f"or a .txt path; got {type(vocabulary).__name__}"
-        )
-    names = normalize_class_names(names, source=f"vocabulary ({description})")
-    return names, f"{description}, {len(names)} classes"
 
 
 def vocabulary_metadata(class_names: Sequence[str], prefix: str = "gridclip_vocabulary"):
@@ -252,8 +158,6 @@ class OpenVocabularyPredictor(DefaultPredictor):
     ) -> "OpenVocabularyPredictor":
         """Build from a config path or a name under ``projects/GridCLIP/configs`` (e.g.
         ``"embedded/GridCLIP_world.yaml"``), a checkpoint and config overrides."""
-        from gridclip.config import get_gridclip_cfg
-
         opts = list(opts)
         if weights:
             if not os.path.isfile(weights):

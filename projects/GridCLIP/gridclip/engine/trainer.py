@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -15,7 +16,8 @@ from detectron2.data import (
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
 
-from ..data.mapper import CheckedDatasetMapper
+from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
+from ..utils.io import atomic_write
 from .checkpoint import AtomicCheckpointer, make_atomic
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,6 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.META_ARCHITECTURE == "ViLD":
             # also attaches cached teacher proposals (MODEL.VILD.TEACHER "cache"), transformed
             # with the image's own resize/flip
-            from ..modeling.vild_teacher import ViLDDatasetMapper
-
             mapper = ViLDDatasetMapper(cfg, True)
         else:
             mapper = CheckedDatasetMapper(cfg, True)
@@ -125,10 +125,6 @@ class Trainer(DefaultTrainer):
 def write_results(cfg, results, filename: str = "results.json") -> str:
     """Write evaluation results (``{"bbox": {"AP": ...}}``) as JSON in ``cfg.OUTPUT_DIR``,
     atomically, with the config that produced them. Returns the path."""
-    import json
-
-    from .checkpoint import atomic_open
-
     path = os.path.join(cfg.OUTPUT_DIR, filename)
     payload = {
         "results": {task: dict(metrics) for task, metrics in results.items()},
@@ -136,7 +132,7 @@ def write_results(cfg, results, filename: str = "results.json") -> str:
         "weights": cfg.MODEL.WEIGHTS,
         "max_iter": cfg.SOLVER.MAX_ITER,
     }
-    with atomic_open(path, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=2, default=float)
     logger.info(f"Wrote evaluation results to {path}")
     return path

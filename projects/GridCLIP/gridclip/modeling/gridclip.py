@@ -44,7 +44,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
@@ -56,22 +55,17 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from ..data import novel_class_mask
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
-from .vocabulary import check_class_count, resolve_vocabulary
+from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg", "EMBED_KERNEL_SIZES"]
 
-def _vocabulary_dataset(cfg) -> Optional[str]:
-    if len(cfg.DATASETS.TRAIN):
-        return cfg.DATASETS.TRAIN[0]
-    if len(cfg.DATASETS.TEST):
-        return cfg.DATASETS.TEST[0]
-    return None
 
 
 def trained_class_mask_from_cfg(cfg, num_classes: int) -> Tensor:
@@ -84,23 +78,8 @@ def trained_class_mask_from_cfg(cfg, num_classes: int) -> Tensor:
     mask = torch.ones(num_classes, dtype=torch.bool)
     if not cfg.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING or not len(cfg.DATASETS.TRAIN):
         return mask
-    from gridclip.data import novel_class_mask
-
     name = cfg.DATASETS.TRAIN[0]
-    try:
-        novel = novel_class_mask(MetadataCatalog.get(name))
-    except KeyError:
-        raise ValueError(
-            f"MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING is True but dataset {name!r} has no "
-            "'class_frequencies' (LVIS f/c/r) metadata to tell novel classes; register it with "
-            "gridclip.data.register_lvis_format_dataset or set "
-            "MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING False"
-        )
-    if novel.numel() != num_classes:
-        raise ValueError(
-            f"dataset {name!r} has class_frequencies for {novel.numel()} classes, the model has "
-            f"{num_classes}"
-        )
+    novel = novel_class_mask(name, num_classes, setting="MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING")
     if bool(novel.all()):
         raise ValueError(
             f"dataset {name!r}: every class is novel (frequency 'r'); nothing to train"
@@ -220,35 +199,10 @@ class GridCLIP(RetinaNet):
         """The (K, D) class text embeddings of a config, checked against it and its dataset.
 
         ``MODEL.CLIP.TEXT_EMBEDDINGS`` if set, else CLIP text embeddings of the class names of
-        ``DATASETS.TRAIN[0]`` (or ``DATASETS.TEST[0]`` when there is no training set).
+        ``DATASETS.TRAIN[0]`` (or ``DATASETS.TEST[0]`` when there is no training set); see
+        :func:`gridclip.modeling.vocabulary.vocabulary_from_cfg`.
         """
-        name = _vocabulary_dataset(cfg)
-        metadata = MetadataCatalog.get(name) if name else None
-        thing_classes = getattr(metadata, "thing_classes", None) if metadata is not None else None
-        if cfg.MODEL.CLIP.TEXT_EMBEDDINGS:
-            text_embeddings, _ = resolve_vocabulary(cfg.MODEL.CLIP.TEXT_EMBEDDINGS)
-        elif thing_classes is not None:
-            text_embeddings, _ = resolve_vocabulary(list(thing_classes), cfg)
-        else:
-            raise ValueError(
-                "GridCLIP needs a vocabulary: set MODEL.CLIP.TEXT_EMBEDDINGS to a (C, D) .npy, or "
-                f"DATASETS.TRAIN/TEST to a registered dataset with thing_classes (got {name!r})"
-            )
-        if text_embeddings.shape[1] != cfg.MODEL.CLIP.EMBED_DIM:
-            raise ValueError(
-                f"text embeddings are {text_embeddings.shape[1]}-d but MODEL.CLIP.EMBED_DIM = "
-                f"{cfg.MODEL.CLIP.EMBED_DIM} ({cfg.MODEL.CLIP.TEXT_EMBEDDINGS or 'CLIP text'})"
-            )
-        check_class_count(text_embeddings, cfg, metadata)
-        if len(cfg.DATASETS.TEST) and len(cfg.DATASETS.TRAIN):
-            test_classes = getattr(MetadataCatalog.get(cfg.DATASETS.TEST[0]), "thing_classes", None)
-            if test_classes is not None and list(test_classes) != list(thing_classes or []):
-                logger.warning(
-                    f"DATASETS.TEST[0] {cfg.DATASETS.TEST[0]!r} has other classes than "
-                    f"DATASETS.TRAIN[0] {name!r}: call model.set_vocabulary(test classes) "
-                    "before evaluating"
-                )
-        return text_embeddings, list(thing_classes) if thing_classes is not None else None
+        return vocabulary_from_cfg(cfg)
 
     # ------------------------------------------------------------------------- vocabulary
     @property

@@ -40,9 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import tempfile
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +48,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
+from ..clip.teacher_cache import TeacherEmbeddingCache, teacher_cache_key
 from .teacher_holder import TeacherHolder
 
 logger = logging.getLogger(__name__)
@@ -64,18 +63,6 @@ __all__ = [
 ]
 
 ALIGN_LOSSES = ("l1", "cosine")
-
-
-def teacher_cache_key(dataset_dict: Dict) -> str:
-    """Key of an image in a teacher cache: its ``image_id``, else its file's base name."""
-    if dataset_dict.get("image_id") is not None:
-        return str(dataset_dict["image_id"])
-    if dataset_dict.get("file_name"):
-        return os.path.basename(dataset_dict["file_name"])
-    raise KeyError(
-        "an input has neither 'image_id' nor 'file_name'; the teacher cache cannot look it up "
-        "(set MODEL.GRIDCLIP.TEACHER_CACHE '' to run the CLIP teacher online)"
-    )
 
 
 def raw_rgb_image(image: torch.Tensor, input_format: str) -> torch.Tensor:
@@ -143,171 +130,6 @@ def mirror_tiles(tiles: torch.Tensor, g: int) -> torch.Tensor:
     shape = tiles.shape
     tiles = tiles.reshape(*shape[:-2], g, g, shape[-1]).flip(-2)
     return tiles.reshape(shape)
-
-
-class TeacherEmbeddingCache:
-    """Per-image CLIP teacher embeddings (whole image and tiles), stored in one file.
-
-    File content (``torch.save``): a dict with ``format``, ``version``, ``embed_dim``, ``grids``,
-    ``meta`` (free-form: dataset, CLIP weights, input size), ``keys`` (list of image keys, see
-    :func:`teacher_cache_key`) and ``embeddings``: (num_images, sum(g*g), D) float16,
-    L2-normalised, the views of each grid in order, tiles row-major.
-    """
-
-    FORMAT = "gridclip-teacher-cache"
-    VERSION = 1
-
-    def __init__(self, embed_dim: int, grids: Sequence[int], meta: Optional[Dict] = None):
-        self.embed_dim = int(embed_dim)
-        self.grids = [int(g) for g in grids]
-        assert self.grids and all(g >= 1 for g in self.grids), f"bad grids {grids}"
-        self.meta = dict(meta or {})
-        self.path: Optional[str] = None
-        self._index: Dict[str, int] = {}
-        self._rows: List[torch.Tensor] = []  # each (V, D) float16
-        self._stacked: Optional[torch.Tensor] = None
-        self._offsets = {}
-        start = 0
-        for g in self.grids:
-            self._offsets[g] = (start, start + g * g)
-            start += g * g
-        self.num_views = start
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, key: str) -> bool:
-        return str(key) in self._index
-
-    def keys(self) -> List[str]:
-        return list(self._index)
-
-    def add(self, key: str, tiles: Sequence[torch.Tensor]) -> None:
-        """Store the views of one image: ``tiles[j]`` is (g_j * g_j, D) for ``self.grids[j]``."""
-        assert len(tiles) == len(self.grids), f"expected views for grids {self.grids}"
-        for t, g in zip(tiles, self.grids):
-            assert tuple(t.shape) == (
-                g * g,
-                self.embed_dim,
-            ), f"views of grid {g} must be ({g * g}, {self.embed_dim}), got {tuple(t.shape)}"
-        row = F.normalize(torch.cat([t.detach().float().cpu() for t in tiles]), dim=-1).half()
-        key = str(key)
-        if key in self._index:
-            self._materialize()[self._index[key]] = row
-            return
-        self._index[key] = len(self._index)
-        self._rows.append(row)
-
-    def _materialize(self) -> torch.Tensor:
-        if self._rows:
-            parts = [self._stacked] if self._stacked is not None else []
-            self._stacked = torch.cat(parts + [torch.stack(self._rows)])
-            self._rows = []
-        if self._stacked is None:
-            self._stacked = torch.zeros((0, self.num_views, self.embed_dim), dtype=torch.float16)
-        return self._stacked
-
-    def get(self, key: str, grids: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
-        """Views of image ``key`` for ``grids`` (default: all stored): list of (g*g, D) float32."""
-        key = str(key)
-        if key not in self._index:
-            raise KeyError(
-                f"image {key!r} is not in the teacher cache {self.path or '(in memory)'} "
-                f"({len(self)} images, dataset {self.meta.get('dataset', '?')!r}). Rebuild it for "
-                "the training dataset with tools/cache_teacher_embeddings.py (it resumes), or set "
-                "MODEL.GRIDCLIP.TEACHER_CACHE '' to run the teacher online."
-            )
-        row = self._materialize()[self._index[key]].float()
-        out = []
-        for g in grids if grids is not None else self.grids:
-            if g not in self._offsets:
-                raise KeyError(
-                    f"teacher cache {self.path or '(in memory)'} holds grids {self.grids}, not {g} "
-                    "(MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS); rebuild it with --grids"
-                )
-            a, b = self._offsets[g]
-            out.append(row[a:b])
-        return out
-
-    def save(self, path: str) -> str:
-        """Write the cache atomically (a temporary file in the same folder, then rename)."""
-        path = os.path.abspath(os.path.expanduser(path))
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        content = {
-            "format": self.FORMAT,
-            "version": self.VERSION,
-            "embed_dim": self.embed_dim,
-            "grids": self.grids,
-            "meta": self.meta,
-            "keys": self.keys(),
-            "embeddings": self._materialize(),
-        }
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(content, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        self.path = path
-        return path
-
-    @classmethod
-    def load(
-        cls, path: str, embed_dim: Optional[int] = None, grids: Optional[Iterable[int]] = None
-    ) -> "TeacherEmbeddingCache":
-        """Read and validate a cache file.
-
-        Args:
-            embed_dim: expected D (MODEL.CLIP.EMBED_DIM); a mismatch is an error.
-            grids: grids the caller needs (MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS); each must be stored.
-        """
-        full = os.path.abspath(os.path.expanduser(path))
-        if not os.path.isfile(full):
-            raise FileNotFoundError(
-                f"teacher cache {full} (MODEL.GRIDCLIP.TEACHER_CACHE) does not exist; build it "
-                "with tools/cache_teacher_embeddings.py, or set the key to '' for an online teacher"
-            )
-        try:
-            content = torch.load(full, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"teacher cache {full} is unreadable ({type(e).__name__}: {e})") from e
-        if not isinstance(content, dict) or content.get("format") != cls.FORMAT:
-            raise ValueError(f"{full} is not a GridCLIP teacher cache (no format {cls.FORMAT!r})")
-        if content.get("version") != cls.VERSION:
-            raise ValueError(
-                f"teacher cache {full} has version {content.get('version')}, this code reads "
-                f"{cls.VERSION}; rebuild it with tools/cache_teacher_embeddings.py"
-            )
-        cache = cls(content["embed_dim"], content["grids"], content.get("meta"))
-        cache.path = full
-        emb, keys = content["embeddings"], list(content["keys"])
-        expected = (len(keys), cache.num_views, cache.embed_dim)
-        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != expected:
-            raise ValueError(
-                f"teacher cache {full}: embeddings of shape "
-                f"{tuple(getattr(emb, 'shape', ()))} do not match {expected} "
-                "(images, views, dim); the file is corrupt, rebuild it"
-            )
-        if embed_dim is not None and cache.embed_dim != int(embed_dim):
-            raise ValueError(
-                f"teacher cache {full} holds {cache.embed_dim}-d embeddings but the model's CLIP "
-                f"space is {embed_dim}-d (MODEL.CLIP.EMBED_DIM); it was built with another CLIP: "
-                "rebuild it with tools/cache_teacher_embeddings.py"
-            )
-        missing = [g for g in (grids or []) if int(g) not in cache.grids]
-        if missing:
-            raise ValueError(
-                f"teacher cache {full} holds grids {cache.grids} but "
-                f"MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS needs {sorted(set(int(g) for g in grids))}; "
-                "rebuild it with --grids"
-            )
-        cache._index = {k: i for i, k in enumerate(keys)}
-        cache._stacked = emb.half()
-        return cache
 
 
 class ImageAlignment(nn.Module):

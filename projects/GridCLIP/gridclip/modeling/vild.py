@@ -13,14 +13,15 @@ Faster R-CNN R50-FPN whose box classifier is replaced by CLIP text embeddings:
   ViLD's mean-L1 x D with the weight 0.5 ViLD uses for R50. The distilled proposals are extra
   RoIs beside the sampled ones (same box-head pass), not part of the CE / box losses.
   Teacher: ``online`` (CLIP on the current top-N RPN proposals each iteration) or ``cache``
-  (boxes + embeddings precomputed by ``tools/cache_vild_teacher.py``, see ``vild_teacher.py``).
+  (boxes + embeddings precomputed by ``tools/cache_vild_teacher.py``, see
+  ``gridclip.clip.teacher_cache``).
 - **ViLD-ensemble** (``MODEL.VILD.ENSEMBLE``): a second projection (image branch) trained only
   by distillation, the text branch only by CE; at test time
   ``p = p_text^(1-w) * p_img^(w)`` per class with w = w_base or w_novel (background: w_base).
 
 Modules: ``vild_heads`` (output layers, ROI heads), ``fast_rcnn_topk`` (inference),
-``vild_teacher`` (offline teacher cache + mapper), this file (meta-architecture); the backbone
-is ``clip_backbone.build_clip_resnet_rcnn_fpn_backbone``.
+``gridclip.clip.teacher_cache`` (offline teacher cache), ``gridclip.data.mapper`` (its mapper),
+this file (meta-architecture); the backbone is ``clip_backbone.build_clip_resnet_rcnn_fpn_backbone``.
 
 The frozen CLIP teacher is held by the :class:`ViLD` meta-architecture outside its module tree
 (a :class:`~gridclip.modeling.teacher_holder.TeacherHolder`): it is not in ``state_dict`` (never
@@ -48,10 +49,10 @@ from .text_classifier import check_text_embeddings
 from .vild_heads import (
     ViLDOutputLayers,
     ViLDROIHeads,
-    _train_metadata,
     ensemble_probabilities,
     vild_text_embeddings_from_cfg,
 )
+from .vocabulary import dataset_class_names, novel_mask_by_name, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ TEACHER_SOURCES = ("online", "cache")
 class ViLD(GeneralizedRCNN):
     """Faster R-CNN with ViLD's open-vocabulary ROI heads and online/cached CLIP distillation.
 
-    Inputs are Detectron2's (``DatasetMapper`` / :class:`~gridclip.modeling.vild_teacher.
+    Inputs are Detectron2's (``DatasetMapper`` / :class:`~gridclip.data.mapper.
     ViLDDatasetMapper` dicts); images in ``INPUT.FORMAT`` (RGB with CLIP's pixel mean/std in
     the shipped configs). The frozen CLIP teacher is not a submodule: not in ``state_dict``,
     built on first use by online distillation (or given with :meth:`set_clip_teacher`), moved
@@ -143,7 +144,6 @@ class ViLD(GeneralizedRCNN):
                 "MODEL.VILD.TEACHER is 'cache' but MODEL.VILD.TEACHER_CACHE is empty: build a "
                 "cache with tools/cache_vild_teacher.py and set its directory"
             )
-        metadata = _train_metadata(cfg)
         ret.update(
             {
                 "clip_teacher_builder": functools.partial(build_clip_teacher_from_cfg, cfg.clone()),
@@ -153,8 +153,7 @@ class ViLD(GeneralizedRCNN):
                 "vocabulary_cfg": cfg.clone(),
             }
         )
-        names = getattr(metadata, "thing_classes", None)
-        ret["class_names"] = list(names) if names is not None else None
+        ret["class_names"] = dataset_class_names(cfg)
         return ret
 
     # --------------------------------------------------------------------------- teacher
@@ -198,23 +197,15 @@ class ViLD(GeneralizedRCNN):
         base iff it was a base class of the current vocabulary under the same name
         (case-insensitive); with embeddings, every class is novel.
         """
-        from .vocabulary import resolve_vocabulary
-
         text_embeddings, names = resolve_vocabulary(vocabulary, self._vocabulary_cfg)
         predictor = self.roi_heads.box_predictor
         text_embeddings = check_text_embeddings(
             text_embeddings, embed_dim=predictor.embed_dim, source="ViLD vocabulary"
         )
-        old_names = self.class_names
-        if novel_class_mask is None and names is not None and old_names is not None:
-            from gridclip.clip import clean_class_name
-
-            def key(name):
-                return clean_class_name(name).lower()
-
-            old_novel = predictor.novel_class_mask.tolist()
-            base = {key(n) for n, novel in zip(old_names, old_novel) if not novel}
-            novel_class_mask = torch.tensor([key(n) not in base for n in names])
+        if novel_class_mask is None and names is not None and self.class_names is not None:
+            novel_class_mask = novel_mask_by_name(
+                names, self.class_names, predictor.novel_class_mask
+            )
         predictor.set_vocabulary(text_embeddings, novel_class_mask)
         self.class_names = names
         logger.info(
@@ -266,7 +257,7 @@ class ViLD(GeneralizedRCNN):
             if "distill_proposals" not in batched_inputs[0]:
                 raise KeyError(
                     "MODEL.VILD.TEACHER is 'cache' but the inputs carry no 'distill_proposals': "
-                    "build the training loader with gridclip.modeling.ViLDDatasetMapper(cfg, "
+                    "build the training loader with gridclip.data.ViLDDatasetMapper(cfg, "
                     "is_train=True) (train_net.py does this for META_ARCHITECTURE 'ViLD')"
                 )
             return [x["distill_proposals"][:N].to(self.device) for x in batched_inputs]

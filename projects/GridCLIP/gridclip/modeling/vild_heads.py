@@ -10,7 +10,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
@@ -19,8 +18,10 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..data import has_class_frequencies, novel_class_mask
 from .fast_rcnn_topk import fast_rcnn_inference_topk
 from .text_classifier import TextEmbeddingClassifier, check_text_embeddings, l2_normalize
+from .vocabulary import vocabulary_dataset, vocabulary_from_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -33,47 +34,24 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------- helpers
-def _train_metadata(cfg):
-    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
-    if not names:
-        raise ValueError("ViLD needs DATASETS.TRAIN (or DATASETS.TEST) to know its classes")
-    return MetadataCatalog.get(names[0])
-
-
 def vild_text_embeddings_from_cfg(cfg) -> Tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings and novel-class mask of the training dataset of ``cfg``.
 
     Returns:
-        text_embeddings: (C, D) from ``gridclip.clip.text_embeddings_from_cfg`` for the
-            dataset's ``thing_classes`` (checked against ROI_HEADS.NUM_CLASSES).
+        text_embeddings: (C, D) from :func:`gridclip.modeling.vocabulary.vocabulary_from_cfg`
+            (the dataset's ``thing_classes``, checked against ROI_HEADS.NUM_CLASSES).
         novel_class_mask: (C,) bool, True for LVIS frequency ``r``; all False when the
             dataset has no frequencies (then IGNORE_NOVEL_IN_TRAINING must be off).
     """
-    from gridclip.clip import text_embeddings_from_cfg
-    from gridclip.data import novel_class_mask
-
-    from .vocabulary import check_class_count
-
-    metadata = _train_metadata(cfg)
-    thing_classes = getattr(metadata, "thing_classes", None)
-    if thing_classes is None:
-        raise ValueError(
-            f"dataset {metadata.name!r} has no 'thing_classes' metadata: ViLD needs the class "
-            "names to build its text classifier (register it with gridclip.data)"
-        )
-    text_embeddings = text_embeddings_from_cfg(cfg, thing_classes)
-    check_class_count(text_embeddings, cfg, metadata)
-    try:
-        novel = novel_class_mask(metadata)
-    except KeyError:
-        if cfg.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING:
-            raise ValueError(
-                f"MODEL.VILD.IGNORE_NOVEL_IN_TRAINING is True but dataset {metadata.name!r} has "
-                "no 'class_frequencies' (LVIS f/c/r) metadata to tell novel classes; register it "
-                "with gridclip.data.register_lvis_format_dataset or set "
-                "MODEL.VILD.IGNORE_NOVEL_IN_TRAINING False"
-            )
-        novel = torch.zeros(len(thing_classes), dtype=torch.bool)
+    name = vocabulary_dataset(cfg)
+    if name is None:
+        raise ValueError("ViLD needs DATASETS.TRAIN (or DATASETS.TEST) to know its classes")
+    text_embeddings, _ = vocabulary_from_cfg(cfg)
+    num_classes = text_embeddings.shape[0]
+    if cfg.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING or has_class_frequencies(name):
+        novel = novel_class_mask(name, num_classes, setting="MODEL.VILD.IGNORE_NOVEL_IN_TRAINING")
+    else:
+        novel = torch.zeros(num_classes, dtype=torch.bool)
     return text_embeddings, novel
 
 
