@@ -1,6 +1,5 @@
 """The embedded world (generator, LVIS format, registration) and the shipped small CLIP."""
 
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import gridclip  # noqa: F401  (registers datasets)
+from gridclip.clip.small_clip import SMALL_CLIP_ARCH, SMALL_CLIP_WEIGHTS
 from gridclip.data import world
 from gridclip.data.world import (
     generate_world,
@@ -18,6 +18,10 @@ from gridclip.data.world import (
     world_categories,
     world_params,
 )
+from gridclip_tools import make_world
+from gridclip_tools.small_clip_data import ScenePool, caption_for
+from gridclip_tools.small_clip_eval import zero_shot_accuracy
+from gridclip_tools.small_clip_training import multi_positive_clip_loss
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(preset="ci", num_train=12, num_val=4, image_size=96)
@@ -184,13 +188,11 @@ def test_missing_world_says_how_to_make_it(tmp_path):
 
 
 def test_make_world_tool_prints_summary(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "make_world_tool", os.path.join(REPO_ROOT, "tools", "make_world.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     root = str(tmp_path / "w")
-    assert tool.main(["--root", root, "--preset", "ci", "--num-train", "3", "--num-val", "2"]) == 0
+    assert (
+        make_world.main(["--root", root, "--preset", "ci", "--num-train", "3", "--num-val", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train: 3 images" in out and "val  : 2 images" in out
     assert os.path.isfile(os.path.join(root, "annotations", "val.json"))
@@ -198,8 +200,6 @@ def test_make_world_tool_prints_summary(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------- small CLIP
 def test_multi_positive_clip_loss_golden():
-    from gridclip.clip.small_clip import multi_positive_clip_loss
-
     eye = torch.eye(2)
     scale = torch.tensor(0.0)  # logit scale 1: logits = identity
     distinct = multi_positive_clip_loss(eye, eye, scale, [frozenset({1}), frozenset({2})])
@@ -211,8 +211,6 @@ def test_multi_positive_clip_loss_golden():
 def test_captions_fit_the_context_length():
     import clip
 
-    from gridclip.clip.small_clip import SMALL_CLIP_ARCH, caption_for
-
     longest = sorted(range(1, 49), key=lambda c: -len(world_categories()[c - 1]["name"]))[:4]
     rng = np.random.default_rng(0)
     captions = [caption_for(longest, rng) for _ in range(50)]
@@ -222,8 +220,6 @@ def test_captions_fit_the_context_length():
 
 def test_shipped_small_clip_loads_is_small_and_zero_shot_works():
     from clip.model import ModifiedResNet, build_model
-
-    from gridclip.clip.small_clip import SMALL_CLIP_WEIGHTS, zero_shot_accuracy
 
     assert os.path.isfile(SMALL_CLIP_WEIGHTS), "run tools/train_small_clip.py"
     assert os.path.getsize(SMALL_CLIP_WEIGHTS) < 10 * 1024 * 1024
@@ -238,8 +234,6 @@ def test_shipped_small_clip_loads_is_small_and_zero_shot_works():
 
 
 def test_scene_pool_views_captions_and_refresh():
-    from gridclip.clip.small_clip import ScenePool
-
     pool = ScenePool(6, seed=1, image_size=96, require_all_classes=False)
     rng = np.random.default_rng(0)
     views, captions, keys = pool.sample_batch(rng, 12, crop_fraction=0.5)
