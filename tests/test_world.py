@@ -9,7 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import gridclip  # noqa: F401  (registers datasets)
-from gridclip.clip.small_clip import SMALL_CLIP_ARCH, SMALL_CLIP_WEIGHTS
+from gridclip.clip.small_clip import SMALL_CLIP_ARCH, SMALL_CLIP_WEIGHTS, load_small_clip
 from gridclip.data import world
 from gridclip.data.world import (
     generate_world,
@@ -18,7 +18,7 @@ from gridclip.data.world import (
     world_categories,
     world_params,
 )
-from gridclip_tools import make_world
+from gridclip_tools import make_world, small_clip_training
 from gridclip_tools.small_clip_data import ScenePool, caption_for
 from gridclip_tools.small_clip_eval import zero_shot_accuracy
 from gridclip_tools.small_clip_training import multi_positive_clip_loss
@@ -251,3 +251,31 @@ def test_scene_pool_views_captions_and_refresh():
     assert pool.obj_scene.max() < 6 and len(pool.obj_scene) == len(pool.obj_box)
     for c, idx in enumerate(pool.per_class):
         assert (pool.obj_category[idx] == c + 1).all() and pool.obj_ok[idx].all()
+
+
+def test_small_clip_training_command_writes_the_shipped_format(tmp_path):
+    """``tools/train_small_clip.py``'s code, a few steps: the fp16 weights load back with
+    ``build_model``, and the JSON and Markdown reports are written (atomically, whole)."""
+    weights, report_md = tmp_path / "clip.pt", tmp_path / "clip.md"
+    threads = torch.get_num_threads()
+    try:
+        args = ["--output", str(weights), "--report-md", str(report_md), "--steps", "2"]
+        args += ["--batch-size", "8", "--pool-scenes", "150", "--eval-every", "0"]
+        assert small_clip_training.main(args + ["--eval-per-class", "1", "--no-bf16"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(os.listdir(tmp_path)) == ["clip.json", "clip.md", "clip.pt"]  # no temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask
+    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state_dict.values() if v.is_floating_point())
+    model = load_small_clip(str(weights))
+    assert model.visual.attnpool.k_proj.in_features == 512 and model.context_length == 32
+    with open(tmp_path / "clip.json") as f:
+        report = json.load(f)
+    assert report["recipe"]["steps"] == 2 and np.isfinite(report["final_loss"])
+    assert report["zero_shot"]["num_per_class"] == 1
+    assert len(report["zero_shot"]["per_class"]) == 48
+    assert 0.0 <= report["scene_retrieval"]["map_named"] <= 1.0
+    assert "## Zero-shot accuracy" in report_md.read_text()

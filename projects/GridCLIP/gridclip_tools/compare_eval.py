@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers datasets, so --dataset can be checked)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
-from gridclip.engine.checkpoint import atomic_open
+from gridclip.utils.io import atomic_write
 
 TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
 
@@ -214,10 +214,10 @@ def write_outputs(records, datasets, output_dir) -> str:
     md += ["n/a: the dataset has no ground truth of that kind (e.g. no large objects).", ""]
     md += ["Runs (`train_net.py --eval-only`):", ""]
     md += [f"- **{r['name']}**: `{r['config']}` + `{r['weights']}`" for r in records]
-    with atomic_open(os.path.join(output_dir, "comparison.md"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "comparison.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     payload = {"datasets": datasets, "runs": records}
-    with atomic_open(os.path.join(output_dir, "comparison.json"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "comparison.json"), "w") as f:
         json.dump(payload, f, indent=2, default=float)
     return table
 

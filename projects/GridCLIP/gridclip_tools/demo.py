@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
-from gridclip.engine.checkpoint import atomic_open
 from gridclip.engine.predictor import (
     BUILTIN_VOCABULARIES,
     OpenVocabularyPredictor,
     parse_vocabulary,
 )
+from gridclip.utils.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
     )
     if args.output:
         path = os.path.join(args.output, "detections.json")
-        with atomic_open(path, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(result, f, indent=2)
         logger.info(f"Wrote {len(records)} PNGs and {path}")
     else:

@@ -38,7 +38,7 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
 from gridclip.data import datasets_root
 from gridclip.data.world import generate_world, register_world
-from gridclip.engine.checkpoint import atomic_open
+from gridclip.utils.io import atomic_write
 
 from .measure import load_images, time_inference, train_seconds_per_iter
 
@@ -145,7 +145,7 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
         os.replace(out_dir, previous)
         print(f"    {out_dir} held a run of another config: moved to {previous}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    with atomic_open(started_path, "w") as f:
+    with atomic_write(started_path, "w") as f:
         f.write(key)  # a killed run of this same config resumes from its last checkpoint
     cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
     cmd += list(opts)
@@ -172,11 +172,11 @@ def _finish(proc) -> None:
         )
     if not os.path.isfile(results_path):
         raise RuntimeError(f"training {name} wrote no {results_path}")
-    with atomic_open(os.path.join(out_dir, "run_key.txt"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "run_key.txt"), "w") as f:
         f.write(key)
     results = json.load(open(results_path))
     results["train_wall_s"] = time.perf_counter() - start
-    with atomic_open(results_path, "w") as f:
+    with atomic_write(results_path, "w") as f:
         json.dump(results, f, indent=2)
 
 
@@ -279,9 +279,9 @@ def write_outputs(summary, output_dir):
         f"Machine: {summary['machine']}. Preset `{summary['preset']}`. "
         f"Produced by `{summary['command']}` in {summary['wall_s'] / 60:.1f} min.\n"
     )
-    with atomic_open(os.path.join(output_dir, "comparison.md"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "comparison.md"), "w") as f:
         f.write(md)
-    with atomic_open(os.path.join(output_dir, "summary.json"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n" + table)
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .measure import Predictor, sync_device
-
-if TYPE_CHECKING:
-    from .training import TrainingJob
+from .training import TrainingJob
 
 __all__ = [
     "INFERENCE_PROFILE_LABELS",
@@ -138,7 +136,7 @@ TRAIN_PROFILE_LABELS = (
 )
 
 
-def profile_training(job: "TrainingJob", path: str, top: int = 30) -> List:
+def profile_training(job: TrainingJob, path: str, top: int = 30) -> List:
     """One profiled training iteration of ``job`` (torch.profiler, CPU and CUDA when present),
     the losses and teachers labelled (``TRAIN_PROFILE_LABELS``); writes the op table sorted by
     total time to ``path``; returns the top ops by self time as [name, self ms, total ms,
