@@ -1,8 +1,12 @@
 import json
 import os
 
+import numpy as np
 import pytest
+import tiny_models
 import torch
+
+from gridclip_tools import embedded_demo
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -64,18 +68,31 @@ def ci_demo(tmp_path_factory):
     """One CI-sized run of the embedded demo pipeline (tiny world, 20 iterations per model),
     shared by every test that needs trained embedded models. Returns the summary dict; the
     models are under ``summary["output_dir"]/<name>/model_final.pth``."""
-    import importlib.util
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "run_embedded_demo", root / "tools/run_embedded_demo.py"
-    )
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     out = tmp_path_factory.mktemp("ci_demo")
-    summary = demo.main(
+    summary = embedded_demo.main(
         ["--preset", "ci", "--output-dir", str(out), "--timing-images", "3", "--num-vis", "2"]
     )
     summary["output_dir"] = str(out)
     return summary
+
+
+@pytest.fixture(scope="module")
+def assets(request, tmp_path_factory):
+    """A tiny random CLIP saved in OpenAI's format and (K, D) random text embeddings, per test
+    module: ``{"clip": path, "weights": path (the same file), "text": path, "root": folder,
+    "model": the CLIP module}`` (``tiny_models.tiny_clip_opts`` turns it into config overrides).
+
+    The requesting module sets the sizes with its constants ``D`` (joint-space dimension,
+    default 64) and ``K`` (classes, default 5), and the CLIP with a ``make_tiny_clip()``
+    function when it has one (else ``tiny_models.make_tiny_clip(D)``).
+    """
+    module = request.module
+    dim, num_classes = getattr(module, "D", 64), getattr(module, "K", 5)
+    make_clip = getattr(module, "make_tiny_clip", None)
+    model = make_clip() if make_clip is not None else tiny_models.make_tiny_clip(dim)
+    root = tmp_path_factory.mktemp("tiny_assets")
+    weights = str(root / "tiny_clip.pt")
+    torch.save(model.state_dict(), weights)
+    text = str(root / f"text{num_classes}.npy")
+    np.save(text, np.random.RandomState(0).randn(num_classes, dim).astype("float32"))
+    return {"clip": weights, "weights": weights, "text": text, "root": root, "model": model}

@@ -3,6 +3,12 @@
 import json
 import math
 import os
+import pathlib
+import shutil
+
+from gridclip_tools import embedded_demo as demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_ci_demo_writes_every_output(ci_demo):
@@ -47,14 +53,6 @@ def test_ci_demo_ablation_really_disables_image_alignment(ci_demo):
 
 
 def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):
-    import importlib.util
-    import pathlib
-    import shutil
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("demo2", root / "tools/run_embedded_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     out = str(tmp_path / "copy")  # a copy: the shared fixture's outputs stay as they are
     shutil.copytree(ci_demo["output_dir"], out)
     before = os.path.getmtime(os.path.join(out, "vild", "model_final.pth"))
@@ -77,13 +75,6 @@ def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):
 
 
 def test_demo_progress_reads_metrics(tmp_path):
-    import importlib.util
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("demo3", root / "tools/run_embedded_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     assert demo._progress(str(tmp_path), 300) == "0/300"
     with open(tmp_path / "metrics.json", "w") as f:
         f.write(json.dumps({"iteration": 19, "total_loss": 1.0}) + "\n")
@@ -96,13 +87,6 @@ def test_demo_progress_reads_metrics(tmp_path):
 def test_demo_never_resumes_a_run_of_another_config(tmp_path, monkeypatch):
     """A changed config must not `--resume` from the old checkpoints (another model); a killed
     run of the same config must."""
-    import importlib.util
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("demo4", root / "tools/run_embedded_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     fake = tmp_path / "fake_train_net.py"  # records its argv, writes what train_net.py writes
     fake.write_text(
         "import json, os, sys\n"
@@ -132,14 +116,7 @@ def test_demo_never_resumes_a_run_of_another_config(tmp_path, monkeypatch):
 
 def test_demo_run_key_follows_the_resolved_config(tmp_path):
     """A change anywhere in the _BASE_ chain retrains; the output folder does not matter."""
-    import importlib.util
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("demo5", root / "tools/run_embedded_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    base = root / "projects/GridCLIP/configs/Base-GridCLIP.yaml"
+    base = ROOT / "projects/GridCLIP/configs/Base-GridCLIP.yaml"
     (tmp_path / "base.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 7\n')
     leaf = tmp_path / "leaf.yaml"
     leaf.write_text('_BASE_: "base.yaml"\nMODEL:\n  WEIGHTS: ""\n')

@@ -2,7 +2,6 @@
 the open-vocabulary predictor, ``tools/demo.py``, the notebook (headless) and
 ``tools/compare_eval.py`` (``--eval-only`` comparison with expected-results regressions)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,17 +11,13 @@ import sys
 import numpy as np
 import pytest
 
+from gridclip_tools import compare_eval as compare
+from gridclip_tools import demo
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: subprocesses run single-threaded: on a busy shared CPU, intra-op threads only contend
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 NOTEBOOK = ROOT / "projects/GridCLIP/notebooks/GridCLIP_demo.ipynb"
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(ci_demo, name):
@@ -256,7 +251,6 @@ def test_demo_tool_writes_pngs_and_json(ci_demo, val_image, tmp_path):
 
 
 def test_demo_tool_errors_are_clear(ci_demo, tmp_path, capsys):
-    demo = _load_tool("demo")
     config, weights, opts = _run(ci_demo, "gridclip")
     image_dir = tmp_path / "imgs"
     image_dir.mkdir()
@@ -397,7 +391,6 @@ def test_compare_eval_table_and_expected_results_regression(ci_demo, tmp_path):
 
 
 def test_compare_eval_table_and_argument_errors(tmp_path, capsys):
-    compare = _load_tool("compare_eval")
     records = [
         {
             "name": "a",

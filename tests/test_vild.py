@@ -1,9 +1,7 @@
 """ViLD baseline: meta-arch, ROI heads, output layers, teacher cache + tool (tiny CPU models)."""
 
-import importlib.util
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -38,6 +36,7 @@ from gridclip.modeling.vild import (
     ensemble_probabilities,
     fast_rcnn_inference_topk,
 )
+from gridclip_tools import cache_vild_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, K = 64, 4
@@ -542,12 +541,7 @@ def test_cache_mode_without_mapper_or_directory(assets, teacher):
 
 # ------------------------------------------------------------------- teacher cache and tool
 def load_tool():
-    path = os.path.join(REPO, "tools", "cache_vild_teacher.py")
-    spec = importlib.util.spec_from_file_location("cache_vild_teacher", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("cache_vild_teacher", module)
-    spec.loader.exec_module(module)
-    return module
+    return cache_vild_teacher
 
 
 def test_sliding_window_proposals_deterministic_and_in_bounds():

@@ -1,6 +1,5 @@
 """The embedded world (generator, LVIS format, registration) and the shipped small CLIP."""
 
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import gridclip  # noqa: F401  (registers datasets)
+from gridclip.clip.small_clip import SMALL_CLIP_ARCH, SMALL_CLIP_WEIGHTS, load_small_clip
 from gridclip.data import world
 from gridclip.data.world import (
     generate_world,
@@ -18,6 +18,10 @@ from gridclip.data.world import (
     world_categories,
     world_params,
 )
+from gridclip_tools import make_world, small_clip_training
+from gridclip_tools.small_clip_data import ScenePool, caption_for
+from gridclip_tools.small_clip_eval import zero_shot_accuracy
+from gridclip_tools.small_clip_training import multi_positive_clip_loss
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(preset="ci", num_train=12, num_val=4, image_size=96)
@@ -184,13 +188,11 @@ def test_missing_world_says_how_to_make_it(tmp_path):
 
 
 def test_make_world_tool_prints_summary(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "make_world_tool", os.path.join(REPO_ROOT, "tools", "make_world.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     root = str(tmp_path / "w")
-    assert tool.main(["--root", root, "--preset", "ci", "--num-train", "3", "--num-val", "2"]) == 0
+    assert (
+        make_world.main(["--root", root, "--preset", "ci", "--num-train", "3", "--num-val", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train: 3 images" in out and "val  : 2 images" in out
     assert os.path.isfile(os.path.join(root, "annotations", "val.json"))
@@ -198,8 +200,6 @@ def test_make_world_tool_prints_summary(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------- small CLIP
 def test_multi_positive_clip_loss_golden():
-    from gridclip.clip.small_clip import multi_positive_clip_loss
-
     eye = torch.eye(2)
     scale = torch.tensor(0.0)  # logit scale 1: logits = identity
     distinct = multi_positive_clip_loss(eye, eye, scale, [frozenset({1}), frozenset({2})])
@@ -211,8 +211,6 @@ def test_multi_positive_clip_loss_golden():
 def test_captions_fit_the_context_length():
     import clip
 
-    from gridclip.clip.small_clip import SMALL_CLIP_ARCH, caption_for
-
     longest = sorted(range(1, 49), key=lambda c: -len(world_categories()[c - 1]["name"]))[:4]
     rng = np.random.default_rng(0)
     captions = [caption_for(longest, rng) for _ in range(50)]
@@ -222,8 +220,6 @@ def test_captions_fit_the_context_length():
 
 def test_shipped_small_clip_loads_is_small_and_zero_shot_works():
     from clip.model import ModifiedResNet, build_model
-
-    from gridclip.clip.small_clip import SMALL_CLIP_WEIGHTS, zero_shot_accuracy
 
     assert os.path.isfile(SMALL_CLIP_WEIGHTS), "run tools/train_small_clip.py"
     assert os.path.getsize(SMALL_CLIP_WEIGHTS) < 10 * 1024 * 1024
@@ -238,8 +234,6 @@ def test_shipped_small_clip_loads_is_small_and_zero_shot_works():
 
 
 def test_scene_pool_views_captions_and_refresh():
-    from gridclip.clip.small_clip import ScenePool
-
     pool = ScenePool(6, seed=1, image_size=96, require_all_classes=False)
     rng = np.random.default_rng(0)
     views, captions, keys = pool.sample_batch(rng, 12, crop_fraction=0.5)
@@ -257,3 +251,31 @@ def test_scene_pool_views_captions_and_refresh():
     assert pool.obj_scene.max() < 6 and len(pool.obj_scene) == len(pool.obj_box)
     for c, idx in enumerate(pool.per_class):
         assert (pool.obj_category[idx] == c + 1).all() and pool.obj_ok[idx].all()
+
+
+def test_small_clip_training_command_writes_the_shipped_format(tmp_path):
+    """``tools/train_small_clip.py``'s code, a few steps: the fp16 weights load back with
+    ``build_model``, and the JSON and Markdown reports are written (atomically, whole)."""
+    weights, report_md = tmp_path / "clip.pt", tmp_path / "clip.md"
+    threads = torch.get_num_threads()
+    try:
+        args = ["--output", str(weights), "--report-md", str(report_md), "--steps", "2"]
+        args += ["--batch-size", "8", "--pool-scenes", "150", "--eval-every", "0"]
+        assert small_clip_training.main(args + ["--eval-per-class", "1", "--no-bf16"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(os.listdir(tmp_path)) == ["clip.json", "clip.md", "clip.pt"]  # no temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask
+    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state_dict.values() if v.is_floating_point())
+    model = load_small_clip(str(weights))
+    assert model.visual.attnpool.k_proj.in_features == 512 and model.context_length == 32
+    with open(tmp_path / "clip.json") as f:
+        report = json.load(f)
+    assert report["recipe"]["steps"] == 2 and np.isfinite(report["final_loss"])
+    assert report["zero_shot"]["num_per_class"] == 1
+    assert len(report["zero_shot"]["per_class"]) == 48
+    assert 0.0 <= report["scene_retrieval"]["map_named"] <= 1.0
+    assert "## Zero-shot accuracy" in report_md.read_text()

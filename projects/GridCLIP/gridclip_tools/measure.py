@@ -1,4 +1,4 @@
-"""Measurements shared by the embedded demo and ``tools/benchmark.py``.
+"""Timing helpers shared by the embedded demo runner and the benchmark harness.
 
 Timing follows Detectron2's practice: warm-up iterations first, inputs read and cached before
 the clock starts, medians over many iterations, batch 1, pre- and post-processing included

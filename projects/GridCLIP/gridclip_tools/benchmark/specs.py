@@ -1,0 +1,183 @@
+"""What is benchmarked: the detectors (model specs and their variants) and the run settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+__all__ = [
+    "CLIPArchitecture",
+    "RN50_ARCHITECTURE",
+    "TINY_ARCHITECTURE",
+    "ModelSpec",
+    "INFERENCE_MODELS",
+    "TRAIN_MODELS",
+    "ASPECT",
+    "BenchmarkSettings",
+    "QUICK_OPTS",
+    "quick_settings",
+    "image_size_for_short_side",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPArchitecture:
+    """A ModifiedResNet CLIP to build with random weights (OpenAI's ``clip.model.CLIP``)."""
+
+    name: str
+    vision_layers: Tuple[int, int, int, int]
+    vision_width: int
+    embed_dim: int
+    image_resolution: int
+    text_width: int = 64  # OpenAI's build_model infers heads = width // 64: at least 64
+    text_layers: int = 1
+    context_length: int = 77
+    vocab_size: int = 49408
+
+
+RN50_ARCHITECTURE = CLIPArchitecture("RN50", (3, 4, 6, 3), 64, 1024, 224)
+TINY_ARCHITECTURE = CLIPArchitecture("tiny", (1, 1, 1, 1), 16, 64, 64, context_length=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked detector.
+
+    family: ``gridclip``, ``vild`` or ``retinanet``; per_anchor / ensemble: the variant;
+    fixed_classes: a class count that does not follow the vocabulary (RetinaNet-80);
+    teacher: for training, ``online``, ``cache`` or None (no teacher);
+    opts: config options (KEY, VALUE, ...) of this variant, applied after the family's config.
+    """
+
+    key: str
+    label: str
+    family: str
+    per_anchor: bool = False
+    ensemble: bool = False
+    fixed_classes: Optional[int] = None
+    teacher: Optional[str] = None
+    opts: Tuple = ()
+
+
+INFERENCE_MODELS = {
+    s.key: s
+    for s in (
+        ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
+        ModelSpec("gridclip_anchor", "GridCLIP (per-anchor)", "gridclip", per_anchor=True),
+        # MODEL.GRIDCLIP.EMBED_KERNEL_SIZE 1: the configs' since docs/BENCHMARKS.md's runs (then
+        # a variant of their 3), so the same model as "gridclip" now; "gridclip_3x3" is the 3.
+        ModelSpec(
+            "gridclip_1x1",
+            "GridCLIP (per-location, 1x1 embed conv)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", 1),
+        ),
+        ModelSpec(
+            "gridclip_3x3",
+            "GridCLIP (per-location, 3x3 embed conv)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", 3),
+        ),
+        # The configs' GridCLIP without its dense CLIP term (the attention-pool value path on
+        # res5 added to the grid embeddings; Base-GridCLIP turns it on): what that term costs.
+        ModelSpec(
+            "gridclip_no_dense_clip",
+            "GridCLIP (per-location, without the dense CLIP term)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
+        ),
+        ModelSpec("vild", "ViLD", "vild"),
+        ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
+        ModelSpec("retinanet_80", "RetinaNet (80 classes)", "retinanet", fixed_classes=80),
+        ModelSpec("retinanet", "RetinaNet", "retinanet"),
+    )
+}
+
+TRAIN_MODELS = {
+    s.key: s
+    for s in (
+        ModelSpec("gridclip_online", "GridCLIP, teacher online", "gridclip", teacher="online"),
+        ModelSpec("gridclip_cache", "GridCLIP, teacher cached", "gridclip", teacher="cache"),
+        ModelSpec("vild_online", "ViLD, crop teacher online", "vild", teacher="online"),
+        ModelSpec("vild_cache", "ViLD, crop teacher cached", "vild", teacher="cache"),
+        ModelSpec("retinanet", "RetinaNet (no teacher)", "retinanet"),
+    )
+}
+
+# Aspect ratio of the default synthetic image (800 x 1216, a typical COCO/LVIS landscape image).
+ASPECT = 1216 / 800
+
+
+@dataclasses.dataclass
+class BenchmarkSettings:
+    """Everything a run depends on (recorded in results.json)."""
+
+    image_size: Tuple[int, int] = (800, 1216)  # (H, W) of the synthetic test image
+    max_size: int = 1333  # ResizeShortestEdge max size at test time (LVIS: 800 / 1333)
+    num_classes: int = 1203  # LVIS v1
+    detections: int = 300  # TEST.DETECTIONS_PER_IMAGE (LVIS)
+    warmup: int = 1
+    iters: int = 3
+    models: Sequence[str] = tuple(INFERENCE_MODELS)
+    train_models: Sequence[str] = tuple(TRAIN_MODELS)
+    train_image_size: Tuple[int, int] = (512, 768)  # reduced for CPU feasibility
+    train_warmup: int = 1
+    train_iters: int = 2
+    train_num_gt: int = 8
+    vocab_sizes: Sequence[int] = (1203, 4000, 10000)
+    vocab_models: Sequence[str] = ("gridclip", "vild", "retinanet")
+    image_sizes: Sequence[int] = (512, 800, 1333)  # short sides, same aspect as image_size
+    resolution_models: Sequence[str] = ("gridclip", "vild", "retinanet_80")
+    flops: bool = True
+    profile: Sequence[str] = ()  # inference models to profile with torch.profiler
+    profile_train: Sequence[str] = ()  # training variants to profile (one iteration each)
+    clip_architecture: CLIPArchitecture = RN50_ARCHITECTURE
+    opts: Sequence = ()  # extra config options (key, value, ...) for every model
+    device: str = ""  # empty: the config's default (cuda when available)
+    memory_fraction: float = 0.5  # skip a point whose estimated memory exceeds this share
+    vild_warmup_proposals: int = 16  # distilled proposals in ViLD-online warm-up iterations
+    quick: bool = False
+    seed: int = 0
+
+
+QUICK_OPTS = (
+    # Tiny widths and counts so every code path runs in seconds (CI); not a measurement.
+    "MODEL.CLIP.EMBED_DIM", 64,
+    "MODEL.CLIP.TEACHER_INPUT_SIZE", 64,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.RETINANET.NUM_CONVS", 1,
+    "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 450,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.VILD.NUM_DISTILL_PROPOSALS", 8,
+)  # fmt: skip
+
+
+def quick_settings(**overrides) -> BenchmarkSettings:
+    """CI mode: a tiny CLIP trunk, 128 px, 20 classes, 2 iterations; exercises every path."""
+    settings = BenchmarkSettings(
+        image_size=(128, 195),
+        num_classes=20,
+        detections=50,
+        warmup=1,
+        iters=2,
+        train_image_size=(128, 195),
+        train_warmup=1,
+        train_iters=2,
+        train_num_gt=3,
+        vocab_sizes=(20, 60),
+        image_sizes=(96, 128),
+        clip_architecture=TINY_ARCHITECTURE,
+        opts=QUICK_OPTS,
+        vild_warmup_proposals=4,
+        quick=True,
+    )
+    return dataclasses.replace(settings, **overrides)
+
+
+def image_size_for_short_side(short: int) -> Tuple[int, int]:
+    return int(short), int(round(short * ASPECT))

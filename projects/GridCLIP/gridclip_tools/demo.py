@@ -1,0 +1,272 @@
+"""Detect any vocabulary on images with a trained GridCLIP or ViLD (Detectron2's demo, open-vocab).
+
+    # the embedded world's novel classes, with the model trained by `make demo`
+    python tools/demo.py --input "datasets/gridclip_world/val/*.jpg" --output output/demo_vis \\
+        --weights output/demo/gridclip/model_final.pth --vocabulary world_novel
+    # classes typed by a user (or a .txt file with one name per line)
+    python tools/demo.py --input my_images/ --output out/ --weights model.pth \\
+        --custom-vocabulary "red star,blue ring" --confidence-threshold 0.2
+    # ViLD, LVIS's 1,203 classes, on the GPU if there is one (the default picks it)
+    python tools/demo.py --config-file ViLD_R50.yaml --input img.jpg --output out/ \\
+        --vocabulary lvis MODEL.WEIGHTS vild_lvis.pth
+
+``--input`` takes image files, folders (their images) and globs, several of each. ``--output``
+is a folder: one PNG per input image drawn with Detectron2's ``Visualizer`` and
+``detections.json`` (every detection at or above the threshold: XYXY box in input pixels, score,
+class). Without ``--output`` the JSON goes to stdout. Trailing ``KEY VALUE`` pairs (or
+``--opts KEY VALUE ...``) override the config, as in Detectron2's tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+from detectron2.data import detection_utils as utils
+from detectron2.utils.logger import setup_logger
+from PIL import Image
+from tqdm import tqdm
+
+import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.config import get_gridclip_cfg
+from gridclip.engine.predictor import OpenVocabularyPredictor
+from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES, parse_vocabulary
+from gridclip.utils.io import atomic_write
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
+
+logger = logging.getLogger("gridclip.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config-file",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help=f"config path or name under projects/GridCLIP/configs (default {DEFAULT_CONFIG})",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, folders and/or globs (quote globs to let the demo expand them)",
+    )
+    p.add_argument(
+        "--output", help="output folder (PNGs + detections.json); default: JSON to stdout"
+    )
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument(
+        "--vocabulary",
+        choices=sorted(BUILTIN_VOCABULARIES),
+        help="a built-in vocabulary; "
+        + "; ".join(f"{k}: {v}" for k, v in sorted(BUILTIN_VOCABULARIES.items())),
+    )
+    vocab.add_argument(
+        "--custom-vocabulary",
+        metavar="NAMES_OR_TXT",
+        help='comma-separated class names ("red star,blue ring") or a .txt file, one name a line',
+    )
+    p.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score shown")
+    p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="warn about and skip images that cannot be read (default: stop with an error)",
+    )
+    p.add_argument(
+        "--opts",
+        dest="extra_opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides KEY VALUE ... (Detectron2's demo spelling)",
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return p
+
+
+def expand_inputs(inputs) -> list:
+    """Image paths from files, folders and globs, in the order given (each once).
+
+    Raises FileNotFoundError naming the argument that matched nothing, or when nothing matched.
+    """
+    paths, seen = [], set()
+
+    def add(path):
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
+    for item in inputs:
+        pattern = os.path.expanduser(item)
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            files = [m for m in matches if os.path.isfile(m)]
+            if not files:
+                raise FileNotFoundError(f"--input {item!r}: the glob matched no file")
+            for f in files:
+                add(f)
+        elif os.path.isdir(pattern):
+            files = sorted(
+                os.path.join(pattern, f)
+                for f in os.listdir(pattern)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))
+            )
+            if not files:
+                raise FileNotFoundError(
+                    f"--input {item!r}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            for f in files:
+                add(f)
+        elif os.path.isfile(pattern):
+            add(pattern)
+        else:
+            raise FileNotFoundError(f"--input {item!r}: no such file, folder or glob match")
+    if not paths:
+        raise FileNotFoundError("--input matched no image")
+    return paths
+
+
+def output_names(paths) -> list:
+    """A distinct ``<stem>.png`` per input (``<stem>_2.png`` ... when stems repeat)."""
+    names, used = [], set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, i = f"{stem}.png", 1
+        while name in used:
+            i += 1
+            name = f"{stem}_{i}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def read_image_bgr(path: str):
+    """(H, W, 3) uint8 BGR, EXIF orientation applied; ValueError naming the file otherwise."""
+    try:
+        return utils.read_image(path, format="BGR")
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise ValueError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from e
+
+
+def build_cfg(args):
+    opts = list(args.opts or []) + list(args.extra_opts or [])
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
+        opts += ["MODEL.WEIGHTS", args.weights]
+    try:
+        cfg = get_gridclip_cfg(args.config_file, opts)
+    except (AssertionError, KeyError) as e:  # yacs reports unknown keys/bad values this way
+        raise ValueError(f"config {args.config_file!r} with overrides {opts}: {e}") from e
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            "no trained weights: pass --weights FILE (or MODEL.WEIGHTS FILE); `make demo` writes "
+            "output/demo/gridclip/model_final.pth"
+        )
+    cfg.freeze()
+    return cfg
+
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def split_trailing_opts(args) -> None:
+    """``--input a.png MODEL.WEIGHTS m.pth``: ``nargs="+"`` swallows the trailing config
+    overrides; move everything from the first config key (``SECTION.KEY``) on to ``opts``."""
+    for i, item in enumerate(args.input):
+        if _CONFIG_KEY.match(item) and not os.path.exists(item):
+            args.opts = args.input[i:] + list(args.opts or [])
+            args.input = args.input[:i]
+            return
+
+
+def main(argv=None) -> dict:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    split_trailing_opts(args)
+    if not args.input:
+        parser.error("--input: give at least one image, folder or glob")
+
+    setup_logger(name="fvcore")
+    setup_logger(name="gridclip")
+    setup_logger()
+
+    # Everything a user typed is checked before the model is built.
+    try:
+        paths = expand_inputs(args.input)
+        vocabulary = args.vocabulary or args.custom_vocabulary
+        if vocabulary is not None:
+            parse_vocabulary(vocabulary)
+        elif args.custom_vocabulary is not None:
+            raise ValueError("--custom-vocabulary is empty: give class names or a .txt file")
+        cfg = build_cfg(args)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        parser.error(str(e))
+
+    predictor = OpenVocabularyPredictor(cfg, vocabulary=vocabulary)
+    logger.info(
+        f"{cfg.MODEL.META_ARCHITECTURE} on {cfg.MODEL.DEVICE}, vocabulary: {predictor.description}"
+    )
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+
+    records, skipped = [], []
+    start = time.perf_counter()
+    for path, png in tqdm(list(zip(paths, output_names(paths))), desc="demo", unit="img"):
+        try:
+            image = read_image_bgr(path)
+        except ValueError as e:
+            if not args.skip_unreadable:
+                print(f"error: {e} (--skip-unreadable skips such files)", file=sys.stderr)
+                sys.exit(1)
+            logger.warning(f"skipping: {e}")
+            skipped.append(path)
+            continue
+        outputs = predictor(image)
+        record = {
+            "file_name": path,
+            "height": int(image.shape[0]),
+            "width": int(image.shape[1]),
+            "detections": predictor.detections_to_json(outputs, args.confidence_threshold),
+        }
+        if args.output:
+            drawing = predictor.visualize(image, outputs, args.confidence_threshold)
+            Image.fromarray(drawing).save(os.path.join(args.output, png))
+            record["visualization"] = png
+        records.append(record)
+
+    result = {
+        "config_file": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "device": cfg.MODEL.DEVICE,
+        "vocabulary": {"description": predictor.description, "class_names": predictor.class_names},
+        "confidence_threshold": args.confidence_threshold,
+        "images": records,
+        "skipped": skipped,
+    }
+    total = sum(len(r["detections"]) for r in records)
+    logger.info(
+        f"{len(records)} images, {total} detections >= {args.confidence_threshold} in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    if args.output:
+        path = os.path.join(args.output, "detections.json")
+        with atomic_write(path, "w") as f:
+            json.dump(result, f, indent=2)
+        logger.info(f"Wrote {len(records)} PNGs and {path}")
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return result

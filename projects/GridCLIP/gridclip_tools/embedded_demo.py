@@ -1,0 +1,402 @@
+"""The embedded default, end to end: `make demo`.
+
+1. Generates the offline open-vocabulary world (LVIS format; cached).
+2. Trains GridCLIP, GridCLIP without image-level alignment (ablation) and the ViLD baseline on
+   its base classes with the project's own ``train_net.py`` and configs
+   (``projects/GridCLIP/configs/embedded/``), evaluating each on val with ``LVISEval``.
+3. Times inference (batch 1, pre/post-processing included) on the same machine.
+4. Writes to ``--output-dir`` (default ``output/demo``):
+   ``summary.json`` (machine-readable), ``comparison.md`` (the table), ``comparison.png``
+   (accuracy vs speed), ``predictions/*.png`` (Detectron2 ``Visualizer``), and per-model
+   training folders (checkpoints, ``metrics.json``, TensorBoard events, logs).
+
+Trained models are reused when their folder holds ``results.json`` from the same config and
+iterations (``--force`` retrains). ``--preset ci`` runs the same pipeline on a tiny world with
+few iterations (what the test suite runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+
+import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
+from gridclip.data import datasets_root
+from gridclip.data.world import generate_world, register_world
+from gridclip.utils.io import atomic_write
+
+from .measure import load_images, time_inference, train_seconds_per_iter
+
+logger = logging.getLogger("gridclip.demo")
+
+TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
+
+#: name -> (label, config under configs/, extra opts)
+MODELS = {
+    "gridclip": ("GridCLIP", "embedded/GridCLIP_world.yaml", []),
+    "gridclip_no_ila": (
+        "GridCLIP w/o image-level alignment",
+        "embedded/GridCLIP_world.yaml",
+        ["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", "0.0"],
+    ),
+    "vild": ("ViLD (text + image distillation)", "embedded/ViLD_world.yaml", []),
+}
+
+#: preset -> world generation kwargs, dataset prefix, overrides for every model
+PRESETS = {
+    "demo": {"world": {"preset": "demo"}, "prefix": "gridclip_world", "opts": []},
+    "ci": {
+        "world": {"preset": "ci"},
+        "prefix": "gridclip_world_ci",
+        "opts": [
+            "SOLVER.MAX_ITER",
+            "20",
+            "SOLVER.WARMUP_ITERS",
+            "5",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "10",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+        ],
+    },
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--output-dir", default="output/demo")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
+    )
+    p.add_argument("--timing-images", type=int, default=20, help="val images timed per model")
+    p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
+    p.add_argument("--force", action="store_true", help="retrain even if results exist")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="models trained at the same time (default: 2 on 2+ cores, else 1); each training "
+        "process gets cores // jobs threads (or --threads)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per process (default: all cores for timing, cores // jobs "
+        "for training). On a CPU shared with other jobs, 1 avoids oversubscription, which can "
+        "slow training several-fold.",
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model")
+    return p.parse_args(argv)
+
+
+def _stage(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def _run_key(config: str, opts) -> str:
+    """Hash of the fully resolved config (its ``_BASE_`` chain and the overrides included, the
+    output folder excluded): a trained model is reused only for exactly the same settings."""
+    cfg = get_gridclip_cfg(config, list(opts))
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+
+
+def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
+    """Start train_net.py for one model: a Popen, or None when its results are up to date."""
+    results_path = os.path.join(out_dir, "results.json")
+    key_path = os.path.join(out_dir, "run_key.txt")
+    key = _run_key(config, opts)
+    if not force and os.path.isfile(results_path) and os.path.isfile(key_path):
+        if open(key_path).read().strip() == key:
+            print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
+            return None
+    started_path = os.path.join(out_dir, "run_key_started.txt")
+    started = open(started_path).read().strip() if os.path.isfile(started_path) else None
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
+        # Checkpoints of another config (or of unknown origin): `--resume` would load them into
+        # a different model. Keep them aside instead of resuming or deleting.
+        previous = out_dir.rstrip("/") + ".previous"
+        if os.path.isdir(previous):
+            shutil.rmtree(previous)
+        os.replace(out_dir, previous)
+        print(f"    {out_dir} held a run of another config: moved to {previous}", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_write(started_path, "w") as f:
+        f.write(key)  # a killed run of this same config resumes from its last checkpoint
+    cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
+    cmd += list(opts)
+    print("    $ " + " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    out = open(log_file, "w") if log_file else None
+    proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=out, stderr=out)
+    proc.gridclip_run = (name, out_dir, key, time.perf_counter(), out)
+    return proc
+
+
+def _finish(proc) -> None:
+    """Check a finished training process; record its run key and wall time."""
+    name, out_dir, key, start, out = proc.gridclip_run
+    if out is not None:
+        out.close()
+    results_path = os.path.join(out_dir, "results.json")
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt"
+            + (f" and {out.name}" if out is not None else "")
+        )
+    if not os.path.isfile(results_path):
+        raise RuntimeError(f"training {name} wrote no {results_path}")
+    with atomic_write(os.path.join(out_dir, "run_key.txt"), "w") as f:
+        f.write(key)
+    results = json.load(open(results_path))
+    results["train_wall_s"] = time.perf_counter() - start
+    with atomic_write(results_path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def _progress(out_dir: str, max_iter: int) -> str:
+    """``iteration/max_iter`` from a training folder's metrics.json (Detectron2's JSONWriter)."""
+    path = os.path.join(out_dir, "metrics.json")
+    it = 0
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    it = max(it, int(json.loads(line).get("iteration", -1)) + 1)
+                except (ValueError, AttributeError):
+                    continue
+    if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
+        return "evaluating"
+    return f"{it}/{max_iter}"
+
+
+def train_all(runs, force, jobs, threads, poll_s=15.0) -> None:
+    """Train + evaluate every model with train_net.py in subprocesses, ``jobs`` at a time.
+
+    ``runs``: list of (name, label, config, opts, out_dir, max_iter). One job streams its log to
+    the terminal; several write ``<out_dir>/train_stdout.log`` and a progress line is printed.
+    """
+    # The longest trainings first (ViLD: proposal-crop distillation), so that the others fill
+    # the remaining slots instead of leaving one job running alone at the end.
+    pending = sorted(runs, key=lambda r: "vild" not in r[0].lower())
+    running = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, label, config, opts, out_dir, max_iter = pending.pop(0)
+            _stage(f"2/4 train + evaluate {label}")
+            log = os.path.join(out_dir, "train_stdout.log") if jobs > 1 else None
+            proc = _launch(name, config, opts, out_dir, force, threads, log)
+            if proc is not None:
+                if log:
+                    print(f"    log: {log}", flush=True)
+                running.append((proc, name, out_dir, max_iter))
+        if not running:
+            continue
+        if jobs == 1:
+            proc = running.pop()[0]
+            proc.wait()
+            _finish(proc)
+            continue
+        time.sleep(poll_s)
+        still = []
+        for entry in running:
+            proc = entry[0]
+            if proc.poll() is None:
+                still.append(entry)
+            else:
+                _finish(proc)
+                print(f"    {entry[1]}: done", flush=True)
+        running = still
+        if running:
+            status = ", ".join(f"{n} {_progress(d, m)}" for _, n, d, m in running)
+            print(f"    [{time.strftime('%H:%M:%S')}] training: {status}", flush=True)
+
+
+def build_predictor(config, opts, out_dir):
+    """Detectron2's DefaultPredictor on the trained weights (BGR in; resize, model, postprocess)."""
+    weights = os.path.join(out_dir, "model_final.pth")
+    cfg = get_gridclip_cfg(config, list(opts) + ["OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", weights])
+    return cfg, DefaultPredictor(cfg)
+
+
+def visualise(predictor, dataset_dicts, metadata, out_prefix, threshold=0.3):
+    """Draw predictions with Detectron2's Visualizer; returns the PNG paths."""
+    paths = []
+    for d in dataset_dicts:
+        bgr = utils.read_image(d["file_name"], format="BGR")
+        inst = predictor(bgr)["instances"].to("cpu")
+        inst = inst[inst.scores >= threshold]
+        vis = Visualizer(bgr[:, :, ::-1], metadata=metadata, scale=2.0)
+        path = f"{out_prefix}_{os.path.splitext(os.path.basename(d['file_name']))[0]}.png"
+        vis.draw_instance_predictions(inst).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(summary, output_dir):
+    rows = summary["models"]
+    header = (
+        "| model | AP | APr (novel) | APc | APf | train s/iter | inference ms/img "
+        "| teacher CLIP forwards / train image |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        m = r["bbox"]
+        lines.append(
+            f"| {r['label']} | {m['AP']:.1f} | {m['APr']:.1f} | {m['APc']:.1f} | {m['APf']:.1f} "
+            f"| {r['train_s_per_iter']:.2f} | {r['inference_ms_per_img']:.0f} "
+            f"| {r['teacher_forwards_per_image']} |"
+        )
+    table = header + "\n".join(lines) + "\n"
+    md = (
+        f"# Embedded default: GridCLIP vs ViLD\n\n{table}\n"
+        f"Machine: {summary['machine']}. Preset `{summary['preset']}`. "
+        f"Produced by `{summary['command']}` in {summary['wall_s'] / 60:.1f} min.\n"
+    )
+    with atomic_write(os.path.join(output_dir, "comparison.md"), "w") as f:
+        f.write(md)
+    with atomic_write(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print("\n" + table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, r in enumerate(rows):
+        x, color = r["inference_ms_per_img"], f"C{i}"
+        ap, apr = r["bbox"]["AP"], r["bbox"]["APr"]
+        ax.plot([x, x], [apr, ap], color=color, alpha=0.4, linewidth=2)
+        ax.scatter([x], [ap], marker="o", s=90, color=color, label=f"{r['label']}: AP")
+        ax.scatter([x], [apr], marker="^", s=90, color=color, label=f"{r['label']}: APr (novel)")
+    device = "GPU" if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    ax.set_xlabel(f"inference ms / image (batch 1, {device})")
+    ax.set_ylabel("LVIS AP on the world's val split")
+    ax.set_title("Embedded default: accuracy vs speed (up and left is better)")
+    ax.margins(x=0.15, y=0.15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "comparison.png"), dpi=120)
+    plt.close(fig)
+
+
+def teacher_forwards(cfg) -> str:
+    if cfg.MODEL.META_ARCHITECTURE == "GridCLIP":
+        if cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT <= 0:
+            return "0"
+        n = sum(g * g for g in cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
+        return f"{n} views of {cfg.MODEL.CLIP.TEACHER_INPUT_SIZE} px (cacheable)"
+    if cfg.MODEL.VILD.IMAGE_DISTILL_WEIGHT <= 0:
+        return "0"
+    n = cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS * len(cfg.MODEL.VILD.CROP_SCALES)
+    return f"{n} crops ({cfg.MODEL.VILD.TEACHER})"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    preset = PRESETS[args.preset]
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+
+    _stage(f"1/4 world ({args.preset}): generating or reusing")
+    # The world lives where train_net.py's registration (at import) looks for it:
+    # $DETECTRON2_DATASETS/<prefix> (set DETECTRON2_DATASETS to put it elsewhere).
+    root = os.path.join(datasets_root(), preset["prefix"])
+    generate_world(root, **preset["world"])
+    register_world(root, prefix=preset["prefix"])
+    train_ds, val_ds = f"{preset['prefix']}_train", f"{preset['prefix']}_val"
+    data_opts = ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)"]
+
+    val_dicts = DatasetCatalog.get(val_ds)
+    metadata = MetadataCatalog.get(val_ds)
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+
+    cores = max(1, os.cpu_count() or 1)
+    jobs = max(1, min(args.jobs or (2 if cores >= 2 else 1), len(names)))
+    train_threads = args.threads or max(1, cores // jobs)
+    runs = []
+    for name in names:
+        label, config, model_opts = MODELS[name]
+        opts = data_opts + preset["opts"] + model_opts + list(args.opts)
+        out_dir = os.path.join(args.output_dir, name)
+        max_iter = get_gridclip_cfg(config, opts).SOLVER.MAX_ITER
+        runs.append((name, label, config, opts, out_dir, max_iter))
+    print(f"    {len(runs)} models, {jobs} at a time, {train_threads} thread(s) each", flush=True)
+    train_all(runs, args.force, jobs, train_threads)
+
+    rows = []
+    vis_dir = os.path.join(args.output_dir, "predictions")
+    os.makedirs(vis_dir, exist_ok=True)
+    for i, (name, label, config, opts, out_dir, _) in enumerate(runs, 1):
+        results = json.load(open(os.path.join(out_dir, "results.json")))
+        _stage(f"3/4 [{i}/{len(names)}] time inference and visualise {label}")
+        cfg, predictor = build_predictor(config, opts, out_dir)
+        images = load_images([d["file_name"] for d in val_dicts[: args.timing_images]], "BGR")
+        timing = time_inference(predictor, images)
+        vis = visualise(predictor, val_dicts[: args.num_vis], metadata, os.path.join(vis_dir, name))
+        rows.append(
+            {
+                "name": name,
+                "label": label,
+                "config": config,
+                "opts": opts,
+                "bbox": results["results"]["bbox"],
+                "train_s_per_iter": train_seconds_per_iter(out_dir),
+                "train_wall_s": results.get("train_wall_s"),
+                "max_iter": cfg.SOLVER.MAX_ITER,
+                "inference_ms_per_img": 1000 * timing["median_s"],
+                "teacher_forwards_per_image": teacher_forwards(cfg),
+                "predictions": vis,
+            }
+        )
+
+    _stage("4/4 writing the comparison")
+    summary = {
+        "preset": args.preset,
+        "command": "python tools/run_embedded_demo.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "world_root": root,
+        "models": rows,
+        "wall_s": time.perf_counter() - start,
+        "threads": args.threads or os.cpu_count(),
+        "train_jobs": jobs,
+        "train_threads": train_threads,
+    }
+    write_outputs(summary, args.output_dir)
+    print(f"Wrote {args.output_dir}/summary.json, comparison.md, comparison.png, predictions/")
+    return summary
