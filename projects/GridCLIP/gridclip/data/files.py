@@ -139,15 +139,15 @@ def dataset_metadata(name: str):
     if "thing_classes" in values or json_file is None or name not in DatasetCatalog.list():
         return metadata
     if values.get("evaluator_type") == "lvis" and not _is_builtin_lvis(name):
-        extra = {
-            k: v for k, v in values.items() if k not in ("name", "json_file", "image_root")
-        }
+        extra = {k: v for k, v in values.items() if k not in ("name", "json_file", "image_root", "evaluator_type")}
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
         register_lvis_format_dataset(
             name, json_file, values.get("image_root", ""), extra_metadata=extra
         )
-        logger.info(f"Dataset {name!r} (register_lvis_instances) re-registered as an LVIS-format set")
+        logger.info(
+            f"Dataset {name!r} (register_lvis_instances) re-registered as an LVIS-format set"
+        )
         return MetadataCatalog.get(name)
     if values.get("evaluator_type") == "lvis":
         metadata.set(**get_lvis_instances_meta(name))
