@@ -139,7 +139,11 @@ def dataset_metadata(name: str):
     if "thing_classes" in values or json_file is None or name not in DatasetCatalog.list():
         return metadata
     if values.get("evaluator_type") == "lvis" and not _is_builtin_lvis(name):
-        extra = {k: v for k, v in values.items() if k not in ("name", "json_file", "image_root", "evaluator_type")}
+        extra = {
+            k: v
+            for k, v in values.items()
+            if k not in ("name", "json_file", "image_root", "evaluator_type")
+        }
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
         register_lvis_format_dataset(
