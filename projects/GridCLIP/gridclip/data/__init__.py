@@ -1,4 +1,5 @@
-"""Datasets: COCO/LVIS files named in the config, LVIS-format registration, the LVIS v1 OVD split, the embedded world."""
+"""Datasets: COCO/LVIS files named in the config, LVIS-format registration, the LVIS v1
+OVD split, the embedded world."""
 
 from .files import (
     dataset_metadata,
