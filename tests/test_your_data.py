@@ -263,7 +263,7 @@ def _fake_outputs(image_id, h, w, boxes, classes, scores):
     return [{"image_id": image_id}], [{"instances": inst}]
 
 
-def test_fixed_ap_lifts_the_per_image_cap(tiny_lvis_json):
+def test_fixed_ap_lifts_the_per_image_cap(tiny_lvis_json, tmp_path):
     """400 confident false positives in image 1 push its true boxes out of the standard 300
     per image; fixed AP keeps every detection (per-class cap) and finds them."""
     json_file, root = tiny_lvis_json
@@ -284,8 +284,8 @@ def test_fixed_ap_lifts_the_per_image_cap(tiny_lvis_json):
         return evaluator.evaluate()["bbox"]
 
     cfg = get_gridclip_cfg()
-    cfg.OUTPUT_DIR = ""
-    standard = evaluate(build_evaluator(cfg, "fixed_ap_shapes", output_folder=""))
+    cfg.OUTPUT_DIR = str(tmp_path)
+    standard = evaluate(build_evaluator(cfg, "fixed_ap_shapes"))
     fixed = evaluate(FixedAPLVISEvaluator("fixed_ap_shapes", max_dets_per_class=10000))
     assert standard["APr"] == pytest.approx(0.0)
     assert fixed["APr"] == pytest.approx(100.0)
