@@ -132,6 +132,21 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Mask novel (frequency 'r') classes out of the training softmax (ViLD's protocol).
     _C.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING = True
 
+    # ----------------------------------------------------------- datasets named by their files
+    # COCO- or LVIS-format datasets registered from the config, no Python needed: entries
+    # "NAME=JSON_FILE" or "NAME=JSON_FILE:IMAGE_ROOT" (default root: the JSON's folder); NAME is
+    # then usable in DATASETS.TRAIN/TEST. LVIS format (every category has a frequency) gets the
+    # LVIS evaluator and known novel classes; COCO format the COCO evaluator, all classes.
+    _C.DATASETS.FILES = ()
+
+    # ---------------------------------------------------------------------- evaluation protocol
+    # Fixed AP (Dave et al. 2021, arXiv 2102.01066) on LVIS-format test sets: the top
+    # FIXED_AP_DETECTIONS_PER_CLASS detections per class over the whole dataset, no per-image
+    # cap (lvis API max_dets=-1). Raise TEST.DETECTIONS_PER_IMAGE (e.g. 1000) so inference keeps
+    # enough detections per class. False: the standard 300-per-image protocol.
+    _C.TEST.FIXED_AP = False
+    _C.TEST.FIXED_AP_DETECTIONS_PER_CLASS = 10000
+
     return cfg
 
 

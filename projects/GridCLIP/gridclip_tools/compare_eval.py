@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers datasets, so --dataset can be checked)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
+from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
 
 TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
@@ -68,6 +69,12 @@ def get_parser() -> argparse.ArgumentParser:
         "--dataset",
         help="registered dataset every run is evaluated on (default: each config's DATASETS.TEST,"
         " which must then agree)",
+    )
+    p.add_argument(
+        "--fixed-ap",
+        action="store_true",
+        help="fixed AP (Dave et al. 2021: top TEST.FIXED_AP_DETECTIONS_PER_CLASS detections per "
+        "class, no per-image cap) instead of the standard 300 per image: TEST.FIXED_AP True",
     )
     p.add_argument("--output-dir", default="output/compare_eval")
     p.add_argument(
@@ -115,6 +122,8 @@ def parse_runs(args) -> List[Dict]:
 def resolve_datasets(runs, common_opts, dataset) -> List[str]:
     """The test datasets every run is evaluated on; an error when configs disagree."""
     if dataset:
+        # datasets named by their files (DATASETS.FILES in the common opts) count as registered
+        register_datasets_from_cfg(get_gridclip_cfg(None, list(common_opts)))
         if dataset not in DatasetCatalog.list():
             raise KeyError(
                 f"--dataset {dataset!r} is not registered; registered ones include "
@@ -226,6 +235,8 @@ def main(argv=None) -> Dict:
     parser = get_parser()
     args = parser.parse_args(argv)
     common_opts = list(args.opts or []) + list(args.extra_opts or [])
+    if args.fixed_ap:
+        common_opts += ["TEST.FIXED_AP", "True"]
 
     try:
         _check_pairs(common_opts, "opts")

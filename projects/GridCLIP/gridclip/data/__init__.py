@@ -1,5 +1,12 @@
-"""Datasets: LVIS-format registration, the LVIS v1 OVD split, the embedded world."""
+"""Datasets: COCO/LVIS files named in the config, LVIS-format registration, the LVIS v1
+OVD split, the embedded world."""
 
+from .files import (
+    dataset_metadata,
+    parse_dataset_file_entry,
+    register_dataset_file,
+    register_datasets_from_cfg,
+)
 from .lvis_ovd import (
     NoClassFrequenciesError,
     datasets_root,
@@ -20,6 +27,10 @@ __all__ = [
     "ImageReadError",
     "ViLDDatasetMapper",
     "datasets_root",
+    "dataset_metadata",
+    "parse_dataset_file_entry",
+    "register_dataset_file",
+    "register_datasets_from_cfg",
     "NoClassFrequenciesError",
     "filter_novel_annotations",
     "has_class_frequencies",

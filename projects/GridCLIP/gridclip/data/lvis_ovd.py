@@ -207,8 +207,11 @@ class NoClassFrequenciesError(ValueError):
 def has_class_frequencies(dataset_name: str) -> bool:
     """Whether :func:`novel_class_mask` can tell the novel classes of ``dataset_name``."""
     metadata = MetadataCatalog.get(dataset_name)
-    if hasattr(metadata, "json_file") and "class_frequencies" not in metadata.as_dict():
-        _ensure_class_metadata(metadata.name)
+    values = metadata.as_dict()
+    # Only LVIS-format files carry frequencies: a COCO-format set (evaluator_type "coco") has none
+    if values.get("evaluator_type") == "lvis" and "json_file" in values:
+        if "class_frequencies" not in values:
+            _ensure_class_metadata(metadata.name)
     return getattr(metadata, "class_frequencies", None) is not None
 
 

@@ -2,6 +2,7 @@
 
 from .checkpoint import AtomicCheckpointer, atomic_open, make_atomic
 from .trainer import Trainer, build_evaluator, write_results
+from .vocabulary import drop_checkpoint_vocabulary, evaluation_vocabulary
 
 __all__ = [
     "AtomicCheckpointer",
@@ -9,5 +10,7 @@ __all__ = [
     "make_atomic",
     "Trainer",
     "build_evaluator",
+    "drop_checkpoint_vocabulary",
+    "evaluation_vocabulary",
     "write_results",
 ]

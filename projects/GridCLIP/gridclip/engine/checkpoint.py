@@ -22,6 +22,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.io import TEMP_SUFFIX, atomic_write
+from .vocabulary import drop_checkpoint_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 os.remove(tmp)
             except FileNotFoundError:
                 pass
+
+    def _load_model(self, checkpoint):
+        # The model's vocabulary comes from its config; a checkpoint's of another vocabulary is
+        # dropped whole (text embeddings + novel mask), with an info line, never half-loaded.
+        if isinstance(checkpoint.get("model"), dict):
+            drop_checkpoint_vocabulary(self.model, checkpoint["model"])
+        return super()._load_model(checkpoint)
 
     def _load_file(self, filename: str):
         try:

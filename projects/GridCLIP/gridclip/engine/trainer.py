@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import detectron2.engine.defaults as d2_defaults
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
 
+from ..data import dataset_metadata, register_datasets_from_cfg
 from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
+from ..evaluation import FixedAPLVISEvaluator
 from ..utils.io import atomic_write
 from .checkpoint import AtomicCheckpointer, make_atomic
+from .vocabulary import evaluation_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,25 @@ __all__ = ["Trainer", "build_evaluator", "write_results"]
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
-    """Evaluator chosen by the dataset's ``evaluator_type`` (``lvis`` or ``coco``)."""
+    """Evaluator chosen by the dataset's ``evaluator_type`` (``lvis`` or ``coco``).
+
+    LVIS: the standard protocol (``TEST.DETECTIONS_PER_IMAGE`` per image), or fixed AP with
+    ``TEST.FIXED_AP`` (``TEST.FIXED_AP_DETECTIONS_PER_CLASS`` per class, no per-image cap).
+    COCO (datasets without LVIS frequencies): all classes, the COCO protocol.
+    """
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    evaluator_type = dataset_metadata(dataset_name).get("evaluator_type", None)
+    if evaluator_type == "lvis" and cfg.TEST.FIXED_AP:
+        return FixedAPLVISEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            max_dets_per_class=cfg.TEST.FIXED_AP_DETECTIONS_PER_CLASS,
+        )
+    if evaluator_type == "coco" and cfg.TEST.FIXED_AP:
+        logger.warning(
+            f"TEST.FIXED_AP is an LVIS-API protocol: COCO-format dataset {dataset_name!r} is "
+            "evaluated with the standard COCO protocol"
+        )
     if evaluator_type == "lvis":
         return LVISEvaluator(
             dataset_name, output_dir=output_folder, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
@@ -42,7 +58,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
         )
     raise NotImplementedError(
         f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
-        "register it with gridclip.data.register_lvis_format_dataset or set evaluator_type."
+        "name its JSON in DATASETS.FILES, register it with register_coco_instances or "
+        "gridclip.data.register_lvis_format_dataset, or set evaluator_type."
     )
 
 
@@ -102,6 +119,32 @@ class Trainer(DefaultTrainer):
         return results
 
     @classmethod
+    def build_model(cls, cfg):
+        register_datasets_from_cfg(cfg)  # DATASETS.FILES, before anything looks a dataset up
+        return super().build_model(cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test``, each dataset of ``DATASETS.TEST`` evaluated with its own
+        class names (see :func:`gridclip.engine.vocabulary.evaluation_vocabulary`)."""
+        register_datasets_from_cfg(cfg)
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(
+                f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST"
+            )
+        results = OrderedDict()
+        for i, dataset_name in enumerate(cfg.DATASETS.TEST):
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (dataset_name,)
+            with evaluation_vocabulary(model, dataset_name):
+                result = super().test(one, model, None if evaluators is None else [evaluators[i]])
+            results[dataset_name] = result
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results
+
+    @classmethod
     def build_train_loader(cls, cfg):
         if cfg.MODEL.META_ARCHITECTURE == "ViLD":
             # also attaches cached teacher proposals (MODEL.VILD.TEACHER "cache"), transformed
@@ -109,10 +152,12 @@ class Trainer(DefaultTrainer):
             mapper = ViLDDatasetMapper(cfg, True)
         else:
             mapper = CheckedDatasetMapper(cfg, True)
+        register_datasets_from_cfg(cfg)
         return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        register_datasets_from_cfg(cfg)
         return build_detection_test_loader(
             cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
         )

@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["GridCLIP", "GridCLIPHead", "trained_class_mask_from_cfg", "EMBED_KERNEL_SIZES"]
 
 
-
 def trained_class_mask_from_cfg(cfg, num_classes: int) -> Tensor:
     """(K,) bool: the classes whose focal-loss columns are trained.
 
@@ -236,6 +235,22 @@ class GridCLIP(RetinaNet):
         self.class_names = names
         self._set_trained_class_mask(None)
         logger.info(f"GridCLIP vocabulary set to {self.num_classes} classes")
+
+    def vocabulary_state(self) -> Dict:
+        """A copy of the current vocabulary (text embeddings, names, trained-class mask), for
+        :meth:`restore_vocabulary` after a temporary :meth:`set_vocabulary`."""
+        return {
+            "text_embeddings": self.text_embeddings.detach().clone(),
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "trained_class_mask": self.trained_class_mask.detach().clone(),
+        }
+
+    def restore_vocabulary(self, state: Dict) -> None:
+        """Go back to a vocabulary saved by :meth:`vocabulary_state`."""
+        self.head.classifier.set_vocabulary(state["text_embeddings"])
+        self.num_classes = self.head.num_classes
+        self.class_names = state["class_names"]
+        self._set_trained_class_mask(state["trained_class_mask"])
 
     @staticmethod
     def _sync_vocabulary_after_load(module: "GridCLIP", incompatible_keys) -> None:

@@ -213,6 +213,22 @@ class ViLD(GeneralizedRCNN):
             f"({int(predictor.novel_class_mask.sum())} novel)"
         )
 
+    def vocabulary_state(self) -> Dict:
+        """A copy of the current vocabulary (text embeddings, novel-class mask, names), for
+        :meth:`restore_vocabulary` after a temporary :meth:`set_vocabulary`."""
+        predictor = self.roi_heads.box_predictor
+        return {
+            "text_embeddings": self.text_embeddings.detach().clone(),
+            "novel_class_mask": predictor.novel_class_mask.detach().clone(),
+            "class_names": None if self.class_names is None else list(self.class_names),
+        }
+
+    def restore_vocabulary(self, state: Dict) -> None:
+        """Go back to a vocabulary saved by :meth:`vocabulary_state`."""
+        predictor = self.roi_heads.box_predictor
+        predictor.set_vocabulary(state["text_embeddings"], state["novel_class_mask"])
+        self.class_names = state["class_names"]
+
     # --------------------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Training: Detectron2's losses + ``loss_vild_image``; inference as GeneralizedRCNN."""

@@ -41,14 +41,16 @@ def vild_text_embeddings_from_cfg(cfg) -> Tuple[torch.Tensor, torch.Tensor]:
         text_embeddings: (C, D) from :func:`gridclip.modeling.vocabulary.vocabulary_from_cfg`
             (the dataset's ``thing_classes``, checked against ROI_HEADS.NUM_CLASSES).
         novel_class_mask: (C,) bool, True for LVIS frequency ``r``; all False when the
-            dataset has no frequencies (then IGNORE_NOVEL_IN_TRAINING must be off).
+            dataset has no frequencies (then IGNORE_NOVEL_IN_TRAINING must be off, unless the
+            config has no DATASETS.TRAIN: evaluation needs no novel masking).
     """
     name = vocabulary_dataset(cfg)
     if name is None:
         raise ValueError("ViLD needs DATASETS.TRAIN (or DATASETS.TEST) to know its classes")
     text_embeddings, _ = vocabulary_from_cfg(cfg)
     num_classes = text_embeddings.shape[0]
-    if cfg.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING or has_class_frequencies(name):
+    training = len(cfg.DATASETS.TRAIN) > 0
+    if has_class_frequencies(name) or (training and cfg.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING):
         novel = novel_class_mask(name, num_classes, setting="MODEL.VILD.IGNORE_NOVEL_IN_TRAINING")
     else:
         novel = torch.zeros(num_classes, dtype=torch.bool)

@@ -16,7 +16,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 
 from ..clip import (
@@ -25,6 +24,7 @@ from ..clip import (
     load_text_embeddings,
     text_embeddings_from_cfg,
 )
+from ..data import dataset_metadata, register_datasets_from_cfg
 from ..data.world import world_categories
 
 logger = logging.getLogger(__name__)
@@ -272,8 +272,9 @@ def vocabulary_from_cfg(cfg) -> Tuple[torch.Tensor, Optional[List[str]]]:
     :func:`vocabulary_dataset`. Returns ``(text_embeddings, class_names)``; the names are the
     dataset's ``thing_classes`` (None when it has none).
     """
+    register_datasets_from_cfg(cfg)
     name = vocabulary_dataset(cfg)
-    metadata = MetadataCatalog.get(name) if name else None
+    metadata = dataset_metadata(name) if name else None
     thing_classes = getattr(metadata, "thing_classes", None) if metadata is not None else None
     if cfg.MODEL.CLIP.TEXT_EMBEDDINGS:
         text_embeddings, _ = resolve_vocabulary(cfg.MODEL.CLIP.TEXT_EMBEDDINGS)
@@ -292,20 +293,21 @@ def vocabulary_from_cfg(cfg) -> Tuple[torch.Tensor, Optional[List[str]]]:
         )
     check_class_count(text_embeddings, cfg, metadata)
     if len(cfg.DATASETS.TEST) and len(cfg.DATASETS.TRAIN):
-        test_classes = getattr(MetadataCatalog.get(cfg.DATASETS.TEST[0]), "thing_classes", None)
+        test_classes = getattr(dataset_metadata(cfg.DATASETS.TEST[0]), "thing_classes", None)
         if test_classes is not None and list(test_classes) != list(thing_classes or []):
-            logger.warning(
+            logger.info(
                 f"DATASETS.TEST[0] {cfg.DATASETS.TEST[0]!r} has other classes than "
-                f"DATASETS.TRAIN[0] {name!r}: call model.set_vocabulary(test classes) "
-                "before evaluating"
+                f"DATASETS.TRAIN[0] {name!r}: the Trainer evaluates it with its own class names "
+                "(model.set_vocabulary; call it yourself outside Trainer.test)"
             )
     return text_embeddings, list(thing_classes) if thing_classes is not None else None
 
 
 def dataset_class_names(cfg) -> Optional[List[str]]:
     """``thing_classes`` of :func:`vocabulary_dataset` (None when there is none)."""
+    register_datasets_from_cfg(cfg)
     name = vocabulary_dataset(cfg)
-    names = getattr(MetadataCatalog.get(name), "thing_classes", None) if name else None
+    names = getattr(dataset_metadata(name), "thing_classes", None) if name else None
     return list(names) if names is not None else None
 
 

@@ -1,0 +1,160 @@
+"""Datasets named by their files, and metadata of datasets registered the plain Detectron2 way.
+
+Two ways in, no Python needed for the first:
+
+- ``DATASETS.FILES``: entries ``"NAME=JSON_FILE"`` or ``"NAME=JSON_FILE:IMAGE_ROOT"`` (image root
+  defaults to the JSON's folder). A COCO-format file is registered with Detectron2's
+  ``register_coco_instances`` (COCO evaluator); a file whose categories all carry an LVIS
+  ``frequency`` with :func:`register_lvis_format_dataset` (LVIS evaluator, novel classes known).
+  ``NAME`` can then be used in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+- Datasets registered with Detectron2's ``register_coco_instances`` / ``register_lvis_instances``:
+  Detectron2 fills ``thing_classes`` only when the dataset is loaded; :func:`dataset_metadata`
+  fills it on demand from the JSON (as ``load_coco_json`` would), so a model can be built before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets.lvis import get_lvis_instances_meta
+
+from .lvis_ovd import register_lvis_format_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "dataset_metadata",
+    "parse_dataset_file_entry",
+    "register_dataset_file",
+    "register_datasets_from_cfg",
+]
+
+
+def parse_dataset_file_entry(entry: str) -> Tuple[str, str, str]:
+    """``"NAME=JSON_FILE[:IMAGE_ROOT]"`` -> ``(name, json_file, image_root)``."""
+    name, sep, files = str(entry).partition("=")
+    name, files = name.strip(), files.strip()
+    if not sep or not name or not files:
+        raise ValueError(
+            f"DATASETS.FILES entry {entry!r}: expected 'NAME=JSON_FILE' or "
+            "'NAME=JSON_FILE:IMAGE_ROOT' (e.g. 'my_val=data/my/val.json:data/my/images')"
+        )
+    json_file, sep, image_root = files.rpartition(":")
+    if not sep or not json_file.lower().endswith(".json"):
+        json_file, image_root = files, ""
+    json_file = os.path.expanduser(json_file)
+    image_root = os.path.expanduser(image_root) if image_root else os.path.dirname(json_file)
+    return name, json_file, image_root
+
+
+def _read_categories(json_file: str, name: str) -> List[dict]:
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"annotation file of dataset {name!r} not found: {json_file!r}")
+    try:
+        with open(json_file) as f:
+            categories = json.load(f)["categories"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{json_file} (dataset {name!r}): not a COCO/LVIS-format JSON with a 'categories' "
+            f"list ({type(e).__name__}: {e})"
+        ) from e
+    if not categories:
+        raise ValueError(f"{json_file} (dataset {name!r}): 'categories' is empty")
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise ValueError(f"{json_file} (dataset {name!r}): category {i} needs 'id' and 'name'")
+    return sorted(categories, key=lambda c: c["id"])
+
+
+def register_dataset_file(name: str, json_file: str, image_root: str = "") -> str:
+    """Register a COCO- or LVIS-format JSON under ``name`` (idempotent for the same file).
+
+    Returns the format it was registered as: ``"lvis"`` when every category has an LVIS
+    ``frequency``, else ``"coco"``.
+    """
+    image_root = image_root or os.path.dirname(json_file)
+    if name in DatasetCatalog.list():
+        registered = MetadataCatalog.get(name).get("json_file", None)
+        if registered is not None and os.path.abspath(registered) == os.path.abspath(json_file):
+            return MetadataCatalog.get(name).get("evaluator_type", "coco")
+        raise ValueError(
+            f"dataset {name!r} is already registered (json_file {registered!r}); "
+            f"choose another name for {json_file!r}"
+        )
+    categories = _read_categories(json_file, name)
+    if all(c.get("frequency") in ("f", "c", "r") for c in categories):
+        register_lvis_format_dataset(name, json_file, image_root)
+        kind = "lvis"
+    else:
+        register_coco_instances(name, {}, json_file, image_root)
+        _fill_coco_metadata(name, categories)
+        kind = "coco"
+    logger.info(f"Registered {kind.upper()}-format dataset {name!r}: {json_file} ({image_root})")
+    return kind
+
+
+def register_datasets_from_cfg(cfg) -> List[str]:
+    """Register every ``DATASETS.FILES`` entry of ``cfg``; returns their names."""
+    names = []
+    for entry in cfg.DATASETS.FILES:
+        name, json_file, image_root = parse_dataset_file_entry(entry)
+        register_dataset_file(name, json_file, image_root)
+        names.append(name)
+    return names
+
+
+def _fill_coco_metadata(name: str, categories: List[dict]) -> None:
+    # The same values load_coco_json sets when the dataset is loaded (so it does not conflict).
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["name"] for c in categories],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    )
+
+
+def _is_builtin_lvis(name: str) -> bool:
+    try:
+        get_lvis_instances_meta(name)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def dataset_metadata(name: str):
+    """``MetadataCatalog.get(name)``, with ``thing_classes`` filled from the dataset's JSON when
+    it was registered without them (Detectron2's ``register_coco_instances`` /
+    ``register_lvis_instances`` fill them only on load).
+
+    A custom-named set registered with ``register_lvis_instances`` (whose loader knows only
+    Detectron2's built-in LVIS names) is re-registered with
+    :func:`~gridclip.data.register_lvis_format_dataset`, keeping its metadata.
+    """
+    metadata = MetadataCatalog.get(name)
+    values = metadata.as_dict()
+    json_file = values.get("json_file")
+    if "thing_classes" in values or json_file is None or name not in DatasetCatalog.list():
+        return metadata
+    if values.get("evaluator_type") == "lvis" and not _is_builtin_lvis(name):
+        extra = {
+            k: v
+            for k, v in values.items()
+            if k not in ("name", "json_file", "image_root", "evaluator_type")
+        }
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        register_lvis_format_dataset(
+            name, json_file, values.get("image_root", ""), extra_metadata=extra
+        )
+        logger.info(
+            f"Dataset {name!r} (register_lvis_instances) re-registered as an LVIS-format set"
+        )
+        return MetadataCatalog.get(name)
+    if values.get("evaluator_type") == "lvis":
+        metadata.set(**get_lvis_instances_meta(name))
+    else:
+        _fill_coco_metadata(name, _read_categories(json_file, name))
+    return metadata
