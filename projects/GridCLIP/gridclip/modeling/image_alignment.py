@@ -48,7 +48,11 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
-from ..clip.teacher_cache import TeacherEmbeddingCache, teacher_cache_key
+from ..clip.teacher_cache import (
+    TeacherEmbeddingCache,
+    gridclip_teacher_provenance,
+    teacher_cache_key,
+)
 from .teacher_holder import TeacherHolder
 
 logger = logging.getLogger(__name__)
@@ -211,12 +215,20 @@ class ImageAlignment(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
         }
         if g.TEACHER_CACHE:
-            ret["teacher_cache"] = TeacherEmbeddingCache.load(
-                g.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM, grids=g.IMAGE_ALIGN_GRIDS
+            # the cache must come from the model's CLIP, teacher input size and training data
+            expected = gridclip_teacher_provenance(cfg, list(cfg.DATASETS.TRAIN))
+            cache = TeacherEmbeddingCache.load(
+                g.TEACHER_CACHE,
+                embed_dim=cfg.MODEL.CLIP.EMBED_DIM,
+                grids=g.IMAGE_ALIGN_GRIDS,
+                expected_provenance=expected,
             )
+            ret["teacher_cache"] = cache
             logger.info(
-                f"Image alignment reads {len(ret['teacher_cache'])} cached teacher embeddings "
-                f"from {g.TEACHER_CACHE}"
+                f"Image alignment reads {len(cache)} cached teacher embeddings from "
+                f"{g.TEACHER_CACHE} (CLIP {cache.provenance.get('clip')}, teacher input "
+                f"{cache.provenance.get('teacher_input_size')}, grids {cache.grids}, dataset "
+                f"{cache.provenance.get('dataset')})"
             )
         else:
             ret["teacher_factory"] = functools.partial(build_clip_teacher_from_cfg, cfg.clone())
