@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import DatasetCatalog
 from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
@@ -216,7 +217,14 @@ class ImageAlignment(nn.Module):
         }
         if g.TEACHER_CACHE:
             # the cache must come from the model's CLIP, teacher input size and training data
-            expected = gridclip_teacher_provenance(cfg, list(cfg.DATASETS.TRAIN))
+            train = [n for n in cfg.DATASETS.TRAIN if n in DatasetCatalog.list()]
+            unregistered = [n for n in cfg.DATASETS.TRAIN if n not in train]
+            if unregistered:  # e.g. a model fed by hand (benchmark): no images to compare
+                logger.warning(
+                    f"DATASETS.TRAIN {unregistered} are not registered datasets: the teacher cache "
+                    f"{g.TEACHER_CACHE} is checked for its CLIP and settings, not for their images"
+                )
+            expected = gridclip_teacher_provenance(cfg, train)
             cache = TeacherEmbeddingCache.load(
                 g.TEACHER_CACHE,
                 embed_dim=cfg.MODEL.CLIP.EMBED_DIM,
