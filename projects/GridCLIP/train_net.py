@@ -20,7 +20,13 @@ from detectron2.utils.logger import setup_logger
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg, resolve_config_path
-from gridclip.engine import AtomicCheckpointer, Trainer, write_results
+from gridclip.engine import (
+    AtomicCheckpointer,
+    Trainer,
+    check_resume_config,
+    lock_output_dir,
+    write_results,
+)
 
 logger = logging.getLogger("gridclip")
 
@@ -30,6 +36,10 @@ def setup(args):
         args.config_file = resolve_config_path(args.config_file)
     cfg = get_gridclip_cfg(args.config_file, args.opts)
     cfg.freeze()
+    if not args.eval_only and comm.is_main_process():
+        lock_output_dir(cfg.OUTPUT_DIR)  # a second run into the folder fails here, naming this one
+        if args.resume:
+            check_resume_config(cfg)  # before default_setup overwrites config.yaml
     default_setup(cfg, args)
     # the project's own messages (data checks, resume, teacher caches) also go to log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gridclip")

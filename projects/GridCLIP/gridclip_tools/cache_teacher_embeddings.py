@@ -34,6 +34,7 @@ from gridclip.clip.teacher_cache import (
     gridclip_teacher_provenance,
     teacher_cache_key,
 )
+from gridclip.utils.cache import CacheMismatchError
 
 logger = logging.getLogger("gridclip.tools.cache_teacher_embeddings")
 
@@ -43,7 +44,11 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config-file", default="", help="project config (path or name under configs/)")
-    p.add_argument("--dataset", default="", help="registered dataset (default: DATASETS.TRAIN[0])")
+    p.add_argument(
+        "--dataset",
+        default="",
+        help="registered dataset(s), comma-separated (default: all of DATASETS.TRAIN)",
+    )
     p.add_argument(
         "--output", default="", help="cache file (default: MODEL.GRIDCLIP.TEACHER_CACHE)"
     )
@@ -64,19 +69,19 @@ def parse_args(argv=None):
 
 
 def _open_cache(path, embed_dim, grids, meta, overwrite):
+    """The cache to extend: the file at ``path`` when it was built from the same content (CLIP
+    weights' bytes, teacher input size, dataset fingerprint, dimension and grids), else a new
+    one (``--overwrite``). A file built from other content is refused, not mixed."""
     if os.path.exists(path) and not overwrite:
-        cache = TeacherEmbeddingCache.load(path)
+        try:
+            cache = TeacherEmbeddingCache.load(path, expected_provenance=meta)
+        except CacheMismatchError as e:
+            raise SystemExit(f"{e}; pass --overwrite to rebuild it (or another --output)")
         if cache.embed_dim != embed_dim or cache.grids != grids:
             raise SystemExit(
                 f"{path} holds {cache.embed_dim}-d embeddings for grids {cache.grids}, not "
                 f"{embed_dim}-d for grids {grids}; pass --overwrite to rebuild it"
             )
-        for key in ("clip", "teacher_input_size"):
-            if cache.meta.get(key) != meta[key]:
-                raise SystemExit(
-                    f"{path} was built with {key} {cache.meta.get(key)!r}, not {meta[key]!r}; "
-                    "pass --overwrite to rebuild it"
-                )
         logger.info(f"Resuming {path}: {len(cache)} images already embedded")
         return cache
     return TeacherEmbeddingCache(embed_dim, grids, meta)
@@ -87,9 +92,9 @@ def main(argv=None) -> str:
     setup_logger(name="gridclip")
     logger.setLevel(logging.INFO)
     cfg = get_gridclip_cfg(args.config_file or None, args.opts)
-    dataset = args.dataset or (cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else "")
+    datasets = [n for n in args.dataset.split(",") if n] or list(cfg.DATASETS.TRAIN)
     output = args.output or cfg.MODEL.GRIDCLIP.TEACHER_CACHE
-    if not dataset:
+    if not datasets:
         raise SystemExit("no dataset: pass --dataset or set DATASETS.TRAIN")
     if not output:
         raise SystemExit("no output file: pass --output or set MODEL.GRIDCLIP.TEACHER_CACHE")
@@ -103,9 +108,10 @@ def main(argv=None) -> str:
         logger.warning(f"device {device!r} is not available; using the CPU")
         device = "cpu"
 
-    meta = gridclip_teacher_provenance(cfg, dataset)
+    meta = gridclip_teacher_provenance(cfg, datasets)
     cache = _open_cache(output, int(cfg.MODEL.CLIP.EMBED_DIM), grids, meta, args.overwrite)
-    dicts = DatasetCatalog.get(dataset)
+    dicts = [d for name in datasets for d in DatasetCatalog.get(name)]
+    dataset = ",".join(datasets)
     todo = [d for d in dicts if teacher_cache_key(d) not in cache]
     if args.limit > 0:
         todo = todo[: args.limit]

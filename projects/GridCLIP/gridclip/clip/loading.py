@@ -15,7 +15,6 @@ do about it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import threading
@@ -24,6 +23,8 @@ import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from ..utils.fingerprint import file_content_key
 
 logger = logging.getLogger(__name__)
 
@@ -139,31 +140,15 @@ def resolve_clip_weights(
     )
 
 
-_KEY_MEMO: Dict[Tuple[str, int, int], str] = {}
-
-
 def clip_model_key(weights_path: str) -> str:
     """Content key of a weights file (16 hex digits of the sha256 of its bytes), for cache
-    keys and cache provenance.
+    keys and cache provenance (:func:`gridclip.utils.fingerprint.file_content_key`).
 
     The whole file is hashed (about 1 s per GB), once per process per (path, size, mtime): two
     files with the same bytes share a key wherever they live, and any change of a weight changes
     it.
     """
-    path = os.path.abspath(weights_path)
-    st = os.stat(path)
-    memo_key = (path, st.st_size, st.st_mtime_ns)
-    with _MEMO_LOCK:
-        key = _KEY_MEMO.get(memo_key)
-    if key is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        key = h.hexdigest()[:16]
-        with _MEMO_LOCK:
-            _KEY_MEMO[memo_key] = key
-    return key
+    return file_content_key(weights_path)
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -324,4 +309,3 @@ def clear_clip_memo() -> None:
     """Forget memoised CLIP models (tests, or to free memory)."""
     with _MEMO_LOCK:
         _MEMO.clear()
-        _KEY_MEMO.clear()

@@ -31,10 +31,11 @@ validated on load.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,8 +47,10 @@ from ..utils.cache import (
     decode_strings,
     encode_strings,
     load_cache,
+    read_cache_header,
     save_cache,
 )
+from ..utils.fingerprint import dataset_fingerprint
 from .loading import clip_model_key, resolve_clip_weights
 
 logger = logging.getLogger(__name__)
@@ -90,17 +93,23 @@ def teacher_cache_key(dataset_dict: Dict) -> str:
     )
 
 
-def gridclip_teacher_provenance(cfg, dataset: str = "") -> Dict[str, object]:
-    """The provenance a GridCLIP teacher cache records for ``cfg`` (and checks on resume):
-    the content key of ``MODEL.CLIP``'s weights, ``MODEL.CLIP.TEACHER_INPUT_SIZE`` and, when
-    given, the dataset name. (``embed_dim`` and ``grids`` are recorded by the cache itself.)"""
+def gridclip_teacher_provenance(cfg, dataset: Union[str, Sequence[str]] = "") -> Dict[str, object]:
+    """The provenance a GridCLIP teacher cache records for ``cfg`` and that training checks:
+    the content key of ``MODEL.CLIP``'s weights (``clip``), ``MODEL.CLIP.TEACHER_INPUT_SIZE``
+    and, when ``dataset`` (one registered name or several) is given, its name(s) (``dataset``,
+    for messages) and content key (``dataset_fingerprint``,
+    :func:`gridclip.utils.fingerprint.dataset_fingerprint`). (``embed_dim`` and ``grids`` are
+    recorded by the cache itself.)"""
     c = cfg.MODEL.CLIP
     provenance = {
         "clip": clip_model_key(resolve_clip_weights(c.WEIGHTS, c.NAME, c.CACHE_DIR)),
         "teacher_input_size": int(c.TEACHER_INPUT_SIZE),
     }
-    if dataset:
-        provenance["dataset"] = str(dataset)
+    names = [dataset] if isinstance(dataset, str) else list(dataset)
+    names = [str(n) for n in names if n]
+    if names:
+        provenance["dataset"] = names[0] if len(names) == 1 else names
+        provenance["dataset_fingerprint"] = dataset_fingerprint(names)
     return provenance
 
 
@@ -212,7 +221,9 @@ class TeacherEmbeddingCache:
             grids: grids the caller needs (MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS); each must be stored.
             expected_provenance: entries the file's provenance must hold (e.g.
                 :func:`gridclip_teacher_provenance` of the model's config); a difference raises
-                :class:`~gridclip.utils.cache.CacheMismatchError` naming both values.
+                :class:`~gridclip.utils.cache.CacheMismatchError` naming both values. Its
+                ``dataset`` (a name) is not compared: ``dataset_fingerprint`` is, and a mismatch
+                names both datasets.
         """
         full = os.path.abspath(os.path.expanduser(path))
         if not os.path.isfile(full):
@@ -221,8 +232,19 @@ class TeacherEmbeddingCache:
                 f"with {GRIDCLIP_TOOL}, or set the key to '' for an online teacher"
             )
         hint = f"Rebuild it with {GRIDCLIP_TOOL} --overwrite."
+        # a dataset is compared by content (its fingerprint); its name only goes into messages
+        compared = {k: v for k, v in (expected_provenance or {}).items() if k != "dataset"}
+        if expected_provenance and "dataset_fingerprint" in expected_provenance:
+            try:
+                recorded = read_cache_header(full, GRIDCLIP_TEACHER_KIND).get("dataset", "?")
+            except CacheError:
+                recorded = "?"
+            hint = (
+                f"The cache was built on dataset {json.dumps(recorded)}; the model trains on "
+                f"{json.dumps(expected_provenance.get('dataset', '?'))}. " + hint
+            )
         try:
-            tensors, provenance = load_cache(full, GRIDCLIP_TEACHER_KIND, expected_provenance, hint)
+            tensors, provenance = load_cache(full, GRIDCLIP_TEACHER_KIND, compared, hint)
         except CacheError as e:
             if isinstance(e, CacheMismatchError) and e.key.startswith("provenance"):
                 raise
@@ -395,29 +417,65 @@ def read_cache_meta(cache_dir: str, expected: Optional[Dict] = None) -> Dict:
 
 
 class TeacherCache:
-    """Read access to a ViLD teacher cache directory (checked against the model's settings)."""
+    """Read access to a ViLD teacher cache directory, checked against the model's settings.
 
-    def __init__(self, cache_dir: str, *, embed_dim: Optional[int] = None, crop_scales=None):
+    Args:
+        cache_dir: the directory (``MODEL.VILD.TEACHER_CACHE``).
+        embed_dim: ``MODEL.CLIP.EMBED_DIM``; another recorded dimension is an error.
+        crop_scales, teacher_input_size, clip_model: ``MODEL.VILD.CROP_SCALES``,
+            ``MODEL.CLIP.TEACHER_INPUT_SIZE`` and the content key of the model's CLIP weights
+            (:func:`~gridclip.clip.loading.clip_model_key`); each given one must equal what the
+            cache recorded, else :class:`TeacherCacheError` names the file and both values.
+        num_distill_proposals: ``MODEL.VILD.NUM_DISTILL_PROPOSALS``; a warning says so when the
+            cache holds fewer proposals per image.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        *,
+        embed_dim: Optional[int] = None,
+        crop_scales: Optional[Sequence[float]] = None,
+        teacher_input_size: Optional[int] = None,
+        clip_model: Optional[str] = None,
+        num_distill_proposals: Optional[int] = None,
+    ):
         if not cache_dir:
             raise TeacherCacheError(
                 "MODEL.VILD.TEACHER is 'cache' but MODEL.VILD.TEACHER_CACHE is empty: set it to "
                 f"a directory built by {VILD_TOOL}."
             )
         self.cache_dir = os.path.expanduser(cache_dir)
-        self.meta = read_cache_meta(self.cache_dir)
+        expected: Dict[str, object] = {}
+        if clip_model is not None:
+            expected["clip_model"] = str(clip_model)
+        if crop_scales is not None:
+            expected["crop_scales"] = [float(s) for s in crop_scales]
+        if teacher_input_size is not None:
+            expected["teacher_input_size"] = int(teacher_input_size)
+        self.meta = read_cache_meta(self.cache_dir, expected)
         if embed_dim is not None and self.meta.get("embed_dim") not in (None, embed_dim):
             raise TeacherCacheError(
                 f"ViLD teacher cache {self.cache_dir!r} holds {self.meta['embed_dim']}-d "
                 f"embeddings but MODEL.CLIP.EMBED_DIM is {embed_dim}."
             )
-        if crop_scales is not None and self.meta.get("crop_scales") is not None:
-            if [float(s) for s in crop_scales] != [float(s) for s in self.meta["crop_scales"]]:
-                logger.warning(
-                    f"ViLD teacher cache {self.cache_dir!r} was built with crop scales "
-                    f"{self.meta['crop_scales']}, MODEL.VILD.CROP_SCALES is {list(crop_scales)}: "
-                    "using the cache as built."
-                )
         self.embed_dim = embed_dim
+        stored = self.meta.get("num_proposals")
+        logger.info(
+            f"ViLD teacher cache {self.cache_dir}: CLIP {self.meta.get('clip_model')}, "
+            f"{self.meta.get('embed_dim')}-d, crop scales {self.meta.get('crop_scales')}, "
+            f"teacher input {self.meta.get('teacher_input_size')}, proposals "
+            f"{self.meta.get('proposals')} (up to {stored} per image), datasets "
+            f"{self.meta.get('datasets')}"
+        )
+        if num_distill_proposals is not None and stored is not None:
+            if int(stored) < int(num_distill_proposals):
+                logger.warning(
+                    f"ViLD teacher cache {self.cache_dir!r} holds at most {stored} proposals per "
+                    f"image but MODEL.VILD.NUM_DISTILL_PROPOSALS is {num_distill_proposals}: "
+                    f"distilling {stored}. Rebuild it with {VILD_TOOL} --num-proposals "
+                    f"{num_distill_proposals} --overwrite to distill more."
+                )
 
     def get(self, image_id, image_size: Optional[Sequence[int]] = None) -> Dict:
         """The validated entry of ``image_id`` (``image_size`` = original (H, W) to check)."""

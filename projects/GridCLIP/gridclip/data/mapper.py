@@ -20,6 +20,7 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 
+from ..clip.loading import clip_model_key, resolve_clip_weights
 from ..clip.teacher_cache import TeacherCache
 
 __all__ = ["CheckedDatasetMapper", "ImageReadError", "ViLDDatasetMapper"]
@@ -70,10 +71,14 @@ class ViLDDatasetMapper(CheckedDatasetMapper):
         ret = super().from_config(cfg, is_train)
         vild = cfg.MODEL.VILD
         if is_train and vild.TEACHER == "cache" and vild.IMAGE_DISTILL_WEIGHT > 0:
+            c = cfg.MODEL.CLIP
             ret["teacher_cache"] = TeacherCache(
                 vild.TEACHER_CACHE,
-                embed_dim=cfg.MODEL.CLIP.EMBED_DIM,
+                embed_dim=c.EMBED_DIM,
                 crop_scales=vild.CROP_SCALES,
+                teacher_input_size=c.TEACHER_INPUT_SIZE,
+                clip_model=clip_model_key(resolve_clip_weights(c.WEIGHTS, c.NAME, c.CACHE_DIR)),
+                num_distill_proposals=vild.NUM_DISTILL_PROPOSALS,
             )
         ret["num_distill_proposals"] = vild.NUM_DISTILL_PROPOSALS
         return ret

@@ -33,6 +33,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..config import get_gridclip_cfg
 from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
+from .checkpoint import project_checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class OpenVocabularyPredictor(DefaultPredictor):
             vocabulary: anything :meth:`set_vocabulary` takes; default: the vocabulary the model
                 was trained with (its checkpoint's classes, named by ``DATASETS.TRAIN/TEST``).
         """
-        super().__init__(cfg)
+        with project_checkpointer():  # weights of another architecture are an error
+            super().__init__(cfg)
         for attr in ("set_vocabulary", "num_classes"):
             if not hasattr(self.model, attr):
                 raise TypeError(

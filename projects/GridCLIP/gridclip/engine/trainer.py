@@ -1,4 +1,5 @@
-"""The project's ``DefaultTrainer``: evaluator dispatch and atomic checkpoints."""
+"""The project's ``DefaultTrainer``: evaluator dispatch, atomic checkpoints, one run per
+``OUTPUT_DIR`` (:mod:`gridclip.engine.run_guard`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import detectron2.engine.defaults as d2_defaults
+import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
@@ -17,7 +19,8 @@ from ..data import dataset_metadata, register_datasets_from_cfg
 from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
 from ..evaluation import FixedAPLVISEvaluator
 from ..utils.io import atomic_write
-from .checkpoint import AtomicCheckpointer, make_atomic
+from .checkpoint import make_atomic, project_checkpointer
+from .run_guard import lock_output_dir
 from .vocabulary import evaluation_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -64,18 +67,6 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
 
 
 @contextmanager
-def _atomic_checkpointer():
-    """Make ``DefaultTrainer.__init__`` build an :class:`AtomicCheckpointer` (used by ``--resume``
-    and by the periodic-checkpoint hook): atomic writes, no NaN/inf checkpoints, clear errors."""
-    original = d2_defaults.DetectionCheckpointer
-    d2_defaults.DetectionCheckpointer = AtomicCheckpointer
-    try:
-        yield
-    finally:
-        d2_defaults.DetectionCheckpointer = original
-
-
-@contextmanager
 def _ddp_on_any_device():
     """Let ``DefaultTrainer`` wrap a CPU model in DDP (gloo): Detectron2 always passes
     ``device_ids=[local_rank]``, which PyTorch rejects for CPU modules."""
@@ -98,9 +89,14 @@ class Trainer(DefaultTrainer):
     multi-process training on CPU (gloo) as well as GPU (NCCL)."""
 
     def __init__(self, cfg):
-        with _ddp_on_any_device(), _atomic_checkpointer():
+        # one run per OUTPUT_DIR: taken before anything is written there (metrics, checkpoints)
+        self.run_lock = lock_output_dir(cfg.OUTPUT_DIR) if comm.is_main_process() else None
+        with _ddp_on_any_device(), project_checkpointer():
             super().__init__(cfg)
         make_atomic(self.checkpointer)  # idempotent; also used by the PeriodicCheckpointer hook
+        # the initial MODEL.WEIGHTS may hold some modules only (a pre-trained backbone): warn;
+        # resuming the run's own checkpoint stays strict
+        self.checkpointer.mismatch = "warn"
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -113,7 +109,11 @@ class Trainer(DefaultTrainer):
     def train(self):
         """Train; returns the last evaluation results (``{}`` without evaluation).
         ``DefaultTrainer.train`` returns them only when ``TEST.EXPECTED_RESULTS`` is set."""
-        results = super().train()
+        try:
+            results = super().train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
         if results is None:
             results = getattr(self, "_last_eval_results", None) or {}
         return results

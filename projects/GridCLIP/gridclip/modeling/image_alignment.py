@@ -45,10 +45,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import DatasetCatalog
 from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
-from ..clip.teacher_cache import TeacherEmbeddingCache, teacher_cache_key
+from ..clip.teacher_cache import (
+    TeacherEmbeddingCache,
+    gridclip_teacher_provenance,
+    teacher_cache_key,
+)
 from .teacher_holder import TeacherHolder
 
 logger = logging.getLogger(__name__)
@@ -211,12 +216,27 @@ class ImageAlignment(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
         }
         if g.TEACHER_CACHE:
-            ret["teacher_cache"] = TeacherEmbeddingCache.load(
-                g.TEACHER_CACHE, embed_dim=cfg.MODEL.CLIP.EMBED_DIM, grids=g.IMAGE_ALIGN_GRIDS
+            # the cache must come from the model's CLIP, teacher input size and training data
+            train = [n for n in cfg.DATASETS.TRAIN if n in DatasetCatalog.list()]
+            unregistered = [n for n in cfg.DATASETS.TRAIN if n not in train]
+            if unregistered:  # e.g. a model fed by hand (benchmark): no images to compare
+                logger.warning(
+                    f"DATASETS.TRAIN {unregistered} are not registered datasets: the teacher cache "
+                    f"{g.TEACHER_CACHE} is checked for its CLIP and settings, not for their images"
+                )
+            expected = gridclip_teacher_provenance(cfg, train)
+            cache = TeacherEmbeddingCache.load(
+                g.TEACHER_CACHE,
+                embed_dim=cfg.MODEL.CLIP.EMBED_DIM,
+                grids=g.IMAGE_ALIGN_GRIDS,
+                expected_provenance=expected,
             )
+            ret["teacher_cache"] = cache
             logger.info(
-                f"Image alignment reads {len(ret['teacher_cache'])} cached teacher embeddings "
-                f"from {g.TEACHER_CACHE}"
+                f"Image alignment reads {len(cache)} cached teacher embeddings from "
+                f"{g.TEACHER_CACHE} (CLIP {cache.provenance.get('clip')}, teacher input "
+                f"{cache.provenance.get('teacher_input_size')}, grids {cache.grids}, dataset "
+                f"{cache.provenance.get('dataset')})"
             )
         else:
             ret["teacher_factory"] = functools.partial(build_clip_teacher_from_cfg, cfg.clone())

@@ -1,4 +1,5 @@
-"""Layer 0 helpers with no project imports: atomic file writes and the one cache file format."""
+"""Layer 0 helpers with no project imports: atomic file writes, the one cache file format and
+content keys for provenance."""
 
 from .cache import (
     CACHE_FORMAT_VERSION,
@@ -10,6 +11,7 @@ from .cache import (
     read_cache_header,
     save_cache,
 )
+from .fingerprint import dataset_fingerprint, file_content_key
 from .io import atomic_write
 
 __all__ = [
@@ -17,8 +19,10 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "atomic_write",
+    "dataset_fingerprint",
     "decode_strings",
     "encode_strings",
+    "file_content_key",
     "load_cache",
     "read_cache_header",
     "save_cache",

@@ -110,13 +110,15 @@ class BenchmarkAssets:
             )
         return name
 
-    def gridclip_teacher_cache(self, grids: Sequence[int], image_key: str) -> str:
+    def gridclip_teacher_cache(self, grids: Sequence[int], image_key: str, provenance) -> str:
+        """A cache of random teacher embeddings that records ``provenance`` (the model's
+        :func:`~gridclip.clip.teacher_cache.gridclip_teacher_provenance`), as a real one would."""
         path = os.path.join(
             self.root, "gridclip_teacher_cache_" + "_".join(map(str, grids)) + ".pt"
         )
         if not os.path.isfile(path):
             d = self.architecture.embed_dim
-            cache = TeacherEmbeddingCache(d, grids, {"dataset": "benchmark (random)"})
+            cache = TeacherEmbeddingCache(d, grids, dict(provenance, dataset="benchmark (random)"))
             cache.add(image_key, [random_text_embeddings(g * g, d, self.seed + 7) for g in grids])
             cache.save(path)
         return path

@@ -8,6 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from gridclip.clip import load_clip_from_cfg
+from gridclip.clip.teacher_cache import gridclip_teacher_provenance
 from gridclip.config import get_gridclip_cfg
 
 from .assets import BenchmarkAssets
@@ -70,7 +71,8 @@ def build_cfg(
         cfg.defrost()
         if spec.family == "gridclip":
             grids = list(cfg.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)
-            cfg.MODEL.GRIDCLIP.TEACHER_CACHE = assets.gridclip_teacher_cache(grids, key)
+            provenance = gridclip_teacher_provenance(cfg)
+            cfg.MODEL.GRIDCLIP.TEACHER_CACHE = assets.gridclip_teacher_cache(grids, key, provenance)
         elif spec.family == "vild":
             cfg.MODEL.VILD.TEACHER = "cache"
             cfg.MODEL.VILD.TEACHER_CACHE = assets.vild_teacher_cache(
