@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AtomicCheckpointer",
     "CheckpointArchitectureError",
-    "VOCABULARY_BUFFERS",
     "architecture_mismatch",
     "project_checkpointer",
     "AtomicWritePathManager",
@@ -80,8 +79,6 @@ def non_finite_entries(state_dict) -> List[str]:
     ]
 
 
-#: State-dict entries sized by the vocabulary (K classes): another size is a vocabulary change.
-VOCABULARY_BUFFERS = ("text_embeddings", "novel_class_mask")
 
 
 class CheckpointArchitectureError(RuntimeError):
@@ -146,21 +143,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Any):
         # The model's vocabulary comes from its config; a checkpoint's of another vocabulary is
         # dropped whole (text embeddings + novel mask), with an info line, never half-loaded.
+        dropped = set()
         if isinstance(checkpoint.get("model"), dict):
-            drop_checkpoint_vocabulary(self.model, checkpoint["model"])
+            dropped = set(drop_checkpoint_vocabulary(self.model, checkpoint["model"]))
         incompatible = super()._load_model(checkpoint)
         reshaped = {key for key, _, _ in incompatible.incorrect_shapes}
-        vocabulary = [
-            (key, tuple(old), tuple(new))
-            for key, old, new in incompatible.incorrect_shapes
-            if key.split(".")[-1] in VOCABULARY_BUFFERS
-        ]
-        for key, old, new in vocabulary:
-            logger.info(
-                f"{self._loading}: {key} is {old} in the checkpoint and {new} in the model: "
-                "another vocabulary; the model keeps its own (the rest of the checkpoint loads)"
-            )
-        missing = [k for k in incompatible.missing_keys if k not in reshaped]
+        missing = [k for k in incompatible.missing_keys if k not in reshaped and k not in dropped]
         model_keys = list(self.model.state_dict().keys())
         lacking, extra = architecture_mismatch(model_keys, missing, incompatible.unexpected_keys)
         if lacking or extra:
