@@ -79,8 +79,6 @@ def non_finite_entries(state_dict) -> List[str]:
     ]
 
 
-
-
 class CheckpointArchitectureError(RuntimeError):
     """A checkpoint of another architecture than the model (whole modules missing/unexpected)."""
 
