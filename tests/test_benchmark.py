@@ -189,9 +189,7 @@ def test_ratios_from_known_times():
         ("gridclip", 100, big): 180.0,
         ("gridclip", 10, small): 50.0,
     }
-    results = _fake_results(
-        times, train={"gridclip_online": 2.0, "vild_online": 30.0}
-    )
+    results = _fake_results(times, train={"gridclip_online": 2.0, "vild_online": 30.0})
     r = compute_ratios(results)
     assert r["inference_speedup_gridclip_vs_vild"] == pytest.approx(6.0)
     assert r["inference_speedup_gridclip_vs_vild_ensemble"] == pytest.approx(7.0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
-from test_gridclip import D, assets, make_cfg, make_inputs, train_losses  # noqa: F401
+from test_gridclip import D, K, make_cfg, make_inputs, make_tiny_clip, train_losses  # noqa: F401
 
 from gridclip.clip import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255, load_clip_from_cfg
 from gridclip.clip.dense import attnpool_dense

@@ -29,8 +29,7 @@ import gridclip.clip as gclip
 from gridclip import get_gridclip_cfg
 from gridclip.clip import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255, modified_resnet_features
 from gridclip.data import register_lvis_format_dataset
-from gridclip.modeling import GridCLIP, GridCLIPHead
-from gridclip.modeling import image_alignment
+from gridclip.modeling import GridCLIP, GridCLIPHead, image_alignment
 from gridclip.modeling.clip_backbone import CLIPResNet
 from gridclip.modeling.image_alignment import (
     ImageAlignment,
@@ -51,17 +50,6 @@ A = 9  # anchors per location (RetinaNet's 3 scales x 3 ratios)
 # ------------------------------------------------------------------------------------ fixtures
 def make_tiny_clip(seed=0):
     return tiny_models.make_tiny_clip(D, seed=seed, random_bn_stats=("running_var",))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gridclip_assets")
-    clip_path = str(root / "tiny_clip.pt")
-    torch.save(make_tiny_clip().state_dict(), clip_path)
-    rng = np.random.RandomState(0)
-    text_path = str(root / "text5.npy")
-    np.save(text_path, rng.randn(K, D).astype("float32"))
-    return {"clip": clip_path, "text": text_path, "root": root}
 
 
 def make_cfg(assets, *opts):
@@ -943,9 +931,10 @@ def test_device_rule_config_says_it_or_auto_follows_the_machine(tmp_path, monkey
     monkeypatch.setattr(gconfig.torch.cuda, "is_available", lambda: False)
     assert get_gridclip_cfg(opts=["MODEL.DEVICE", "cuda:1"]).MODEL.DEVICE == "cuda:1"
     config = tmp_path / "on_gpu.yaml"
-    config.write_text('_BASE_: "%s"\nMODEL:\n  DEVICE: "cuda"\n' % gconfig.resolve_config_path(
-        "Base-GridCLIP.yaml"
-    ))
+    config.write_text(
+        '_BASE_: "%s"\nMODEL:\n  DEVICE: "cuda"\n'
+        % gconfig.resolve_config_path("Base-GridCLIP.yaml")
+    )
     assert get_gridclip_cfg(str(config)).MODEL.DEVICE == "cuda"
     # unset (or "auto"): resolved once, after merging, to what this machine has
     assert get_gridclip_cfg().MODEL.DEVICE == "cpu"

@@ -63,16 +63,6 @@ def make_clip(embed_dim=D, context_length=16, text_layers=1, seed=0):
     )
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability_assets")
-    tiny = make_clip()
-    torch.save(tiny.state_dict(), root / "tiny_clip.pt")
-    np.save(root / "text5.npy", np.random.RandomState(0).randn(K, D).astype("float32"))
-    return {"clip": str(root / "tiny_clip.pt"), "text": str(root / "text5.npy"), "root": root,
-            "model": tiny}  # fmt: skip
-
-
 def gridclip_cfg(assets, *opts):
     """Base-GridCLIP.yaml on the tiny CLIP: 32-channel FPN, one-conv towers, K classes."""
     # fmt: off

@@ -3,7 +3,6 @@
 import math
 import os
 
-import numpy as np
 import pytest
 import tiny_models
 import torch
@@ -50,17 +49,6 @@ MetadataCatalog.get(DATASET).set(
 
 def make_tiny_clip(seed=0):
     return tiny_models.make_tiny_clip(D, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vild_assets")
-    tiny = make_tiny_clip()
-    weights = str(root / "tiny_clip.pt")
-    torch.save(tiny.state_dict(), weights)
-    text = str(root / "text.npy")
-    np.save(text, np.random.RandomState(0).randn(K, D).astype("float32"))
-    return {"clip": tiny, "weights": weights, "text": text, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ Faster R-CNN R50-FPN whose box classifier is replaced by CLIP text embeddings:
 
 Modules: ``vild_heads`` (output layers, ROI heads), ``fast_rcnn_topk`` (inference),
 ``gridclip.clip.teacher_cache`` (offline teacher cache), ``gridclip.data.mapper`` (its mapper),
-this file (meta-architecture); the backbone is ``clip_backbone.build_clip_resnet_rcnn_fpn_backbone``.
+this file (meta-architecture); the backbone is
+``clip_backbone.build_clip_resnet_rcnn_fpn_backbone``.
 
 The frozen CLIP teacher is held by the :class:`ViLD` meta-architecture outside its module tree
 (a :class:`~gridclip.modeling.teacher_holder.TeacherHolder`): it is not in ``state_dict`` (never
