@@ -77,6 +77,10 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
         "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
         "inference_speedup_gridclip_1x1_vs_vild": _ratio(t["vild"], t["gridclip_1x1"]),
+        "inference_gridclip_all_locations_over_gridclip": _ratio(
+            t["gridclip_all_locations"], t["gridclip"]
+        ),
+        "inference_gridclip_bf16_over_gridclip": _ratio(t["gridclip_bf16"], t["gridclip"]),
         "inference_gridclip_no_dense_clip_over_retinanet_80": _ratio(
             t["gridclip_no_dense_clip"], t["retinanet_80"]
         ),

@@ -86,6 +86,20 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
         ),
+        # Scoring every location (the text product for all of them) against the configs'
+        # MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS (GridCLIP_R50.yaml), and a bf16 text product.
+        ModelSpec(
+            "gridclip_all_locations",
+            "GridCLIP (per-location, every location scored)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0),
+        ),
+        ModelSpec(
+            "gridclip_bf16",
+            "GridCLIP (per-location, bf16 text product)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE", "bfloat16"),
+        ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
         ModelSpec("retinanet_80", "RetinaNet (80 classes)", "retinanet", fixed_classes=80),
