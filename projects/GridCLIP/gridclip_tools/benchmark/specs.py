@@ -63,7 +63,14 @@ INFERENCE_MODELS = {
     s.key: s
     for s in (
         ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
-        ModelSpec("gridclip_anchor", "GridCLIP (per-anchor)", "gridclip", per_anchor=True),
+        # per anchor: no anchor offsets, so no objectness to gate the text product with
+        ModelSpec(
+            "gridclip_anchor",
+            "GridCLIP (per-anchor)",
+            "gridclip",
+            per_anchor=True,
+            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0),
+        ),
         # MODEL.GRIDCLIP.EMBED_KERNEL_SIZE 1: the configs' since docs/BENCHMARKS.md's runs (then
         # a variant of their 3), so the same model as "gridclip" now; "gridclip_3x3" is the 3.
         ModelSpec(
