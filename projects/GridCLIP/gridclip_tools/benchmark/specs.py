@@ -93,13 +93,14 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
         ),
-        # Scoring every location (the text product for all of them) against the configs'
-        # MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS (GridCLIP_R50.yaml), and a bf16 text product.
+        # The text product for the 1,000 locations of highest objectness per level only
+        # (MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS; the configs score every location), and a bf16
+        # text product (MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE): docs/BENCHMARKS.md, issue 13.
         ModelSpec(
-            "gridclip_all_locations",
-            "GridCLIP (per-location, every location scored)",
+            "gridclip_top1000",
+            "GridCLIP (per-location, top-1000 locations per level scored)",
             "gridclip",
-            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0),
+            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
         ),
         ModelSpec(
             "gridclip_bf16",
