@@ -595,8 +595,8 @@ def test_fast_inference_equals_naive_per_anchor_expansion(assets, opts, nms_thre
                 images, features, list(model.head.forward_embeddings(features))
             )
         naive = _naive_inference(model, images, features)
-    # the fast path scored every location once, never every anchor
-    assert seen_rows == [f.shape[2] * f.shape[3] for f in features]
+    # the fast path scored every location once (per image and level), never every anchor
+    assert seen_rows == [f.shape[2] * f.shape[3] for f in features] * len(images)
     for a, b in zip(fast, naive):
         assert len(a) > 5
         assert_same_detections(a, b)

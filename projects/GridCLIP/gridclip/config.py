@@ -95,6 +95,16 @@ def add_gridclip_config(cfg: CN) -> CN:
     # with 'res5' in MODEL.CLIP_RESNET.OUT_FEATURES; set it False for other backbones.
     _C.MODEL.GRIDCLIP.DENSE_CLIP = True
     _C.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT = 1.0
+    # Inference: score (text product) at most this many locations per FPN level and image,
+    # those of highest objectness (max of the location's anchor offsets, trained by the focal
+    # loss); 0 = every location. Locations that cannot reach SCORE_THRESH_TEST are skipped
+    # whatever this is (exact). Exact when K covers every location that can reach the
+    # detections; the vocabulary then costs K x classes per level (docs/BENCHMARKS.md).
+    _C.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS = 0
+    # Inference: dtype of the text product, "float32", "bfloat16" (CPUs with AVX512-BF16, GPUs)
+    # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
+    # always computes it in float32.
+    _C.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE = "float32"
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

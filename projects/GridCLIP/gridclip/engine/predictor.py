@@ -8,6 +8,7 @@ Shared by ``tools/demo.py`` and the notebook (``projects/GridCLIP/notebooks``)::
     predictor.set_vocabulary("world_novel")           # a built-in vocabulary
     predictor.set_vocabulary("red star, blue ring")   # names typed by a user
     outputs = predictor(cv2.imread("image.png"))      # BGR in, like DefaultPredictor
+    batch = predictor([bgr_1, bgr_2, bgr_3])          # N images, one forward: a list of outputs
     rgb = predictor.visualize(bgr, outputs, threshold=0.3)
     detections = predictor.detections_to_json(outputs)
 
@@ -171,6 +172,38 @@ class OpenVocabularyPredictor(DefaultPredictor):
         cfg = get_gridclip_cfg(config_file, opts)
         cfg.freeze()
         return cls(cfg, vocabulary=vocabulary)
+
+    # -------------------------------------------------------------------------- predicting
+    def __call__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
+        """``DefaultPredictor``'s call for one BGR (H, W, 3) image (its output dict), or for a
+        list of them in one forward (a list of output dicts, in order).
+
+        A batch is resized image by image as one image would be, then padded to its largest
+        image by the model (``ImageList``): images of one size give the same detections as one
+        by one (tests); images of different sizes see zero padding beyond their borders, as in
+        any batched Detectron2 inference.
+        """
+        if isinstance(images, np.ndarray):
+            return super().__call__(images)
+        return self.predict_batch(images)
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> List[Dict]:
+        """The outputs of N BGR images from one model forward (see :meth:`__call__`)."""
+        if not len(images):
+            return []
+        inputs = []
+        for original_image in images:
+            assert (
+                original_image.ndim == 3 and original_image.shape[2] == 3
+            ), f"expected (H, W, 3) BGR images, got shape {original_image.shape}"
+            if self.input_format == "RGB":
+                original_image = original_image[:, :, ::-1]
+            height, width = original_image.shape[:2]
+            image = self.aug.get_transform(original_image).apply_image(original_image)
+            image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+            inputs.append({"image": image, "height": height, "width": width})
+        with torch.no_grad():
+            return self.model(inputs)
 
     # ------------------------------------------------------------------------- vocabulary
     def _base_names(self) -> Optional[set]:

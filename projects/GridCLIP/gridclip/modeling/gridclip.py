@@ -16,8 +16,23 @@ Two head variants (``MODEL.GRIDCLIP.EMBED_PER_ANCHOR``):
   offset(location, anchor)``. Inference never materialises per-anchor scores: it ranks
   (location, class) pairs by ``cls + max over anchors of offset``, keeps the top ones and only
   then expands them to their A anchors, which selects exactly the anchors RetinaNet's per-anchor
-  top-k would;
+  top-k would. The same offsets make the per-location objectness that gates the text product
+  (below);
 - per anchor: A*D channels, one embedding per anchor, decoded as RetinaNet does.
+
+Scoring only promising locations (inference; ``MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS``). The text
+product costs (locations x classes x D); at 800x1216 and 10,000 classes it is most of the
+inference (docs/BENCHMARKS.md). A location's **objectness** is the maximum of its anchor offsets:
+the class-agnostic part of every logit there, from the box tower, trained by the focal loss like
+the rest of the logit (no extra loss, no training change). Before the product, per image and level:
+
+1. exact pruning: ``logit <= logit_scale + bias + offset`` (the cosine is at most 1), so a
+   location whose ``logit_scale + bias + objectness`` is below the logit of
+   ``SCORE_THRESH_TEST`` cannot produce a detection and is not scored (always on);
+2. top-K: of the rest, only the K locations of highest objectness are scored, so the
+   vocabulary costs at most K x C per level. Exact when K covers every location that can
+   reach the detections (K >= the level's locations always); otherwise an approximation whose
+   accuracy is measured (README, docs/BENCHMARKS.md).
 
 Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
 covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
@@ -39,6 +54,7 @@ and the image-level alignment loss, which needs the raw inputs. The head is in `
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -109,6 +125,7 @@ class GridCLIP(RetinaNet):
         vocabulary_cfg=None,
         dense_clip: Optional[DenseCLIPProjection] = None,
         dense_clip_weight: float = 1.0,
+        test_topk_locations: int = 0,
         **kwargs,
     ):
         """
@@ -123,6 +140,9 @@ class GridCLIP(RetinaNet):
                 added to the grid embeddings (``MODEL.GRIDCLIP.DENSE_CLIP``). The backbone must
                 return the CLIP trunk's ``res5`` (``build_clip_resnet_fpn_backbone`` does).
             dense_clip_weight: initial value of the learned scale of that term.
+            test_topk_locations: at inference, score at most this many locations per level and
+                image, those of highest objectness (module doc); 0 = every location. Needs the
+                anchor offsets (per-location head with ``anchor_offset``).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -147,6 +167,14 @@ class GridCLIP(RetinaNet):
                     "(MODEL.CLIP.EMBED_DIM): another CLIP?"
                 )
             self.dense_clip_scale = nn.Parameter(torch.tensor(float(dense_clip_weight)))
+        if test_topk_locations < 0:
+            raise ValueError(f"MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS={test_topk_locations} < 0")
+        if test_topk_locations and head.anchor_offset is None:
+            raise ValueError(
+                "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS ranks locations by their anchor offsets: it "
+                "needs the per-location head with MODEL.GRIDCLIP.ANCHOR_OFFSET (and A > 1 anchors)"
+            )
+        self.test_topk_locations = int(test_topk_locations)
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -171,6 +199,7 @@ class GridCLIP(RetinaNet):
                 build_dense_clip_projection(cfg) if cfg.MODEL.GRIDCLIP.DENSE_CLIP else None
             ),
             "dense_clip_weight": cfg.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT,
+            "test_topk_locations": cfg.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -411,31 +440,84 @@ class GridCLIP(RetinaNet):
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions
         anchors = self.anchor_generator(features)
-        # Per level (N, Hi*Wi*G, K) logits: G = 1 embedding per location (or A per anchor).
-        logits = [self.head.logits(self.head.embedding_rows(x)) for x in grid_embeddings]
+        # Per level (N, Hi*Wi*G, D) embedding rows: G = 1 per location (or A per anchor).
+        rows = [self.head.embedding_rows(x) for x in grid_embeddings]
         deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
         offsets = None
         if anchor_offsets is not None:
             offsets = [permute_to_N_HWA_K(x, self.head.num_anchors) for x in anchor_offsets]
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
-            pred = Instances.cat(
-                [
+            per_level = []
+            for level, level_anchors in enumerate(anchors):
+                level_rows, level_deltas = rows[level][img_idx], deltas[level][img_idx]
+                level_offsets = offsets[level][img_idx] if offsets is not None else None
+                locations = self._scored_locations(level_offsets)
+                if locations is not None and locations.numel() == 0:
+                    continue  # no location of this level can reach the score threshold
+                if locations is not None:  # score a subset: gather its rows, anchors, deltas
+                    group = level_offsets.shape[1]
+                    anchor_idxs = (
+                        locations[:, None] * group + torch.arange(group, device=locations.device)
+                    ).flatten()
+                    level_rows, level_offsets = level_rows[locations], level_offsets[locations]
+                    level_deltas = level_deltas[anchor_idxs]
+                    level_anchors = level_anchors[anchor_idxs]
+                logits = self.head.logits(level_rows)  # the text product: (rows, K)
+                per_level.append(
                     self._decode_level(
-                        anchors[level],
-                        logits[level][img_idx],
-                        deltas[level][img_idx],
-                        offsets[level][img_idx] if offsets is not None else None,
-                        image_size,
+                        level_anchors, logits, level_deltas, level_offsets, image_size
                     )
-                    for level in range(len(anchors))
-                ]
-            )
+                )
+            if not per_level:
+                per_level.append(self._no_detections(image_size, deltas[0].device))
+            pred = Instances.cat(per_level)
             keep = batched_nms(  # per-class NMS, as RetinaNet
                 pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
             )
             results.append(pred[keep[: self.max_detections_per_image]])
         return results
+
+    @staticmethod
+    def _no_detections(image_size: Tuple[int, int], device) -> Instances:
+        return Instances(
+            image_size,
+            pred_boxes=Boxes(torch.zeros(0, 4, device=device)),
+            scores=torch.zeros(0, device=device),
+            pred_classes=torch.zeros(0, dtype=torch.long, device=device),
+        )
+
+    def _scored_locations(self, offsets: Optional[Tensor]) -> Optional[Tensor]:
+        """The locations of one level of one image whose classes are scored (module doc).
+
+        Args:
+            offsets: (Hi*Wi, A) anchor logit offsets, or None (per-anchor head: no objectness).
+        Returns:
+            Ascending location indices, or None for all of them (nothing pruned). Exact pruning
+            (no class logit there can pass ``test_score_thresh``) is always applied; then at
+            most ``test_topk_locations`` (if > 0) of the highest objectness are kept.
+        """
+        if offsets is None:
+            return None
+        objectness = offsets.max(dim=1).values  # (Hi*Wi,)
+        keep = None
+        if 0.0 < self.test_score_thresh < 1.0:
+            classifier = self.head.classifier
+            # logit <= scale * cos + bias + offset, cos <= 1 (+ the text product's rounding)
+            cos_bound = 1.0 + classifier.product_error_bound
+            best_class_logit = float(classifier.logit_scale) * cos_bound + float(classifier.bias)
+            thresh = math.log(self.test_score_thresh / (1.0 - self.test_score_thresh))
+            passing = objectness + best_class_logit > thresh
+            if not bool(passing.all()):
+                keep = passing.nonzero().flatten()
+        k = self.test_topk_locations
+        num_left = objectness.numel() if keep is None else keep.numel()
+        if 0 < k < num_left:
+            candidates = objectness if keep is None else objectness[keep]
+            top = candidates.topk(k).indices
+            keep = top if keep is None else keep[top]
+            keep = keep.sort().values  # the ungated order: same ties, same results
+        return keep
 
     @staticmethod
     def _top_pairs(logits: Tensor, row_bonus: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:

@@ -51,6 +51,7 @@ class GridCLIPHead(RetinaNetHead):
         prior_prob: float = 0.01,
         logit_scale: float = 20.0,
         learn_logit_scale: bool = False,
+        text_product_dtype: str = "float32",
     ):
         """
         Args:
@@ -63,6 +64,8 @@ class GridCLIPHead(RetinaNetHead):
                 or 1 (the towers' four 3x3 convs already give context; cheaper at inference).
             logit_scale: cosine similarities are multiplied by this (learnable, clamped to
                 [1, 100], with ``learn_logit_scale``).
+            text_product_dtype: dtype of the text product at inference
+                (:meth:`TextEmbeddingClassifier.set_product_dtype`).
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
         if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
@@ -101,6 +104,7 @@ class GridCLIPHead(RetinaNetHead):
             bias=-math.log((1 - prior_prob) / prior_prob),
             learn_bias=True,
         )
+        self.classifier.set_product_dtype(text_product_dtype)
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec], text_embeddings: Tensor):
@@ -113,6 +117,7 @@ class GridCLIPHead(RetinaNetHead):
             embed_kernel_size=cfg.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE,
             logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
+            text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
         )
         return ret
 

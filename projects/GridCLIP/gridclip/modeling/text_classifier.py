@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,11 @@ from ..clip.embeddings import check_text_embeddings, l2_normalize
 
 logger = logging.getLogger(__name__)
 
+#: ``MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE`` values (:meth:`TextEmbeddingClassifier.set_product_dtype`)
+PRODUCT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 __all__ = [
+    "PRODUCT_DTYPES",
     "TextEmbeddingClassifier",
     "l2_normalize",
     "check_text_embeddings",
@@ -63,6 +67,7 @@ class TextEmbeddingClassifier(nn.Module):
         else:
             self.register_buffer("log_logit_scale", log_scale, persistent=False)
         self.max_logit_scale = float(max_logit_scale)
+        self.product_dtype = torch.float32
         if learn_bias:
             self.bias = nn.Parameter(torch.tensor(float(bias)))
         else:
@@ -80,6 +85,37 @@ class TextEmbeddingClassifier(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         # Bounded: a runaway learned temperature cannot blow the logits up.
         return self.log_logit_scale.exp().clamp(1.0, self.max_logit_scale)
+
+    def set_product_dtype(self, dtype: Union[str, torch.dtype]) -> None:
+        """The dtype of the text product at inference (not in training, whose logits are fp32).
+
+        ``float32`` (default), ``bfloat16`` (CPUs with AVX512-BF16/AMX, GPUs) or ``float16``
+        (GPUs): the scaled row embeddings and the text embeddings are rounded to it, the product
+        accumulates in the kernel's precision and the logits come back as fp32. Cosines then
+        differ from fp32 by at most :attr:`product_error_bound` (tests check it).
+        """
+        if isinstance(dtype, str):
+            if dtype not in PRODUCT_DTYPES:
+                raise ValueError(
+                    f"text product dtype {dtype!r}: choose one of {sorted(PRODUCT_DTYPES)}"
+                )
+            dtype = PRODUCT_DTYPES[dtype]
+        assert dtype in PRODUCT_DTYPES.values(), f"unsupported text product dtype {dtype}"
+        self.product_dtype = dtype
+
+    @property
+    def product_error_bound(self) -> float:
+        """Bound of |cos - cos in fp32| of the inference product in :attr:`product_dtype`.
+
+        Unit vectors rounded to a format of unit roundoff u change a dot product by at most
+        (2u + u^2) (Cauchy-Schwarz), the product's own rounding to that format by u * |cos|:
+        3u + u^2 in all; the kernels accumulate in fp32 (its error, ~D * 2^-24, is folded in as
+        one more u). 0 in fp32 (the reference).
+        """
+        if self.product_dtype == torch.float32:
+            return 0.0
+        u = torch.finfo(self.product_dtype).eps / 2
+        return 4 * u + u * u
 
     def set_vocabulary(self, text_embeddings: torch.Tensor) -> None:
         """Replace the class embeddings (any number of classes, same dimension)."""
@@ -121,7 +157,12 @@ class TextEmbeddingClassifier(nn.Module):
             shape = x.shape[:-1]
             x = x.reshape(-1, x.shape[-1])
             x = x * (self.logit_scale / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-            logits = torch.addmm(self.bias.to(x.dtype), x, weight.t())
+            if self.product_dtype != torch.float32 and not torch.is_grad_enabled():
+                # scaled cosines in low precision, the bias added in fp32
+                low = self.product_dtype
+                logits = torch.mm(x.to(low), weight.to(low).t()).float().add_(self.bias)
+            else:
+                logits = torch.addmm(self.bias.to(x.dtype), x, weight.t())
             return logits.view(*shape, weight.shape[0])
 
     def extra_repr(self) -> str:

@@ -77,6 +77,9 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
         "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
         "inference_speedup_gridclip_1x1_vs_vild": _ratio(t["vild"], t["gridclip_1x1"]),
+        "inference_gridclip_top1000_over_gridclip": _ratio(t["gridclip_top1000"], t["gridclip"]),
+        "inference_speedup_gridclip_top1000_vs_vild": _ratio(t["vild"], t["gridclip_top1000"]),
+        "inference_gridclip_bf16_over_gridclip": _ratio(t["gridclip_bf16"], t["gridclip"]),
         "inference_gridclip_no_dense_clip_over_retinanet_80": _ratio(
             t["gridclip_no_dense_clip"], t["retinanet_80"]
         ),
@@ -89,11 +92,13 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         )
     vocab = sorted(set(s["vocab_sizes"]))
     if len(vocab) > 1:
-        lo, hi = vocab[0], vocab[-1]
+        lo = vocab[0]
         for m in s["vocab_models"]:
-            ratios[f"vocab_growth_{m}_{lo}_to_{hi}"] = _ratio(
-                _point(inf, m, hi, size, "vocab", field), _point(inf, m, lo, size, "vocab", field)
-            )
+            for hi in vocab[1:]:  # from the smallest to every larger vocabulary
+                ratios[f"vocab_growth_{m}_{lo}_to_{hi}"] = _ratio(
+                    _point(inf, m, hi, size, "vocab", field),
+                    _point(inf, m, lo, size, "vocab", field),
+                )
     sizes = sorted(set(s["image_sizes"]))
     if len(sizes) > 1:
         lo, hi = image_size_for_short_side(sizes[0]), image_size_for_short_side(sizes[-1])

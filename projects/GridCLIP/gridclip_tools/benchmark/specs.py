@@ -63,7 +63,14 @@ INFERENCE_MODELS = {
     s.key: s
     for s in (
         ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
-        ModelSpec("gridclip_anchor", "GridCLIP (per-anchor)", "gridclip", per_anchor=True),
+        # per anchor: no anchor offsets, so no objectness to gate the text product with
+        ModelSpec(
+            "gridclip_anchor",
+            "GridCLIP (per-anchor)",
+            "gridclip",
+            per_anchor=True,
+            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0),
+        ),
         # MODEL.GRIDCLIP.EMBED_KERNEL_SIZE 1: the configs' since docs/BENCHMARKS.md's runs (then
         # a variant of their 3), so the same model as "gridclip" now; "gridclip_3x3" is the 3.
         ModelSpec(
@@ -85,6 +92,21 @@ INFERENCE_MODELS = {
             "GridCLIP (per-location, without the dense CLIP term)",
             "gridclip",
             opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
+        ),
+        # The text product for the 1,000 locations of highest objectness per level only
+        # (MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS; the configs score every location), and a bf16
+        # text product (MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE): docs/BENCHMARKS.md, issue 13.
+        ModelSpec(
+            "gridclip_top1000",
+            "GridCLIP (per-location, top-1000 locations per level scored)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
+        ),
+        ModelSpec(
+            "gridclip_bf16",
+            "GridCLIP (per-location, bf16 text product)",
+            "gridclip",
+            opts=("MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE", "bfloat16"),
         ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
