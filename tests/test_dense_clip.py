@@ -55,21 +55,6 @@ def test_projection_is_frozen_and_saved_scale_is_learned(assets):  # noqa: F811
     assert all(p.grad is None for p in model.dense_clip.parameters())
 
 
-def test_per_anchor_embeddings_get_the_clip_term_per_anchor(assets):  # noqa: F811
-    model = build_model(dense_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True)).eval()
-    torch.nn.init.zeros_(model.head.grid_embed.weight)
-    torch.nn.init.zeros_(model.head.grid_embed.bias)
-    images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 64, 64))}])
-    features = model.backbone(images.tensor)
-    grid = model.predict([features[f] for f in model.head_in_features], features["res5"])[0]
-    a = grid[0].shape[1] // D
-    assert a == 9
-    groups = grid[0].reshape(1, a, D, *grid[0].shape[-2:])
-    torch.testing.assert_close(groups, groups[:, :1].expand_as(groups))
-    with torch.no_grad():
-        assert len(model([{"image": torch.randint(0, 256, (3, 64, 64))}])) == 1
-
-
 def test_dense_clip_needs_the_clip_trunk(assets):  # noqa: F811
     cfg = dense_cfg(
         assets,

@@ -150,12 +150,9 @@ def test_build_tiny_model_and_parameter_count(assets):
     # per-location embedding conv: 32 channels -> D, 1x1 (Base-GridCLIP's EMBED_KERNEL_SIZE)
     assert sum(p.numel() for p in model.head.grid_embed.parameters()) == 32 * D + D
     assert not hasattr(model.head, "cls_score")  # no K-class conv
-    per_anchor = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True))
-    assert per_anchor.head.grid_embed.out_channels == A * D
     # pinned: tiny CLIP trunk (stem..res5) + 32-ch FPN + 1-conv towers + 64-d 1x1 embedding
     # conv + the learned bias + the anchor-offset conv (32 -> A channels, 3x3)
     assert sum(p.numel() for p in model.parameters()) == 745404 + 1 + (32 * 9 * A + A)
-    assert per_anchor.head.anchor_offset is None  # per-anchor embeddings need no offset
 
 
 def test_class_count_mismatch_errors(assets, tiny_lvis_json):
@@ -450,7 +447,6 @@ def _detectron2_losses(model, inputs):
     [
         (),  # per-location embeddings with anchor offsets (the default)
         ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),
-        ("MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True),
     ],
 )
 def test_model_losses_equal_detectron2_retinanet_losses(assets, opts):
@@ -626,23 +622,6 @@ def test_top_pairs_threshold_first_equals_plain_topk(num_rows, num_classes, k):
     assert rows.numel() == classes.numel() == k
     rows, classes = GridCLIP._top_pairs(torch.full_like(logits, float("nan")), bonus, k)
     assert rows.numel() == classes.numel() == k
-
-
-def test_per_anchor_head_trains_and_matches_naive(assets):
-    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.EMBED_PER_ANCHOR", True))
-    losses, _ = train_losses(model, make_inputs())
-    assert all(torch.isfinite(v) for v in losses.values())
-    model.eval()
-    _random_head(model, std=0.3)
-    model.test_score_thresh = 0.05
-    images, features = dense_inputs(model, n=1, size=(2, 80, 96), seed=4)
-    with torch.no_grad():
-        fast = model.forward_inference(
-            images, features, list(model.head.forward_embeddings(features))
-        )
-        naive = _naive_inference(model, images, features)
-    assert len(fast[0]) > 0
-    assert_same_detections(fast[0], naive[0])
 
 
 def test_eval_forward_shapes_and_inf_nan_inputs(assets):

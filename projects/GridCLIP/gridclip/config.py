@@ -72,11 +72,9 @@ def add_gridclip_config(cfg: CN) -> CN:
 
     # ----------------------------------------------------------------------------- GridCLIP
     _C.MODEL.GRIDCLIP = CN()
-    # One embedding per grid location shared by its A anchors (False, A x cheaper text product)
-    # or one embedding per anchor (True).
-    _C.MODEL.GRIDCLIP.EMBED_PER_ANCHOR = False
-    # Per-location head only: add a learned class-agnostic logit offset per anchor (A channels
-    # on the box tower), so the A anchors sharing a location's embedding get different scores.
+    # The head predicts one embedding per location, shared by its A anchors. Add a learned
+    # class-agnostic logit offset per anchor (A channels on the box tower), so those A anchors
+    # get different scores.
     _C.MODEL.GRIDCLIP.ANCHOR_OFFSET = True
     # Logits = LOGIT_SCALE * cos(grid embedding, text embedding) + prior bias.
     _C.MODEL.GRIDCLIP.LOGIT_SCALE = 20.0

@@ -30,7 +30,7 @@ class GridCLIPHead(RetinaNetHead):
     """RetinaNet's towers; the classification tower ends in CLIP-space grid embeddings.
 
     ``forward_embeddings(features)`` returns the raw outputs: grid embeddings (N, E, Hi, Wi) with
-    E = D (per location) or A*D (per anchor), box deltas (N, A*4, Hi, Wi), and per-anchor logit
+    E = D (one per location), box deltas (N, A*4, Hi, Wi), and per-anchor logit
     offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None).
     ``forward(features)`` keeps RetinaNet's contract and returns ``(logits (N, A*K, Hi, Wi), box
     deltas)``; GridCLIP's own training and inference avoid materialising those logits.
@@ -44,7 +44,6 @@ class GridCLIPHead(RetinaNetHead):
         num_anchors: int,
         conv_dims: List[int],
         text_embeddings: Tensor,
-        embed_per_anchor: bool = False,
         anchor_offset: bool = True,
         embed_kernel_size: int = 1,
         norm="",
@@ -57,7 +56,6 @@ class GridCLIPHead(RetinaNetHead):
         Args:
             input_shape, num_anchors, conv_dims, norm, prior_prob: as :class:`RetinaNetHead`.
             text_embeddings: (K, D) class text embeddings (a buffer of ``self.classifier``).
-            embed_per_anchor: one embedding per anchor (A*D channels) instead of per location.
             anchor_offset: per-location head only: predict a class-agnostic logit offset per
                 anchor from the box tower (initialised near 0).
             embed_kernel_size: kernel of the grid-embedding conv, 3 (RetinaNet's classifier)
@@ -83,13 +81,12 @@ class GridCLIPHead(RetinaNetHead):
         )
         del self.cls_score
         self.num_anchors = num_anchors
-        self.embed_per_anchor = bool(embed_per_anchor)
         self.embed_dim = int(text_embeddings.shape[1])
-        out_channels = self.embed_dim * (num_anchors if embed_per_anchor else 1)
+        out_channels = self.embed_dim
         k = int(embed_kernel_size)
         self.grid_embed = nn.Conv2d(conv_dims[-1], out_channels, kernel_size=k, padding=k // 2)
         self.anchor_offset = None
-        if anchor_offset and not embed_per_anchor and num_anchors > 1:
+        if anchor_offset and num_anchors > 1:
             self.anchor_offset = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, padding=1)
         for layer in (self.grid_embed, self.anchor_offset):
             if layer is not None:
@@ -112,7 +109,6 @@ class GridCLIPHead(RetinaNetHead):
         del ret["num_classes"]
         ret.update(
             text_embeddings=text_embeddings,
-            embed_per_anchor=cfg.MODEL.GRIDCLIP.EMBED_PER_ANCHOR,
             anchor_offset=cfg.MODEL.GRIDCLIP.ANCHOR_OFFSET,
             embed_kernel_size=cfg.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE,
             logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
@@ -127,8 +123,8 @@ class GridCLIPHead(RetinaNetHead):
 
     @property
     def anchors_per_embedding(self) -> int:
-        """How many anchors share one embedding (A per location, 1 per anchor)."""
-        return 1 if self.embed_per_anchor else self.num_anchors
+        """How many anchors share one embedding: the A anchors of a location."""
+        return self.num_anchors
 
     def forward_embeddings(
         self, features: List[Tensor]
@@ -137,7 +133,7 @@ class GridCLIPHead(RetinaNetHead):
         Args:
             features: FPN maps (N, C, Hi, Wi), high to low resolution.
         Returns:
-            grid_embeddings: per level (N, E, Hi, Wi), E = D or A*D (not normalised).
+            grid_embeddings: per level (N, D, Hi, Wi) (not normalised).
             box_deltas: per level (N, A*4, Hi, Wi).
             anchor_offsets: per level (N, A, Hi, Wi) logit offsets, or None.
         """
@@ -156,7 +152,7 @@ class GridCLIPHead(RetinaNetHead):
         return grid_embeddings, box_deltas, anchor_offsets
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
-        """(N, E, Hi, Wi) -> (N, Hi*Wi*G, D), G = A per anchor, 1 per location ((h, w, a) order)."""
+        """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""
         return permute_to_N_HWA_K(grid_embeddings, self.embed_dim)
 
     def logits(self, rows: Tensor, class_indices: Optional[Tensor] = None) -> Tensor:

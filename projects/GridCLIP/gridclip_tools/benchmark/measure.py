@@ -129,8 +129,7 @@ def estimated_inference_bytes(spec: ModelSpec, num_classes: int, height: int, wi
     if spec.family == "vild":
         return 0
     k = spec.fixed_classes or num_classes
-    per_location = spec.family == "gridclip" and not spec.per_anchor
-    rows = num_anchor_locations(height, width) * (1 if per_location else 9)
+    rows = num_anchor_locations(height, width) * (1 if spec.family == "gridclip" else 9)
     bytes_per_element = 21 if spec.family == "retinanet" else 12
     return int(bytes_per_element * rows * k)
 

@@ -51,12 +51,7 @@ def build_cfg(
         opts += ["MODEL.CLIP.TEXT_EMBEDDINGS", assets.text_embeddings(k)]
         opts += ["DATASETS.TRAIN", (assets.dataset(k),)]
     if spec.family == "gridclip":
-        opts += [
-            "MODEL.RETINANET.NUM_CLASSES",
-            k,
-            "MODEL.GRIDCLIP.EMBED_PER_ANCHOR",
-            spec.per_anchor,
-        ]
+        opts += ["MODEL.RETINANET.NUM_CLASSES", k]
         opts += ["MODEL.GRIDCLIP.TEACHER_CACHE", ""]
     elif spec.family == "vild":
         config_file = "ViLD_R50.yaml"

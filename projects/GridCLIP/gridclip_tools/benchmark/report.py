@@ -73,7 +73,6 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_speedup_gridclip_vs_vild_ensemble": _ratio(t["vild_ensemble"], t["gridclip"]),
         "inference_gridclip_over_retinanet_80": _ratio(t["gridclip"], t["retinanet_80"]),
         f"inference_speedup_gridclip_vs_retinanet_{k}": _ratio(t["retinanet"], t["gridclip"]),
-        "inference_per_anchor_over_per_location": _ratio(t["gridclip_anchor"], t["gridclip"]),
         "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
         "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
         "inference_speedup_gridclip_1x1_vs_vild": _ratio(t["vild"], t["gridclip_1x1"]),

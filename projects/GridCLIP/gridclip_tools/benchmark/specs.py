@@ -43,7 +43,7 @@ TINY_ARCHITECTURE = CLIPArchitecture("tiny", (1, 1, 1, 1), 16, 64, 64, context_l
 class ModelSpec:
     """One benchmarked detector.
 
-    family: ``gridclip``, ``vild`` or ``retinanet``; per_anchor / ensemble: the variant;
+    family: ``gridclip``, ``vild`` or ``retinanet``; ensemble: ViLD's variant;
     fixed_classes: a class count that does not follow the vocabulary (RetinaNet-80);
     teacher: for training, ``online``, ``cache`` or None (no teacher);
     opts: config options (KEY, VALUE, ...) of this variant, applied after the family's config.
@@ -52,7 +52,6 @@ class ModelSpec:
     key: str
     label: str
     family: str
-    per_anchor: bool = False
     ensemble: bool = False
     fixed_classes: Optional[int] = None
     teacher: Optional[str] = None
@@ -63,14 +62,6 @@ INFERENCE_MODELS = {
     s.key: s
     for s in (
         ModelSpec("gridclip", "GridCLIP (per-location)", "gridclip"),
-        # per anchor: no anchor offsets, so no objectness to gate the text product with
-        ModelSpec(
-            "gridclip_anchor",
-            "GridCLIP (per-anchor)",
-            "gridclip",
-            per_anchor=True,
-            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0),
-        ),
         # MODEL.GRIDCLIP.EMBED_KERNEL_SIZE 1: the configs' since docs/BENCHMARKS.md's runs (then
         # a variant of their 3), so the same model as "gridclip" now; "gridclip_3x3" is the 3.
         ModelSpec(
