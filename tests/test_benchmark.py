@@ -132,8 +132,9 @@ def test_quick_mode_profiles_inference_by_part(quick_run):
 def test_quick_mode_profiles_training(quick_run):
     out, results = quick_run
     grid = (out / "profile_train_gridclip_online.txt").read_text()
-    assert "## losses (focal loss + box loss)" in grid and "_GridFocalLoss" in grid
-    assert "## GridCLIP image teacher" in grid
+    # the labelled parts are listed whatever their rank in the op table (which depends on load)
+    assert "#   ## losses (focal loss + box loss): " in grid
+    assert "#   ## GridCLIP image teacher (CLIP): " in grid
     assert set(results["profiles"]) == {
         "gridclip",
         "vild",

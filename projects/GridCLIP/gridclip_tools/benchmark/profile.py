@@ -143,9 +143,10 @@ def profile_training(job: TrainingJob, path: str, top: int = 30) -> List:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
+    parts: Dict[str, Dict] = {}
     with contextlib.ExitStack() as stack:
         for owner, name, label in TRAIN_PROFILE_LABELS:
-            stack.enter_context(_recorded_method(_attribute(job.model, owner), name, label))
+            stack.enter_context(_recorded_method(_attribute(job.model, owner), name, label, parts))
         with profile(activities=activities) as prof:
             job()
     averages = prof.key_averages()
@@ -158,8 +159,11 @@ def profile_training(job: TrainingJob, path: str, top: int = 30) -> List:
             f"# torch.profiler ({job.device}, {torch.get_num_threads()} thread(s)) of one training "
             f"iteration of '{job.spec.key}' ({job.spec.label}) at {h}x{w}, {k} classes, after "
             "the timed iterations; '## ...' rows are the labelled methods (their forward: "
-            "backward ops run in the autograd engine, outside them).\n"
+            "backward ops run in the autograd engine, outside them). Labelled parts (wall / "
+            "process CPU ms, profiler overhead included):\n"
         )
+        for label, t in parts.items():
+            f.write(f"#   {label}: {t['wall_ms']:,.0f} / {t['cpu_ms']:,.0f} ms\n")
         f.write(averages.table(sort_by=sort_key, row_limit=top))
     rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return [
