@@ -16,7 +16,8 @@ The head predicts one D-d embedding per grid cell, shared by its A anchors: the 
   then expands them to their A anchors, which selects exactly the anchors RetinaNet's per-anchor
   top-k would. The same offsets make the per-location objectness that gates the text product
   (below). (One embedding per anchor, ``EMBED_PER_ANCHOR``, was measured and removed: 3.65x
-  slower at 800x1216 and lower APr in every seed on the embedded world; README.)
+  slower at 800x1216, and over 3 seeds on the embedded world not better: APr -0.9, AP +0.3 on
+  average; README.)
 
 Scoring only promising locations (inference; ``MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS``). The text
 product costs (locations x classes x D); at 800x1216 and 10,000 classes it is most of the
