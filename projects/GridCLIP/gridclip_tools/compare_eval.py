@@ -36,6 +36,7 @@ import gridclip  # noqa: F401  (registers datasets, so --dataset can be checked)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
 from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
+from gridclip_tools.args import add_config_overrides, config_overrides
 
 TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
 
@@ -83,14 +84,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=1,
         help="evaluate this many runs at once (each in its own process; mind memory and devices)",
     )
-    p.add_argument(
-        "--opts",
-        dest="extra_opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides KEY VALUE ... for every run",
-    )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    add_config_overrides(p, " for every run")
     return p
 
 
@@ -234,7 +228,7 @@ def write_outputs(records, datasets, output_dir) -> str:
 def main(argv=None) -> Dict:
     parser = get_parser()
     args = parser.parse_args(argv)
-    common_opts = list(args.opts or []) + list(args.extra_opts or [])
+    common_opts = config_overrides(args)
     if args.fixed_ap:
         common_opts += ["TEST.FIXED_AP", "True"]
 

@@ -38,6 +38,7 @@ from gridclip.config import get_gridclip_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES, parse_vocabulary
 from gridclip.utils.io import atomic_write
+from gridclip_tools.args import add_config_overrides, config_overrides
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
@@ -83,14 +84,7 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="warn about and skip images that cannot be read (default: stop with an error)",
     )
-    p.add_argument(
-        "--opts",
-        dest="extra_opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides KEY VALUE ... (Detectron2's demo spelling)",
-    )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_config_overrides(p)
     return p
 
 
@@ -160,7 +154,7 @@ def read_image_bgr(path: str):
 
 
 def build_cfg(args):
-    opts = list(args.opts or []) + list(args.extra_opts or [])
+    opts = config_overrides(args)
     if args.weights:
         if not os.path.isfile(args.weights):
             raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
