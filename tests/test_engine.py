@@ -10,7 +10,13 @@ from detectron2.evaluation import LVISEvaluator
 
 from gridclip.config import get_gridclip_cfg
 from gridclip.data import register_lvis_format_dataset
-from gridclip.engine import AtomicCheckpointer, atomic_open, build_evaluator, write_results
+from gridclip.engine import (
+    AtomicCheckpointer,
+    Trainer,
+    atomic_open,
+    build_evaluator,
+    write_results,
+)
 
 
 def test_atomic_open_publishes_only_on_clean_close(tmp_path):
@@ -79,3 +85,10 @@ def test_write_results(tmp_path):
 def test_default_device_follows_machine():
     cfg = get_gridclip_cfg()
     assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("batch", [0, -4])
+def test_a_batch_size_that_is_not_positive_is_named(batch):
+    cfg = get_gridclip_cfg("embedded/GridCLIP_world.yaml", ["SOLVER.IMS_PER_BATCH", batch])
+    with pytest.raises(ValueError, match=rf"SOLVER.IMS_PER_BATCH = {batch}: .* positive"):
+        Trainer.build_train_loader(cfg)

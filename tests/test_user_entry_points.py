@@ -273,6 +273,9 @@ def test_demo_tool_errors_are_clear(ci_demo, tmp_path, capsys):
     fails(base + ok_input + ["--custom-vocabulary", str(tmp_path / "nope.txt")], 2, "nope.txt")
     # trailing KEY VALUE pairs after --input are config overrides, not inputs
     fails(base + ok_input + ["MODEL.NO_SUCH_KEY", "1"], 2, "MODEL.NO_SUCH_KEY")
+    for bad in ("nan", "inf", "-0.1", "1.5"):
+        fails(base + ok_input + ["--confidence-threshold", bad], 2, "between 0 and 1")
+    fails(base + ok_input + ["--confidence-threshold", "high"], 2, "not a number")
     fails(["--config-file", config] + ok_input, 2, "--weights")
     fails(base[:2] + ["--weights", str(tmp_path / "x.pth")] + ok_input, 2, "x.pth")
     # An unreadable image stops the run and is named.
@@ -415,6 +418,8 @@ def test_compare_eval_table_and_argument_errors(tmp_path, capsys):
         (run + ["--run-opts", "x", "K"], "KEY VALUE pairs"),
         (run + ["--dataset", "no_such_dataset"], "not registered"),
         (run + ["MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
+        (["--run", "../outside", "embedded/GridCLIP_world.yaml", str(weights)], "plain name"),
+        (["--run", "/tmp/abs", "embedded/GridCLIP_world.yaml", str(weights)], "plain name"),
     ]:
         with pytest.raises(SystemExit) as e:
             compare.main(args)

@@ -99,6 +99,11 @@ def parse_runs(args) -> List[Dict]:
     for name, config, weights in args.run:
         if name in names:
             raise ValueError(f"--run {name!r} is given twice; run names must be unique")
+        if not name or name in (".", "..") or os.sep in name or (os.altsep or os.sep) in name:
+            raise ValueError(
+                f"--run {name!r}: a run name becomes a folder under --output-dir; use a plain name "
+                "(no path separators, not '.' or '..')"
+            )
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"--run {name!r}: weights {weights!r} do not exist")
         names.add(name)

@@ -46,6 +46,17 @@ DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
 logger = logging.getLogger("gridclip.demo")
 
 
+def _probability(text: str) -> float:
+    """An argparse type: a finite number in [0, 1] (NaN, inf and out-of-range values refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0.0 <= value <= 1.0:  # also False for NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score between 0 and 1")
+    return value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,7 +88,12 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="NAMES_OR_TXT",
         help='comma-separated class names ("red star,blue ring") or a .txt file, one name a line',
     )
-    p.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score shown")
+    p.add_argument(
+        "--confidence-threshold",
+        type=_probability,
+        default=0.3,
+        help="minimum score shown (0 to 1)",
+    )
     p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
     p.add_argument(
         "--skip-unreadable",

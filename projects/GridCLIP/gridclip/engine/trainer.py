@@ -146,6 +146,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        batch = cfg.SOLVER.IMS_PER_BATCH
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH = {batch!r}: the number of training images per iteration "
+                "(all GPUs together) must be a positive whole number"
+            )
         if cfg.MODEL.META_ARCHITECTURE == "ViLD":
             # also attaches cached teacher proposals (MODEL.VILD.TEACHER "cache"), transformed
             # with the image's own resize/flip
