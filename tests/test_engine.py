@@ -13,15 +13,15 @@ from gridclip.data import register_lvis_format_dataset
 from gridclip.engine import (
     AtomicCheckpointer,
     Trainer,
-    atomic_open,
     build_evaluator,
     write_results,
 )
+from gridclip.utils.io import atomic_write
 
 
 def test_atomic_open_publishes_only_on_clean_close(tmp_path):
     target = tmp_path / "f.bin"
-    with atomic_open(str(target), "wb") as f:
+    with atomic_write(str(target), "wb") as f:
         f.write(b"abc")
         assert not target.exists()  # not visible while writing
     assert target.read_bytes() == b"abc"
@@ -31,7 +31,7 @@ def test_atomic_open_leaves_old_file_and_no_temp_on_error(tmp_path):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with atomic_open(str(target), "wb") as f:
+        with atomic_write(str(target), "wb") as f:
             f.write(b"half-written")
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
@@ -40,7 +40,7 @@ def test_atomic_open_leaves_old_file_and_no_temp_on_error(tmp_path):
 
 def test_atomic_open_rejects_read_modes(tmp_path):
     with pytest.raises(ValueError, match="mode"):
-        atomic_open(str(tmp_path / "x"), "r")
+        atomic_write(str(tmp_path / "x"), "r")
 
 
 def test_checkpointer_writes_atomically_and_resumes(tmp_path):

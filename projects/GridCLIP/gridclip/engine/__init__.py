@@ -3,7 +3,6 @@
 from .checkpoint import (
     AtomicCheckpointer,
     CheckpointArchitectureError,
-    atomic_open,
     make_atomic,
     project_checkpointer,
 )
@@ -19,7 +18,6 @@ from .vocabulary import drop_checkpoint_vocabulary, evaluation_vocabulary
 __all__ = [
     "AtomicCheckpointer",
     "CheckpointArchitectureError",
-    "atomic_open",
     "make_atomic",
     "OutputDirBusyError",
     "ResumeConfigError",

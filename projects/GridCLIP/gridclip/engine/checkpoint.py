@@ -44,14 +44,10 @@ __all__ = [
     "architecture_mismatch",
     "project_checkpointer",
     "AtomicWritePathManager",
-    "atomic_open",
     "atomic_write",
     "make_atomic",
     "non_finite_entries",
 ]
-
-#: Deprecated alias of :func:`gridclip.utils.io.atomic_write` (kept for existing callers).
-atomic_open = atomic_write
 
 
 class AtomicWritePathManager:
