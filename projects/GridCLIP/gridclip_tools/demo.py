@@ -6,6 +6,10 @@
     # classes typed by a user (or a .txt file with one name per line)
     python tools/demo.py --input my_images/ --output out/ --weights model.pth \\
         --custom-vocabulary "red star,blue ring" --confidence-threshold 0.2
+    # grounding: a caption's phrases (or "red star. blue ring." GLIP-style) are the vocabulary;
+    # each detection in detections.json names its phrase and character span
+    python tools/demo.py --input img.png --output out/ --weights model.pth \\
+        --prompt "a red star beside two blue rings on a striped background"
     # ViLD, LVIS's 1,203 classes, on the GPU if there is one (the default picks it)
     python tools/demo.py --config-file ViLD_R50.yaml --input img.jpg --output out/ \\
         --vocabulary lvis MODEL.WEIGHTS vild_lvis.pth
@@ -13,7 +17,8 @@
 ``--input`` takes image files, folders (their images) and globs, several of each. ``--output``
 is a folder: one PNG per input image drawn with Detectron2's ``Visualizer`` and
 ``detections.json`` (every detection at or above the threshold: XYXY box in input pixels, score,
-class). Without ``--output`` the JSON goes to stdout. Trailing ``KEY VALUE`` pairs (or
+class; with ``--prompt``/``--caption`` also ``phrase``, ``span`` and ``spans``). Without
+``--output`` the JSON goes to stdout. Trailing ``KEY VALUE`` pairs (or
 ``--opts KEY VALUE ...``) override the config, as in Detectron2's tools.
 """
 
@@ -36,6 +41,7 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
+from gridclip.modeling.prompts import parse_prompt
 from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES, parse_vocabulary
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, config_overrides
@@ -87,6 +93,18 @@ def get_parser() -> argparse.ArgumentParser:
         "--custom-vocabulary",
         metavar="NAMES_OR_TXT",
         help='comma-separated class names ("red star,blue ring") or a .txt file, one name a line',
+    )
+    vocab.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help='grounding prompt: phrases separated by periods ("red star. blue ring.") or a '
+        'caption ("a red star beside two blue rings"); its phrases are the vocabulary and each '
+        "detection names its phrase and span (gridclip.modeling.prompts states the rule)",
+    )
+    vocab.add_argument(
+        "--caption",
+        metavar="TEXT",
+        help="like --prompt, always read as a caption (several sentences, periods included)",
     )
     p.add_argument(
         "--confidence-threshold",
@@ -220,11 +238,17 @@ def main(argv=None) -> dict:
             parse_vocabulary(vocabulary)
         elif args.custom_vocabulary is not None:
             raise ValueError("--custom-vocabulary is empty: give class names or a .txt file")
+        prompt = args.caption if args.caption is not None else args.prompt
+        prompt_kind = "caption" if args.caption is not None else "auto"
+        if prompt is not None:
+            parse_prompt(prompt, prompt_kind)
         cfg = build_cfg(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         parser.error(str(e))
 
     predictor = OpenVocabularyPredictor(cfg, vocabulary=vocabulary)
+    if prompt is not None:
+        predictor.set_prompt(prompt, prompt_kind)
     logger.info(
         f"{cfg.MODEL.META_ARCHITECTURE} on {cfg.MODEL.DEVICE}, vocabulary: {predictor.description}"
     )
@@ -262,10 +286,20 @@ def main(argv=None) -> dict:
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "device": cfg.MODEL.DEVICE,
         "vocabulary": {"description": predictor.description, "class_names": predictor.class_names},
+        "prompt": None,
         "confidence_threshold": args.confidence_threshold,
         "images": records,
         "skipped": skipped,
     }
+    if predictor.prompt is not None:
+        result["prompt"] = {
+            "text": predictor.prompt.prompt,
+            "kind": predictor.prompt.kind,
+            "phrases": [
+                {"phrase": p.text, "span": list(p.span), "name": p.name}
+                for p in predictor.prompt.phrases
+            ],
+        }
     total = sum(len(r["detections"]) for r in records)
     logger.info(
         f"{len(records)} images, {total} detections >= {args.confidence_threshold} in "

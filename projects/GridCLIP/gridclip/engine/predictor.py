@@ -9,12 +9,19 @@ Shared by ``tools/demo.py`` and the notebook (``projects/GridCLIP/notebooks``)::
     predictor.set_vocabulary("red star, blue ring")   # names typed by a user
     outputs = predictor(cv2.imread("image.png"))      # BGR in, like DefaultPredictor
     batch = predictor([bgr_1, bgr_2, bgr_3])          # N images, one forward: a list of outputs
+    outputs = predictor(bgr, prompt="a red star beside two blue rings")  # grounding: see below
     rgb = predictor.visualize(bgr, outputs, threshold=0.3)
     detections = predictor.detections_to_json(outputs)
 
 Every vocabulary gets its own ``MetadataCatalog`` entry, named after a hash of its class names
 (``gridclip_vocabulary_<hash>``), so switching vocabularies any number of times in one process
 never collides with an earlier entry (``Metadata`` refuses to change ``thing_classes``).
+
+Grounding: ``predictor.set_prompt(prompt)`` (or ``predictor(images, prompt=...)``) makes the
+phrases of a caption or a GLIP-style prompt (``"red star. blue ring."``) the vocabulary
+(:func:`gridclip.modeling.prompts.parse_prompt`); from then on every detection of
+``detections_to_json`` carries its ``phrase`` and character ``span`` in the prompt, and drawings
+label the phrase. ``set_vocabulary`` ends prompt mode.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..config import get_gridclip_cfg
+from ..modeling.prompts import ParsedPrompt, parse_prompt
 from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
 from .checkpoint import project_checkpointer
 
@@ -43,6 +51,7 @@ __all__ = [
     "OpenVocabularyPredictor",
     "builtin_vocabulary",
     "detections_to_json",
+    "parse_prompt",
     "parse_vocabulary",
     "vocabulary_metadata",
 ]
@@ -72,7 +81,10 @@ def vocabulary_metadata(class_names: Sequence[str], prefix: str = "gridclip_voca
 
 
 def detections_to_json(
-    outputs: Dict, class_names: Sequence[str], threshold: float = 0.0
+    outputs: Dict,
+    class_names: Sequence[str],
+    threshold: float = 0.0,
+    prompt: Optional[ParsedPrompt] = None,
 ) -> List[Dict]:
     """Detections of one image as JSON-ready dicts, highest score first.
 
@@ -81,11 +93,20 @@ def detections_to_json(
             ``pred_boxes``, ``scores``, ``pred_classes`` in input-image pixels).
         class_names: the K names of the vocabulary the outputs were predicted with.
         threshold: keep detections with score >= threshold.
+        prompt: the parsed prompt the vocabulary came from (``class_names`` are its
+            ``class_names``), or None.
 
     Returns:
         ``[{"box": [x0, y0, x1, y1], "score": s, "class_id": k, "class_name": name}, ...]``
-        (boxes XYXY in the pixels of the image given to the predictor).
+        (boxes XYXY in the pixels of the image given to the predictor). With a prompt, each also
+        has ``"phrase"`` (the text as written in the prompt), ``"span": [start, end]`` (its
+        string indices in the prompt, end exclusive) and ``"spans"`` (every occurrence of the
+        phrase's name: a caption may name the same thing twice).
     """
+    if prompt is not None and list(prompt.class_names) != list(class_names):
+        raise ValueError(
+            f"the prompt's phrases {prompt.class_names} are not the vocabulary {list(class_names)}"
+        )
     instances = outputs["instances"].to("cpu")
     boxes = instances.pred_boxes.tensor.tolist()
     scores = instances.scores.tolist()
@@ -107,6 +128,11 @@ def detections_to_json(
                 "class_name": class_names[k],
             }
         )
+        if prompt is not None:
+            phrases = prompt.class_phrases[k]
+            detections[-1]["phrase"] = phrases[0].text
+            detections[-1]["span"] = list(phrases[0].span)
+            detections[-1]["spans"] = [list(p.span) for p in phrases]
     detections.sort(key=lambda d: -d["score"])
     return detections
 
@@ -147,6 +173,7 @@ class OpenVocabularyPredictor(DefaultPredictor):
         self.class_names: List[str] = list(names)
         self.description = f"trained vocabulary, {len(names)} classes"
         self.metadata = vocabulary_metadata(self.class_names)
+        self.prompt: Optional[ParsedPrompt] = None  # set by set_prompt
         self._trained_base_names = self._base_names()
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
@@ -174,15 +201,20 @@ class OpenVocabularyPredictor(DefaultPredictor):
         return cls(cfg, vocabulary=vocabulary)
 
     # -------------------------------------------------------------------------- predicting
-    def __call__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
+    def __call__(
+        self, images: Union[np.ndarray, Sequence[np.ndarray]], prompt: Optional[str] = None
+    ):
         """``DefaultPredictor``'s call for one BGR (H, W, 3) image (its output dict), or for a
-        list of them in one forward (a list of output dicts, in order).
+        list of them in one forward (a list of output dicts, in order). ``prompt``: detect the
+        phrases of this caption or GLIP-style prompt (:meth:`set_prompt`; kept for later calls).
 
         A batch is resized image by image as one image would be, then padded to its largest
         image by the model (``ImageList``): images of one size give the same detections as one
         by one (tests); images of different sizes see zero padding beyond their borders, as in
         any batched Detectron2 inference.
         """
+        if prompt is not None and (self.prompt is None or self.prompt.prompt != prompt):
+            self.set_prompt(prompt)
         if isinstance(images, np.ndarray):
             return super().__call__(images)
         return self.predict_batch(images)
@@ -245,13 +277,35 @@ class OpenVocabularyPredictor(DefaultPredictor):
         self.class_names = names
         self.description = description
         self.metadata = vocabulary_metadata(names)
+        self.prompt = None
         logger.info(f"Vocabulary: {description} (metadata {self.metadata.name!r})")
         return names
 
+    def set_prompt(self, prompt: str, kind: str = "auto") -> ParsedPrompt:
+        """Detect the phrases of a grounding prompt from now on.
+
+        Args:
+            prompt: a caption (``"a red star beside two blue rings"``) or a GLIP-style prompt
+                (``"red star. blue ring."``); split by :func:`~gridclip.modeling.prompts.
+                parse_prompt` (its module doc states the rule).
+            kind: ``"auto"``, ``"phrases"`` or ``"caption"`` (see ``parse_prompt``).
+
+        Returns:
+            The parsed prompt (also ``self.prompt``). ``self.class_names`` are its phrase names
+            (what is embedded); ``self.metadata`` labels each class with its phrase as written.
+        """
+        parsed = parse_prompt(prompt, kind)
+        self.set_vocabulary(parsed.class_names)
+        self.prompt = parsed
+        self.description = f"{parsed.describe()}: {prompt!r}"
+        self.metadata = vocabulary_metadata(parsed.class_labels, prefix="gridclip_prompt")
+        return parsed
+
     # ---------------------------------------------------------------------------- outputs
     def detections_to_json(self, outputs: Dict, threshold: float = 0.0) -> List[Dict]:
-        """:func:`detections_to_json` with the current vocabulary's names."""
-        return detections_to_json(outputs, self.class_names, threshold)
+        """:func:`detections_to_json` with the current vocabulary's names (and, after
+        :meth:`set_prompt`, each detection's phrase and span)."""
+        return detections_to_json(outputs, self.class_names, threshold, prompt=self.prompt)
 
     def visualize(
         self,
