@@ -194,9 +194,7 @@ def main(argv=None) -> Dict:
         image = read_image_bgr(d["file_name"])
         outputs = predictor(image, prompt=caption)
         assert predictor.prompt is not None and predictor.prompt.prompt == caption
-        match = match_phrases(
-            parsed, outputs["instances"], d["annotations"], class_names, args.iou
-        )
+        match = match_phrases(parsed, outputs["instances"], d["annotations"], class_names, args.iou)
         records.append({"file_name": d["file_name"], "caption": caption, **match})
     elapsed = time.perf_counter() - start
     logging.getLogger("gridclip").setLevel(logging.INFO)
@@ -233,9 +231,9 @@ def main(argv=None) -> Dict:
     )
     if frequencies is not None:
         by = result["recovery_rate_by_frequency"]
-        line += " (" + ", ".join(
-            f"{f} {100 * v:.1f}%" for f, v in by.items() if v is not None
-        ) + ")"
+        line += (
+            " (" + ", ".join(f"{f} {100 * v:.1f}%" for f, v in by.items() if v is not None) + ")"
+        )
     line += f"; phrase recall@1 {100 * (result['phrase_recall_at_1'] or 0):.1f}%"
     print(line)
     if args.output:

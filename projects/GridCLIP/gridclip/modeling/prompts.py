@@ -54,8 +54,7 @@ __all__ = [
 PROMPT_KINDS = ("auto", "phrases", "caption")
 
 #: Words (and two-word expressions) that end a caption phrase and belong to none.
-CAPTION_SEPARATORS = frozenset(
-    """
+CAPTION_SEPARATORS = frozenset("""
     and or but nor plus with without
     on in at of by to from into onto over under above below beneath behind beside besides
     between among near around inside outside across along against toward towards through
@@ -64,18 +63,15 @@ CAPTION_SEPARATORS = frozenset(
     is are was were be being been has have having holds holding contains containing shows
     showing sits sitting lies lying stands standing
     that which who whose where while
-    """.split()
-)
+    """.split())
 #: Words dropped at either end of a caption phrase.
-CAPTION_STOPWORDS = frozenset(
-    """
+CAPTION_STOPWORDS = frozenset("""
     a an the this these those some any each every either neither no another other others
     several many much few more most all both such
     one two three four five six seven eight nine ten eleven twelve dozen dozens
     there here it its they them their his her hers him he she we our us you your my me i
     also too only just very
-    """.split()
-)
+    """.split())
 _SENTENCE_END = ".!?;"
 _WORD = re.compile(r"[^\W_]+(?:[_'’\-][^\W_]+)*|\S", re.UNICODE)
 _IRREGULAR_PLURALS = {
@@ -216,7 +212,7 @@ def _check_prompt(prompt) -> str:
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError(
-            "prompt is empty: give a caption (\"a red star beside two blue rings\") or phrases "
+            'prompt is empty: give a caption ("a red star beside two blue rings") or phrases '
             'separated by periods ("red star. blue ring.")'
         )
     return prompt
