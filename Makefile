@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONWARNINGS ?= ignore::FutureWarning
 export MPLBACKEND ?= Agg
 
-.PHONY: env demo demo-quick test test-slow test-all lint format benchmark clean
+.PHONY: env demo demo-quick test test-slow test-all lint format benchmark clean app
 
 env:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -40,6 +40,13 @@ format: env
 
 benchmark: env
 	$(PY) tools/benchmark.py --output-dir output/benchmark
+
+## The interactive demo page (optional extra: installs Gradio + Selenium into the venv), on the
+# model `make demo` trains; http://127.0.0.1:7860. Options: `make app APP_ARGS="--port 8000"`.
+APP_ARGS ?=
+app: env
+	@VENV=$(VENV) bash tools/setup_env.sh --app
+	$(PY) tools/app.py $(APP_ARGS)
 
 clean:
 	rm -rf output .pytest_cache

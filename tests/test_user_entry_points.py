@@ -323,10 +323,11 @@ def test_notebook_runs_headless(ci_demo, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    # ground truth, base, novel, typed vocabulary, ViLD, comparison plot
-    assert len(images) == 6, len(images)
+    # ground truth, base, novel, typed vocabulary, grounded caption, ViLD, comparison plot
+    assert len(images) == 7, len(images)
     text = "".join(o.get("text", "") for o in outputs)
     assert "GridCLIP: trained vocabulary, 48 classes" in text, text
+    assert "caption: a" in text and "embedded as" in text, text  # the grounding cell
     table = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert len(table) == 1 and "APr (novel)" in table[0] and "ViLD" in table[0]
 

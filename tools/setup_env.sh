@@ -16,6 +16,18 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.gridclip-env-stamp"
 HASH="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)"
 
+# Optional extra, not a core dependency: `bash tools/setup_env.sh --app` (what `make app` runs
+# after the base environment) adds Gradio for the demo page and Selenium for its browser test
+# (the browser is a system package: apt-get install -y chromium chromium-driver). Gradio pins
+# Pillow below 13, so pip may move Pillow down a major version in this environment.
+if [[ "${1:-}" == "--app" ]]; then
+  if ! "$VENV/bin/python" -c "import gradio, selenium" >/dev/null 2>&1; then
+    printf '[setup_env] %s\n' "installing the demo page's optional extras: gradio, selenium"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q gradio selenium
+  fi
+  exit 0
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
   exit 0
 fi
