@@ -241,9 +241,12 @@ def test_predictor_prompt_api(predictor_and_image):
     # a batch with a prompt; the prompt stays for later calls
     batch = predictor([image, image], prompt=caption)
     assert len(batch) == 2 and predictor.prompt.prompt == caption
-    assert torch.equal(batch[0]["instances"].scores, outputs["instances"].scores)
-    top = detections[min(2, len(detections) - 1)]["score"]
-    drawing = predictor.visualize(image, outputs, threshold=top)
+    top = min(10, len(outputs["instances"]))  # one forward of two images: the same, to rounding
+    assert torch.allclose(
+        batch[0]["instances"].scores[:top], outputs["instances"].scores[:top], atol=1e-4
+    )
+    third = detections[min(2, len(detections) - 1)]["score"]
+    drawing = predictor.visualize(image, outputs, threshold=third)
     assert drawing.dtype == np.uint8 and drawing.ndim == 3
     # a GLIP-style prompt, then a plain vocabulary ends prompt mode
     parsed = predictor.set_prompt("red star. blue ring.")
@@ -258,6 +261,22 @@ def test_predictor_prompt_api(predictor_and_image):
         from gridclip.engine.predictor import detections_to_json
 
         detections_to_json(outputs, ["a", "b", "c"], prompt=parse_prompt(caption))
+
+
+def test_vild_prompt_keeps_base_classes_by_name(ci_demo, predictor_and_image):
+    """ViLD weighs its ensemble by base/novel: a phrase is base when its embedded name is a
+    class boxed in training, whatever its spelling ("blue_ring", "blue rings")."""
+    from gridclip.engine.predictor import OpenVocabularyPredictor
+
+    _, image = predictor_and_image
+    config, weights, opts = _run(ci_demo, "vild")
+    predictor = OpenVocabularyPredictor.from_config_file(config, weights, opts)
+    predictor(image, prompt="two blue rings beside a white star and a Purple_Heart")
+    assert predictor.class_names == ["blue ring", "white star", "Purple_Heart"]
+    mask = predictor.model.roi_heads.box_predictor.novel_class_mask.tolist()
+    # blue_ring is a frequent class, white_star a rare (novel) one, purple_heart not in the world
+    assert mask == [False, True, True]
+    assert all("phrase" in d for d in predictor.detections_to_json(predictor(image)))
 
 
 def test_demo_tool_prompt_writes_phrases_and_spans(ci_demo, predictor_and_image, tmp_path):

@@ -39,6 +39,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ..clip import clean_class_name
 from ..config import get_gridclip_cfg
 from ..modeling.prompts import ParsedPrompt, parse_prompt
 from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
@@ -60,6 +61,11 @@ __all__ = [
 MIN_DRAWING_SIDE = 640
 
 Vocabulary = Union[str, os.PathLike, Sequence[str]]
+
+
+def _name_key(name: str) -> str:
+    """Names compared for base/novel: ``red_star``, ``Red star`` and ``red  star`` are one."""
+    return " ".join(clean_class_name(name).lower().split())
 
 
 def vocabulary_metadata(class_names: Sequence[str], prefix: str = "gridclip_vocabulary"):
@@ -245,7 +251,8 @@ class OpenVocabularyPredictor(DefaultPredictor):
         novel = getattr(predictor, "novel_class_mask", None)
         if novel is None or len(novel) != len(self.class_names):
             return None
-        return {n.lower() for n, is_novel in zip(self.class_names, novel.tolist()) if not is_novel}
+        names = zip(self.class_names, novel.tolist())
+        return {_name_key(n) for n, is_novel in names if not is_novel}
 
     def set_vocabulary(self, vocabulary: Vocabulary) -> List[str]:
         """Detect another vocabulary from now on.
@@ -267,7 +274,7 @@ class OpenVocabularyPredictor(DefaultPredictor):
             and "novel_class_mask" in inspect.signature(self.model.set_vocabulary).parameters
         ):
             kwargs["novel_class_mask"] = torch.tensor(
-                [n.lower() not in self._trained_base_names for n in names], dtype=torch.bool
+                [_name_key(n) not in self._trained_base_names for n in names], dtype=torch.bool
             )
         self.model.set_vocabulary(names, **kwargs)
         assert self.model.num_classes == len(names), (
