@@ -112,6 +112,21 @@ def test_empty_and_phraseless_prompts_are_clear_errors():
         parse_prompt(["red star"])
 
 
+def test_typed_names_path_is_unchanged(tmp_path):
+    """Prompts are a new path: typed names still split on commas only, a list or a .txt file
+    keeps names with commas, and unicode names pass through untouched."""
+    from gridclip.modeling.vocabulary import parse_vocabulary
+
+    assert parse_vocabulary("crème brûlée, naïve bird. red star")[0] == [
+        "crème brûlée",
+        "naïve bird. red star",
+    ]
+    assert parse_vocabulary(["bow (weapon), red", "Straße"])[0] == ["bow (weapon), red", "Straße"]
+    txt = tmp_path / "names.txt"
+    txt.write_text("bow (weapon), red\ncafé\n", encoding="utf-8")
+    assert parse_vocabulary(str(txt))[0] == ["bow (weapon), red", "café"]
+
+
 def test_singular_plural_and_template_caption():
     pairs = {
         "rings": "ring",
