@@ -6,7 +6,6 @@ import os
 import pytest
 
 from gridclip.data.world import (
-    default_world_root,
     generate_world,
     register_world,
     world_categories,

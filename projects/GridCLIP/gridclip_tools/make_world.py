@@ -3,7 +3,7 @@
     python tools/make_world.py                     # $DETECTRON2_DATASETS/gridclip_world (demo)
     python tools/make_world.py --preset ci         # .../gridclip_world_ci (tiny, for tests)
     python tools/make_world.py --root /data/w --num-train 2000 --seed 1
-    python tools/make_world.py --split-seed 1          # .../gridclip_world_split1: other novel classes
+    python tools/make_world.py --split-seed 1      # .../gridclip_world_split1: other novel classes
 
 Cached: rerunning with the same parameters returns at once. Atomic: an interrupted run leaves
 no partial world. See datasets/README.md for the layout and gridclip/data/world.py for the
