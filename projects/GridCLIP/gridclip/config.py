@@ -103,6 +103,15 @@ def add_gridclip_config(cfg: CN) -> CN:
     # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
     # always computes it in float32.
     _C.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE = "float32"
+    # Inference: score-level ensemble with the frozen CLIP (as F-VLM): each final detection's
+    # score becomes p_det^(1 - w) * p_clip^w, p_clip = softmax over the vocabulary of CLIP's
+    # logit scale x cos(CLIP embedding of the box's crops, text embedding) at its class; w is
+    # the first weight for classes trained by the focal loss (base), the second for the others
+    # (novel). One teacher forward per detection and crop scale (cheap with the embedded small
+    # CLIP; with RN50 at 224 px, 300 detections x 2 crops per image is costly).
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE = False
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True
