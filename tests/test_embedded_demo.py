@@ -16,7 +16,8 @@ def test_ci_demo_writes_every_output(ci_demo):
     for name in ("summary.json", "comparison.md", "comparison.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     on_disk = json.load(open(os.path.join(out, "summary.json")))
-    assert [m["name"] for m in on_disk["models"]] == ["gridclip", "gridclip_no_ila", "vild"]
+    assert [m["name"] for m in on_disk["models"]] == list(demo.MODELS)
+    assert any("oracle" in m["name"] for m in on_disk["models"])
     # models train concurrently on 2+ cores, each logging to its own file
     assert on_disk["train_jobs"] == (2 if (os.cpu_count() or 1) >= 2 else 1)
     if on_disk["train_jobs"] > 1:
@@ -50,6 +51,26 @@ def test_ci_demo_ablation_really_disables_image_alignment(ci_demo):
         for line in open(os.path.join(ci_demo["output_dir"], "gridclip", "metrics.json"))
     ]
     assert any("loss_image_align" in r for r in metrics)
+
+
+def test_ci_demo_oracle_and_clip_free_rows_train_what_they_say(ci_demo):
+    """The oracle trains on every box with the novel classes in its loss; the CLIP-free row has
+    neither the dense CLIP term nor image-level alignment."""
+    import yaml
+
+    out = ci_demo["output_dir"]
+    oracle = yaml.safe_load(open(os.path.join(out, "gridclip_oracle", "config.yaml")))
+    assert oracle["DATASETS"]["TRAIN"] == ["gridclip_world_ci_train_full"]
+    assert oracle["MODEL"]["GRIDCLIP"]["IGNORE_NOVEL_IN_TRAINING"] is False
+    default = yaml.safe_load(open(os.path.join(out, "gridclip", "config.yaml")))
+    assert default["DATASETS"]["TRAIN"] == ["gridclip_world_ci_train"]
+    free = yaml.safe_load(open(os.path.join(out, "gridclip_clip_free", "config.yaml")))
+    assert free["MODEL"]["GRIDCLIP"]["DENSE_CLIP"] is False
+    assert free["MODEL"]["GRIDCLIP"]["IMAGE_ALIGN_WEIGHT"] == 0.0
+    lines = demo.headline_comparisons(ci_demo["models"])
+    assert any("oracle" in line for line in lines) or not any(
+        m["bbox"]["APr"] > 0 for m in ci_demo["models"] if m["name"] == "gridclip_oracle"
+    )
 
 
 def test_ci_demo_reuses_trained_models(ci_demo, capsys, tmp_path):

@@ -103,12 +103,26 @@ def add_gridclip_config(cfg: CN) -> CN:
     # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
     # always computes it in float32.
     _C.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE = "float32"
+    # Inference: score-level ensemble with the frozen CLIP (as F-VLM): each final detection's
+    # score becomes p_det^(1 - w) * p_clip^w, p_clip = softmax over the vocabulary of CLIP's
+    # logit scale x cos(CLIP embedding of the box's crops, text embedding) at its class; w is
+    # the first weight for classes trained by the focal loss (base), the second for the others
+    # (novel). One teacher forward per detection and crop scale (cheap with the embedded small
+    # CLIP; with RN50 at 224 px, 300 detections x 2 crops per image is costly).
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE = False
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
+    # Score classes relative to a learned background embedding (initialised at the mean text
+    # embedding): logit = scale * (cos(x, text) - cos(x, background)) + bias. See GridCLIPHead.
+    _C.MODEL.GRIDCLIP.BACKGROUND_EMBEDDING = False
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True
     # Image-level alignment (distillation from the frozen CLIP image encoder). 0 disables it.
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT = 1.0
-    # ``l1`` (ViLD's choice, on L2-normalised embeddings) or ``cosine`` (1 - cos).
+    # ``l1`` (ViLD's choice, on L2-normalised embeddings), ``cosine`` (1 - cos) or ``class_kl``
+    # (KL between CLIP's zero-shot class distribution of each view and the softmax of each
+    # class's best grid cosine in the view; gridclip/modeling/image_alignment.py).
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS = "l1"
     # Teacher views: 1 = whole image; 2 = also its 2x2 tiles; ... each view is one CLIP forward.
     # Each view is compared with the mean of the normalised grid embeddings under it (per level,

@@ -3,6 +3,7 @@
     python tools/make_world.py                     # $DETECTRON2_DATASETS/gridclip_world (demo)
     python tools/make_world.py --preset ci         # .../gridclip_world_ci (tiny, for tests)
     python tools/make_world.py --root /data/w --num-train 2000 --seed 1
+    python tools/make_world.py --split-seed 1      # .../gridclip_world_split1: other novel classes
 
 Cached: rerunning with the same parameters returns at once. Atomic: an interrupted run leaves
 no partial world. See datasets/README.md for the layout and gridclip/data/world.py for the
@@ -25,7 +26,14 @@ def parse_args(argv=None):
         help="output folder (default: by preset under "
         "$DETECTRON2_DATASETS, which defaults to ./datasets)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="which classes are novel: 0 is the default split; 1 and 2 are registered at import "
+        "as gridclip_world_split<k>_{train,train_full,val} (default root by preset and split)",
+    )
     p.add_argument("--num-train", type=int, default=None, help="override the preset")
     p.add_argument("--num-val", type=int, default=None, help="override the preset")
     p.add_argument("--image-size", type=int, default=None, help="override the preset")
@@ -36,12 +44,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    root = args.root or default_world_root(args.preset)
+    if args.split_seed < 0:
+        raise SystemExit(f"--split-seed must be >= 0, got {args.split_seed}")
+    root = args.root or default_world_root(args.preset, args.split_seed)
     start = time.perf_counter()
     manifest = generate_world(
         root,
         preset=args.preset,
         seed=args.seed,
+        split_seed=args.split_seed,
         num_train=args.num_train,
         num_val=args.num_val,
         image_size=args.image_size,
@@ -52,6 +63,7 @@ def main(argv=None):
     params = manifest["params"]
     print(
         f"World at {root} (preset {params['preset']}, seed {params['seed']}, "
+        f"split seed {params.get('split_seed', 0)}, "
         f"{params['image_size']} px), {elapsed:.1f} s:"
     )
     for split, s in manifest["summary"].items():

@@ -53,6 +53,9 @@ class CLIPImageTeacher(nn.Module):
         super().__init__()
         self.visual = clip_model.visual
         self.embed_dim = clip_embed_dim(clip_model)
+        # CLIP's learned temperature: image-text logits = logit_scale x cosine.
+        scale = getattr(clip_model, "logit_scale", None)
+        self.logit_scale = float(scale.exp()) if scale is not None else 100.0
         self.input_size = int(input_size)
         self.chunk_size = int(chunk_size)
         assert self.input_size >= 32, f"teacher input size {input_size} is below CLIP's stride 32"

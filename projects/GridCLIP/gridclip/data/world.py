@@ -67,6 +67,7 @@ __all__ = [
     "register_world",
     "register_default_worlds",
     "default_world_root",
+    "world_prefix",
     "resolve_world_root",
 ]
 
@@ -88,6 +89,7 @@ def world_params(
     preset: str = "demo",
     *,
     seed: int = 0,
+    split_seed: int = 0,
     num_train: Optional[int] = None,
     num_val: Optional[int] = None,
     image_size: Optional[int] = None,
@@ -109,6 +111,11 @@ def world_params(
     lo, hi = int(num_objects[0]), int(num_objects[1])
     if not 1 <= lo <= hi:
         raise ValueError(f"num_objects must be a range 1 <= min <= max, got {num_objects}")
+    if int(split_seed) < 0:
+        raise ValueError(f"split_seed must be >= 0, got {split_seed}")
+    # The default split (0) is not written, so worlds generated before split seeds existed stay
+    # cached; another split changes which classes are novel, hence the train images' draws.
+    split = {"split_seed": int(split_seed)} if split_seed else {}
     return {
         "format_version": WORLD_FORMAT_VERSION,
         "preset": preset,
@@ -118,12 +125,13 @@ def world_params(
         "object_size": [float(object_size[0]), float(object_size[1])],
         "image_format": image_format,
         "train_frequency_weights": dict(TRAIN_FREQUENCY_WEIGHTS),
+        **split,
     }
 
 
 def _split_json(split: str, params: Dict, progress: bool, out_dir: str) -> Tuple[Dict, List]:
     """Render one split to ``out_dir/<split>/`` and return its LVIS dict (no categories yet)."""
-    categories = world_categories()
+    categories = world_categories(params.get("split_seed", 0))
     num_classes = len(categories)
     if split == "train":
         weights = [params["train_frequency_weights"][c["frequency"]] for c in categories]
@@ -187,8 +195,8 @@ def _split_json(split: str, params: Dict, progress: bool, out_dir: str) -> Tuple
     return {"images": images, "annotations": annotations}, images
 
 
-def _summary(train: Dict, val: Dict) -> Dict:
-    freq = {c["id"]: c["frequency"] for c in world_categories()}
+def _summary(train: Dict, val: Dict, split_seed: int = 0) -> Dict:
+    freq = {c["id"]: c["frequency"] for c in world_categories(split_seed)}
     out = {}
     for split, d in (("train", train), ("val", val)):
         per_group = {"f": 0, "c": 0, "r": 0}
@@ -203,7 +211,13 @@ def _summary(train: Dict, val: Dict) -> Dict:
 
 
 def generate_world(
-    root: str, *, preset: str = "demo", seed: int = 0, progress: bool = False, **overrides
+    root: str,
+    *,
+    preset: str = "demo",
+    seed: int = 0,
+    split_seed: int = 0,
+    progress: bool = False,
+    **overrides,
 ) -> Dict:
     """Write a world to ``root`` and return its manifest (cached and atomic).
 
@@ -218,10 +232,12 @@ def generate_world(
     Args:
         preset: ``"demo"`` (1000 train / 300 val images of 256 px) or ``"ci"`` (32 / 16 of 128).
         seed: every image is drawn from ``(seed, split, index)``: same seed, same bytes.
+        split_seed: which classes are novel (:func:`world_categories`); 0 is the default split.
+            Register the world with the same ``split_seed``.
         overrides: ``num_train``, ``num_val``, ``image_size``, ``num_objects``, ``object_size``,
             ``image_format`` (see :func:`world_params`).
     """
-    params = world_params(preset, seed=seed, **overrides)
+    params = world_params(preset, seed=seed, split_seed=split_seed, **overrides)
     root = os.path.abspath(os.path.expanduser(root))
     manifest_path = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest_path):
@@ -242,7 +258,7 @@ def generate_world(
     try:
         train, _ = _split_json("train", params, progress, tmp)
         val, _ = _split_json("val", params, progress, tmp)
-        categories = _with_counts(world_categories(), train)
+        categories = _with_counts(world_categories(split_seed), train)
         info = {"description": "GridCLIP embedded world", "params": params}
         os.makedirs(os.path.join(tmp, "annotations"))
         for split, d in (("train", train), ("val", val)):
@@ -250,7 +266,7 @@ def generate_world(
             d["categories"] = categories
             with open(os.path.join(tmp, "annotations", f"{split}.json"), "w") as f:
                 json.dump(d, f, separators=(",", ":"))
-        manifest = {"params": params, "summary": _summary(train, val)}
+        manifest = {"params": params, "summary": _summary(train, val, split_seed)}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         _replace_dir(tmp, root)
@@ -297,25 +313,44 @@ def resolve_world_root(root: str) -> str:
     return root if os.path.isabs(root) else os.path.join(datasets_root(), root)
 
 
-def default_world_root(preset: str = "demo") -> str:
-    """``$DETECTRON2_DATASETS/gridclip_world`` (demo) or ``.../gridclip_world_<preset>``."""
+def world_prefix(preset: str = "demo", split_seed: int = 0) -> str:
+    """Folder and dataset-name prefix of a world: ``gridclip_world`` (demo),
+    ``gridclip_world_<preset>``, plus ``_split<k>`` for a split seed k > 0."""
     if preset not in PRESETS:
         raise KeyError(f"unknown world preset {preset!r}; choose one of {sorted(PRESETS)}")
     name = "gridclip_world" if preset == "demo" else f"gridclip_world_{preset}"
-    return os.path.join(datasets_root(), name)
+    return name + (f"_split{int(split_seed)}" if split_seed else "")
 
 
-def _load_world_split(loader, json_file: str, name: str):
+def default_world_root(preset: str = "demo", split_seed: int = 0) -> str:
+    """``$DETECTRON2_DATASETS/<world_prefix(preset, split_seed)>``."""
+    return os.path.join(datasets_root(), world_prefix(preset, split_seed))
+
+
+def _load_world_split(loader, json_file: str, name: str, split_seed: int = 0):
     if not os.path.isfile(json_file):
+        hint = f" --split-seed {split_seed}" if split_seed else ""
         raise FileNotFoundError(
             f"The embedded world of dataset {name!r} is missing: {json_file!r} does not exist. "
-            "Generate it with `python tools/make_world.py` (add `--preset ci` for the tiny test "
-            "world, `--root` for another folder) or run `make demo`."
+            f"Generate it with `python tools/make_world.py{hint}` (add `--preset ci` for the tiny "
+            "test world, `--root` for another folder) or run `make demo`."
         )
+    manifest = os.path.join(os.path.dirname(os.path.dirname(json_file)), "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            written = int(json.load(f).get("params", {}).get("split_seed", 0))
+        if written != int(split_seed):
+            raise ValueError(
+                f"dataset {name!r} is registered with split seed {split_seed}, but the world at "
+                f"{os.path.dirname(manifest)!r} was generated with split seed {written}: its "
+                "novel classes differ. Register it with the split seed it was generated with."
+            )
     return loader()
 
 
-def register_world(root: Optional[str] = None, prefix: str = "gridclip_world") -> List[str]:
+def register_world(
+    root: Optional[str] = None, prefix: str = "gridclip_world", split_seed: int = 0
+) -> List[str]:
     """Register a generated world's splits with Detectron2 (idempotent, lazy).
 
     - ``<prefix>_train``: train images, novel (``r``) annotations removed: the OVD split.
@@ -326,15 +361,17 @@ def register_world(root: Optional[str] = None, prefix: str = "gridclip_world") -
     and loading a missing world raises ``FileNotFoundError`` telling how to generate it.
 
     Args:
-        root: world folder (used as given; :func:`resolve_world_root` turns a config's
-            ``DATASETS.WORLD.ROOT`` into one); default :func:`default_world_root`
+        root: world folder (used as given; :func:`resolve_world_root` turns a relative path into
+            one under ``$DETECTRON2_DATASETS``); default :func:`default_world_root`
             (``$DETECTRON2_DATASETS/gridclip_world``).
+        split_seed: the split the world was generated with (which classes are novel); loading
+            a world of another split is refused.
 
     Returns:
         The registered dataset names.
     """
-    root = default_world_root() if root is None else os.path.expanduser(root)
-    categories = world_categories()
+    root = default_world_root(split_seed=split_seed) if root is None else os.path.expanduser(root)
+    categories = world_categories(split_seed)
     metadata = {
         "thing_classes": [c["name"] for c in categories],
         "class_frequencies": [c["frequency"] for c in categories],
@@ -356,15 +393,24 @@ def register_world(root: Optional[str] = None, prefix: str = "gridclip_world") -
             loader = DatasetCatalog[name]
             DatasetCatalog.remove(name)
             DatasetCatalog.register(
-                name, functools.partial(_load_world_split, loader, json_file, name)
+                name, functools.partial(_load_world_split, loader, json_file, name, split_seed)
             )
         names.append(name)
     return names
 
 
+#: Split seeds registered at import besides the default one (the study command's second split).
+REGISTERED_SPLIT_SEEDS = (1, 2)
+
+
 def register_default_worlds() -> None:
-    """Register the demo world (``gridclip_world_*``) and the CI world (``gridclip_world_ci_*``)
-    at their default roots under ``$DETECTRON2_DATASETS``. Called at import of ``gridclip.data``.
+    """Register the demo world (``gridclip_world_*``), its other splits
+    (``gridclip_world_split<k>_*``, k in :data:`REGISTERED_SPLIT_SEEDS`) and the CI world
+    (``gridclip_world_ci_*``) at their default roots under ``$DETECTRON2_DATASETS``. Called at
+    import of ``gridclip.data``; lazy (the files need not exist).
     """
     register_world(default_world_root("demo"), prefix="gridclip_world")
+    for k in REGISTERED_SPLIT_SEEDS:
+        prefix = world_prefix("demo", k)
+        register_world(default_world_root("demo", k), prefix=prefix, split_seed=k)
     register_world(default_world_root("ci"), prefix="gridclip_world_ci")

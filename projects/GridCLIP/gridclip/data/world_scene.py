@@ -1,7 +1,8 @@
 """The embedded world's vocabulary and its one renderer (see :mod:`gridclip.data.world`).
 
 - **Vocabulary**: 48 compositional categories ``<colour>_<shape>`` with LVIS frequencies, fixed
-  (independent of any world's seed) so that datasets' metadata is known before any file exists.
+  (independent of any world's seed) so that datasets' metadata is known before any file exists;
+  a *split seed* redraws which of them are novel (same names and ids).
 - **Renderer**: :func:`render_scene` draws one scene (textured background, clutter strokes,
   distractor blobs, class objects with rotation, aspect jitter and occlusion) and returns tight
   boxes around the visible pixels. The detection images and the small CLIP's training images
@@ -72,31 +73,62 @@ _MIN_BOX_SIDE = 4.0  # px at the reference size; smaller visible boxes are not a
 
 
 # ----------------------------------------------------------------------------------- vocabulary
-@functools.lru_cache(maxsize=1)
-def _categories_cached() -> Tuple[Tuple[str, str, str], ...]:
+@functools.lru_cache(maxsize=None)
+def _categories_cached(split_seed: int = 0) -> Tuple[Tuple[str, str, str], ...]:
+    """(name, frequency, "colour|shape") per class, sorted by name.
+
+    The 48 classes are always the same (drawn once from ``_VOCABULARY_SEED``; the shipped small
+    CLIP knows them all). ``split_seed`` 0 is the fixed default split; another value redraws
+    which classes are frequent / common / rare (novel) among them, again so that every colour
+    and shape of a novel class occurs in some base class.
+    """
     rng = np.random.default_rng(_VOCABULARY_SEED)
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    freqs = ["r"] * _NUM_RARE + ["f"] * _NUM_FREQUENT + ["c"] * _NUM_COMMON
+    chosen = None
     for _ in range(100):
         order = rng.permutation(len(pairs))
-        chosen = [pairs[i] for i in order[:_NUM_CLASSES]]
-        freqs = ["r"] * _NUM_RARE + ["f"] * _NUM_FREQUENT + ["c"] * _NUM_COMMON
-        base = chosen[_NUM_RARE:]
-        base_colours, base_shapes = {c for c, _ in base}, {s for _, s in base}
-        if all(c in base_colours and s in base_shapes for c, s in chosen[:_NUM_RARE]):
-            table = sorted((f"{c}_{s}", c, s, f) for (c, s), f in zip(chosen, freqs))
-            return tuple((name, f, f"{c}|{s}") for name, c, s, f in table)
-    raise RuntimeError("could not draw a vocabulary whose novel attributes all occur in base ones")
+        candidate = [pairs[i] for i in order[:_NUM_CLASSES]]
+        if _novel_attributes_seen(candidate):
+            chosen = candidate
+            break
+    if chosen is None:
+        raise RuntimeError(
+            "could not draw a vocabulary whose novel attributes all occur in base ones"
+        )
+    if split_seed:
+        split_rng = np.random.default_rng([_VOCABULARY_SEED, int(split_seed)])
+        for _ in range(1000):
+            candidate = [chosen[i] for i in split_rng.permutation(len(chosen))]
+            if _novel_attributes_seen(candidate):
+                chosen = candidate
+                break
+        else:
+            raise RuntimeError(f"split seed {split_seed}: no valid novel/base split in 1000 draws")
+    table = sorted((f"{c}_{s}", c, s, f) for (c, s), f in zip(chosen, freqs))
+    return tuple((name, f, f"{c}|{s}") for name, c, s, f in table)
 
 
-def world_categories() -> List[Dict]:
+def _novel_attributes_seen(ordered_pairs) -> bool:
+    """True when every colour and shape of the first ``_NUM_RARE`` (novel) pairs occurs in the
+    remaining (base) ones."""
+    base = ordered_pairs[_NUM_RARE:]
+    base_colours, base_shapes = {c for c, _ in base}, {s for _, s in base}
+    return all(c in base_colours and s in base_shapes for c, s in ordered_pairs[:_NUM_RARE])
+
+
+def world_categories(split_seed: int = 0) -> List[Dict]:
     """The world's 48 categories as LVIS-style dicts (without image/instance counts).
 
     Sorted by name (as LVIS is), ids contiguous from 1. Each has ``id``, ``name``
     (``"red_star"``), ``synonyms``, ``def``, ``frequency`` (``f``/``c``/``r``), ``colour`` and
-    ``shape``.
+    ``shape``. ``split_seed`` redraws the frequencies (which classes are novel); names and ids
+    never change.
     """
+    if int(split_seed) < 0:
+        raise ValueError(f"split_seed must be >= 0, got {split_seed}")
     categories = []
-    for i, (name, frequency, attrs) in enumerate(_categories_cached()):
+    for i, (name, frequency, attrs) in enumerate(_categories_cached(int(split_seed))):
         colour, shape = attrs.split("|")
         categories.append(
             {

@@ -70,11 +70,13 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from ..clip import build_clip_teacher_from_cfg
 from ..data import novel_class_mask
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
+from .teacher_holder import TeacherHolder
 from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,9 @@ class GridCLIP(RetinaNet):
         dense_clip: Optional[DenseCLIPProjection] = None,
         dense_clip_weight: float = 1.0,
         test_topk_locations: int = 0,
+        clip_ensemble: Optional[TeacherHolder] = None,
+        clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
+        clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
         **kwargs,
     ):
         """
@@ -142,6 +147,12 @@ class GridCLIP(RetinaNet):
             test_topk_locations: at inference, score at most this many locations per level and
                 image, those of highest objectness (module doc); 0 = every location. Needs the
                 anchor offsets (per-location head with ``anchor_offset``).
+            clip_ensemble: a holder of the frozen CLIP image teacher to rescore the final
+                detections with (F-VLM's score ensemble, :meth:`clip_ensemble_scores`), or None.
+            clip_ensemble_weights: (w_base, w_novel): the CLIP score's exponent for classes
+                trained by the focal loss and for the others.
+            clip_ensemble_crop_scales: crops around each box given to the teacher (embeddings
+                summed), as ViLD's region teacher.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -174,6 +185,20 @@ class GridCLIP(RetinaNet):
                 "needs the per-location head with MODEL.GRIDCLIP.ANCHOR_OFFSET (and A > 1 anchors)"
             )
         self.test_topk_locations = int(test_topk_locations)
+        weights = tuple(float(w) for w in clip_ensemble_weights)
+        if len(weights) != 2 or not all(0.0 <= w <= 1.0 for w in weights):
+            raise ValueError(
+                "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS must be two exponents in [0, 1] "
+                f"(base, novel), got {list(clip_ensemble_weights)}"
+            )
+        if not clip_ensemble_crop_scales or min(clip_ensemble_crop_scales) <= 0:
+            raise ValueError(
+                "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES must be positive factors, got "
+                f"{list(clip_ensemble_crop_scales)}"
+            )
+        self.clip_ensemble = clip_ensemble
+        self.clip_ensemble_weights = weights
+        self.clip_ensemble_crop_scales = tuple(float(s) for s in clip_ensemble_crop_scales)
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -187,6 +212,7 @@ class GridCLIP(RetinaNet):
         text_embeddings, class_names = cls.vocabulary_from_cfg(cfg)
         head = GridCLIPHead(cfg, feature_shapes, text_embeddings)
         vocabulary_cfg = cfg.clone()
+        cfg_for_teacher = cfg.clone()
         return {
             "backbone": backbone,
             "head": head,
@@ -199,6 +225,16 @@ class GridCLIP(RetinaNet):
             ),
             "dense_clip_weight": cfg.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT,
             "test_topk_locations": cfg.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS,
+            "clip_ensemble": (
+                TeacherHolder(
+                    builder=lambda: build_clip_teacher_from_cfg(cfg_for_teacher),
+                    name="CLIP teacher of the score ensemble",
+                )
+                if cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE
+                else None
+            ),
+            "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
+            "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -304,7 +340,43 @@ class GridCLIP(RetinaNet):
                 losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
             return losses
         results = self.forward_inference(images, features, predictions)
+        if self.clip_ensemble is not None:
+            for inst, inputs in zip(results, batched_inputs):
+                inst.scores = self.clip_ensemble_scores(inst, inputs["image"])
         return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+
+    @torch.no_grad()
+    def clip_ensemble_scores(self, detections: Instances, image: Tensor) -> Tensor:
+        """F-VLM's score ensemble: ``p_det^(1 - w) * p_clip^w`` per detection.
+
+        ``p_clip`` is the frozen CLIP teacher's probability of the detection's class among the
+        vocabulary: softmax of CLIP's logit scale x cos(the teacher's embedding of the box's
+        crops, the class text embeddings). ``w`` is ``clip_ensemble_weights[0]`` for classes
+        the focal loss trained (base) and ``[1]`` for the others (novel).
+
+        Args:
+            detections: one image's detections, boxes in the coordinates of ``image``.
+            image: that image as given to the model: (3, H, W), 0-255, ``INPUT.FORMAT``.
+        """
+        scores = detections.scores
+        if len(detections) == 0:
+            return scores
+        teacher = self.clip_ensemble.on(self.device)
+        rgb = image.to(self.device, torch.float32)
+        if self.input_format == "BGR":
+            rgb = rgb.flip(0)
+        crops = teacher.embed_boxes(
+            rgb, detections.pred_boxes.tensor, scales=self.clip_ensemble_crop_scales
+        )
+        text = F.normalize(self.text_embeddings.float(), dim=-1).to(crops.device)
+        probs = torch.softmax(teacher.logit_scale * crops @ text.t(), dim=1)
+        classes = detections.pred_classes.to(probs.device)
+        p_clip = probs.gather(1, classes[:, None]).squeeze(1).to(scores.device)
+        w_base, w_novel = self.clip_ensemble_weights
+        trained = self.trained_class_mask[detections.pred_classes]
+        w = torch.where(trained, torch.full_like(scores, w_base), torch.full_like(scores, w_novel))
+        tiny = torch.finfo(scores.dtype).tiny
+        return scores.clamp_min(tiny).pow(1.0 - w) * p_clip.clamp_min(tiny).pow(w)
 
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
         """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
@@ -323,7 +395,9 @@ class GridCLIP(RetinaNet):
         embeddings of the raw input images (:class:`ImageAlignment`)."""
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
-        return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
+        return self.image_alignment(
+            predictions[0], strides, images.image_sizes, batched_inputs, self.text_embeddings
+        )
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""

@@ -1,0 +1,99 @@
+"""The score-level CLIP ensemble at inference (F-VLM's rule): known answers and the full path."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from test_gridclip import D, K, _random_head, make_cfg, make_tiny_clip
+
+from gridclip.modeling.gridclip import GridCLIP
+
+
+class _FixedTeacher:
+    """embed_boxes returns the given rows; records what it was shown."""
+
+    logit_scale = 10.0
+
+    def __init__(self, rows):
+        self.rows = torch.as_tensor(rows, dtype=torch.float32)
+        self.seen = None
+
+    def on(self, device):
+        return self
+
+    def embed_boxes(self, image, boxes, scales):
+        self.seen = (image.clone(), boxes.clone(), scales)
+        return self.rows
+
+
+def test_ensemble_is_the_weighted_geometric_mean_with_base_and_novel_weights():
+    teacher = _FixedTeacher([[1.0, 0.0], [0.0, 1.0]])  # box 0 looks like class 0, box 1 class 1
+    fake = SimpleNamespace(
+        clip_ensemble=teacher,
+        device=torch.device("cpu"),
+        input_format="BGR",
+        text_embeddings=torch.eye(2),
+        trained_class_mask=torch.tensor([True, False]),  # class 0 base, class 1 novel
+        clip_ensemble_weights=(0.35, 0.65),
+        clip_ensemble_crop_scales=(1.0, 1.5),
+    )
+    det = Instances((8, 8))
+    det.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 8.0, 8.0]]))
+    det.scores = torch.tensor([0.5, 0.2])
+    det.pred_classes = torch.tensor([0, 1])
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 8, 8)
+    out = GridCLIP.clip_ensemble_scores(fake, det, image)
+    p_match = math.exp(10.0) / (math.exp(10.0) + 1.0)  # softmax(10 * [1, 0]) at its class
+    expected = [0.5**0.65 * p_match**0.35, 0.2**0.35 * p_match**0.65]
+    assert out.tolist() == pytest.approx(expected, rel=1e-5)
+    shown, boxes, scales = teacher.seen
+    assert torch.equal(shown, image.flip(0))  # BGR model input -> RGB for CLIP
+    assert scales == (1.0, 1.5) and torch.equal(boxes, det.pred_boxes.tensor)
+    # a wrong class gets a tiny CLIP probability: its score drops, never rises above p_det
+    det.pred_classes = torch.tensor([1, 0])
+    out = GridCLIP.clip_ensemble_scores(fake, det, image)
+    assert (out < det.scores).all()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble_assets")
+    clip_path = str(root / "tiny_clip.pt")
+    torch.save(make_tiny_clip().state_dict(), clip_path)
+    text_path = str(root / "text5.npy")
+    np.save(text_path, np.random.RandomState(0).randn(K, D).astype("float32"))
+    return {"clip": clip_path, "text": text_path, "root": root}
+
+
+def _detect(model, image):
+    with torch.no_grad():
+        return model([{"image": image, "height": 64, "width": 80}])[0]["instances"]
+
+
+def test_ensemble_rescores_the_same_detections_and_zero_weights_change_nothing(assets):
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (3, 64, 80)).float()
+    plain = build_model(make_cfg(assets)).eval()
+    _random_head(plain)
+    plain.test_score_thresh, plain.max_detections_per_image = 0.0, 20
+    ens = build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", True)).eval()
+    ens.load_state_dict(plain.state_dict())
+    ens.test_score_thresh, ens.max_detections_per_image = 0.0, 20
+    a, b = _detect(plain, image), _detect(ens, image)
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    assert not torch.allclose(a.scores, b.scores)
+    assert ((b.scores > 0) & (b.scores <= 1)).all()
+    ens.clip_ensemble_weights = (0.0, 0.0)
+    assert torch.allclose(_detect(ens, image).scores, a.scores)
+    assert "clip_ensemble" not in " ".join(ens.state_dict())  # the teacher is not saved
+
+
+def test_ensemble_weights_are_checked(assets):
+    with pytest.raises(ValueError, match="TEST_CLIP_ENSEMBLE_WEIGHTS"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS", [0.5, 1.5]))
