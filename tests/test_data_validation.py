@@ -202,8 +202,8 @@ def test_boxes_outside_their_image_are_counted_and_a_split_without_instances_fai
             a["bbox"] = [-50, -50, 20, 20]
 
     name, _ = _register_modified(tiny_lvis_json, all_outside)
-    with pytest.raises(DatasetValidationError, match=r"no usable instance in 2 images \(3 boxes "
-                       "outside their images were dropped\)"):  # fmt: skip
+    match = r"no usable instance in 2 images \(3 boxes outside their images were dropped\)"
+    with pytest.raises(DatasetValidationError, match=match):
         DatasetCatalog.get(name)
 
 
@@ -246,8 +246,8 @@ def test_dataset_with_another_class_count_than_the_model(tiny_lvis_json, tmp_pat
     cfg.DATASETS.FILES = (entry,)
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"  # closed-set: its class count is the config's
     cfg.MODEL.RETINANET.NUM_CLASSES = 80
-    with pytest.raises(DatasetValidationError, match=rf"training dataset '{name}' .* has 2 "
-                       r"categories .*fewer than the model's MODEL.RETINANET.NUM_CLASSES = 80"):  # fmt: skip
+    match = rf"training dataset '{name}' .* has 2 categories .*fewer than the model's "
+    with pytest.raises(DatasetValidationError, match=match + "MODEL.RETINANET.NUM_CLASSES = 80"):
         register_datasets_from_cfg(cfg)
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1

@@ -14,6 +14,7 @@ import logging
 import time
 
 from gridclip.data.world import PRESETS, default_world_root, generate_world
+from gridclip_tools.args import positive_int
 
 
 def parse_args(argv=None):
@@ -26,9 +27,9 @@ def parse_args(argv=None):
         "$DETECTRON2_DATASETS, which defaults to ./datasets)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=None, help="override the preset")
-    p.add_argument("--num-val", type=int, default=None, help="override the preset")
-    p.add_argument("--image-size", type=int, default=None, help="override the preset")
+    p.add_argument("--num-train", type=positive_int, default=None, help="override the preset")
+    p.add_argument("--num-val", type=positive_int, default=None, help="override the preset")
+    p.add_argument("--image-size", type=positive_int, default=None, help="override the preset")
     p.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
     return p.parse_args(argv)
 

@@ -115,10 +115,10 @@ def check_annotation_json(data: dict, json_file: str) -> None:
             continue
         ann_id, image_id = a["id"], a.get("image_id")
         if ann_id in annotation_images:
+            first = annotation_images[ann_id]
             problems.append(
-                f"{json_file}: annotation id {ann_id} is used twice (image {annotation_images[ann_id]}"
-                f" {names.get(annotation_images[ann_id], '?')!r} and image {image_id} "
-                f"{names.get(image_id, '?')!r})"
+                f"{json_file}: annotation id {ann_id} is used twice (image {first} "
+                f"{names.get(first, '?')!r} and image {image_id} {names.get(image_id, '?')!r})"
             )
         else:
             annotation_images[ann_id] = image_id

@@ -288,9 +288,9 @@ class OpenVocabularyPredictor(DefaultPredictor):
             )
         if scale is None:
             scale = max(1.0, MIN_DRAWING_SIDE / max(image_bgr.shape[:2]))
-        image_rgb, instances, scale = _drawing_canvas(image_bgr[:, :, ::-1], instances, scale)
+        image_bgr, instances, scale = _drawing_canvas(image_bgr, instances, scale)
         visualizer = Visualizer(
-            image_rgb,
+            image_bgr[:, :, ::-1],
             metadata=self.metadata,
             scale=scale,
             instance_mode=ColorMode.IMAGE,
@@ -298,18 +298,16 @@ class OpenVocabularyPredictor(DefaultPredictor):
         return visualizer.draw_instance_predictions(instances).get_image()
 
 
-def _drawing_canvas(image_rgb: np.ndarray, instances, scale: float):
+def _drawing_canvas(image: np.ndarray, instances, scale: float):
     """(image, instances, scale) for the Visualizer, the image reduced first when the drawing
     would be larger than ``MAX_DRAWING_SIDE`` (its boxes scaled alike): the Visualizer then
     never holds a full-size canvas of a very large image."""
-    height, width = image_rgb.shape[:2]
+    height, width = image.shape[:2]
     scale = min(float(scale), MAX_DRAWING_SIDE / max(height, width))
     if scale >= 1.0:
-        return image_rgb, instances, scale
+        return image, instances, scale
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = np.asarray(
-        Image.fromarray(np.ascontiguousarray(image_rgb)).resize(size, Image.BILINEAR)
-    )
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     factors = torch.tensor([size[0] / width, size[1] / height] * 2)
     fields = dict(instances.get_fields())  # a new Instances: the caller's outputs keep theirs
     fields["pred_boxes"] = Boxes(
