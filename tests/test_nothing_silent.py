@@ -18,6 +18,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from gridclip.clip import CLIPWeightsError, load_clip
+from gridclip.clip.teacher_cache import META_FILE, write_cache_meta
 from gridclip.clip.text import save_text_embeddings
 from gridclip.config import get_gridclip_cfg
 from gridclip.data.images import ImageInputError, read_image_bgr, to_bgr_uint8
@@ -308,6 +309,8 @@ def test_files_the_tools_write_follow_the_umask(assets, weights, tmp_path, bgr):
             str(tmp_path / "t.safetensors"), torch.ones(2, 4)
         )
         written["text npy"] = save_text_embeddings(str(tmp_path / "t.npy"), torch.ones(2, 4))
+        write_cache_meta(str(tmp_path / "vild"), {"clip": "aaaa", "embed_dim": 8})
+        written["ViLD teacher cache"] = tmp_path / "vild" / META_FILE
         Image.fromarray(bgr).save(tmp_path / "img.png")
         out = tmp_path / "demo"
         demo.main(_demo_args(assets, weights, [tmp_path / "img.png"], out))
