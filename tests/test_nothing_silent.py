@@ -27,7 +27,7 @@ from gridclip.engine import AtomicCheckpointer, write_results
 from gridclip.engine.predictor import MAX_DRAWING_SIDE, OpenVocabularyPredictor
 from gridclip_tools import cache_teacher_embeddings, cache_vild_teacher
 from gridclip_tools import compare_eval as compare
-from gridclip_tools import demo, make_world
+from gridclip_tools import demo, embedded_demo, make_world, small_clip_training
 from gridclip_tools.benchmark import cli as benchmark_cli
 
 D, K = 64, 5
@@ -265,6 +265,10 @@ def test_missing_weights_as_a_trailing_option_of_eval_only_and_compare_eval(
         (benchmark_cli.parse_args, ["--image-size", "0", "64"], "must be at least 1"),
         (cache_teacher_embeddings.parse_args, ["--save-every", "0"], "at least 1"),
         (cache_vild_teacher.parse_args, ["--limit", "-3"], "must not be negative"),
+        (small_clip_training.parse_args, ["--batch-size", "0"], "must be at least 1"),
+        (small_clip_training.parse_args, ["--lr", "nan"], "not a finite number"),
+        (small_clip_training.parse_args, ["--lr", "-0.001"], "must be greater than 0"),
+        (embedded_demo.parse_args, ["--timing-images", "0"], "must be at least 1"),
     ],
 )
 def test_numeric_options_of_the_tools_are_checked(parse, args, needle, capsys):
