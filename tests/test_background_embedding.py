@@ -1,6 +1,5 @@
 """GridCLIP's background-relative class logits (``MODEL.GRIDCLIP.BACKGROUND_EMBEDDING``)."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """Bad annotations and bad images give clear errors naming the file; odd images are handled."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,8 +9,14 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from gridclip.config import get_gridclip_cfg
-from gridclip.data import register_lvis_format_dataset
+from gridclip.data import (
+    register_dataset_file,
+    register_datasets_from_cfg,
+    register_lvis_format_dataset,
+)
 from gridclip.data.mapper import CheckedDatasetMapper, ImageReadError
+from gridclip.data.validation import DatasetValidationError
+from gridclip.engine import Trainer
 
 _counter = iter(range(10**6))
 
@@ -113,3 +120,142 @@ def test_unreadable_image_names_the_file(tmp_path):
     path.write_text("hello")
     with pytest.raises(ImageReadError, match="notanimage.png"):
         _mapper()(_record(path, 10, 10))
+
+
+# ------------------------------------------------- datasets checked up front (issue 14, item 2)
+def _write_modified(tiny_lvis_json, modify):
+    json_file, image_root = tiny_lvis_json
+    data = json.load(open(json_file))
+    modify(data)
+    path = json_file.replace(".json", f"_mod{next(_counter)}.json")
+    json.dump(data, open(path, "w"))
+    return path, image_root
+
+
+def _to_coco(data):
+    """The tiny LVIS set as a COCO-format file (no frequencies, file_name relative to images/)."""
+    for c in data["categories"]:
+        del c["frequency"]
+    for a in data["annotations"]:
+        a["iscrowd"] = 0
+
+
+@pytest.mark.parametrize("fmt", ["lvis", "coco"])
+def test_duplicate_image_ids_name_both_images(tiny_lvis_json, fmt):
+    def modify(d):
+        d["images"][1]["id"] = d["images"][0]["id"]  # img2.png claims img1's id (and boxes)
+        if fmt == "coco":
+            _to_coco(d)
+
+    path, root = _write_modified(tiny_lvis_json, modify)
+    name = f"dup_images_{fmt}_{next(_counter)}"
+    register_dataset_file(name, path, os.path.join(root, "images") if fmt == "coco" else root)
+    with pytest.raises(DatasetValidationError, match=r"_mod\d+\.json: image id 1 is used by two "
+                       r"images, 'img1.png' and 'img2.png'"):  # fmt: skip
+        DatasetCatalog.get(name)
+
+
+@pytest.mark.parametrize("fmt", ["lvis", "coco"])
+def test_duplicate_annotation_ids_are_named(tiny_lvis_json, fmt):
+    def modify(d):
+        d["annotations"][2]["id"] = d["annotations"][0]["id"]
+        if fmt == "coco":
+            _to_coco(d)
+
+    path, root = _write_modified(tiny_lvis_json, modify)
+    name = f"dup_anns_{fmt}_{next(_counter)}"
+    register_dataset_file(name, path, os.path.join(root, "images") if fmt == "coco" else root)
+    with pytest.raises(DatasetValidationError, match=r"annotation id 1 is used twice \(image 1 "
+                       r"'img1.png' and image 2 'img2.png'\)"):  # fmt: skip
+        DatasetCatalog.get(name)
+
+
+@pytest.mark.parametrize("fmt", ["lvis", "coco"])
+def test_missing_image_files_are_counted_and_named_up_front(tiny_lvis_json, fmt):
+    def modify(d):
+        if fmt == "coco":
+            _to_coco(d)
+
+    path, root = _write_modified(tiny_lvis_json, modify)
+    os.remove(os.path.join(root, "images", "img2.png"))
+    name = f"missing_files_{fmt}_{next(_counter)}"
+    register_dataset_file(name, path, os.path.join(root, "images") if fmt == "coco" else root)
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 image files do not exist: '.*img2.png' "
+                       r"\(image 2\)"):  # fmt: skip
+        DatasetCatalog.get(name)
+
+
+def test_boxes_outside_their_image_are_counted_and_a_split_without_instances_fails(
+    tiny_lvis_json, caplog
+):
+    def one_outside(d):
+        d["annotations"][0]["bbox"] = [200, 10, 30, 20]  # image is 96 x 80
+
+    name, _ = _register_modified(tiny_lvis_json, one_outside)
+    dicts = DatasetCatalog.get(name)
+    assert sum(len(d["annotations"]) for d in dicts) == 2
+    assert "dropped 1 boxes that lie outside their image" in caplog.text
+    assert "annotation 1 bbox [200, 10, 30, 20]" in caplog.text
+
+    def all_outside(d):
+        for a in d["annotations"]:
+            a["bbox"] = [-50, -50, 20, 20]
+
+    name, _ = _register_modified(tiny_lvis_json, all_outside)
+    match = r"no usable instance in 2 images \(3 boxes outside their images were dropped\)"
+    with pytest.raises(DatasetValidationError, match=match):
+        DatasetCatalog.get(name)
+
+
+def test_empty_annotation_list_fails_for_training_and_evaluation(tiny_lvis_json, tmp_path):
+    def modify(d):
+        d["annotations"] = []
+
+    name, path = _register_modified(tiny_lvis_json, modify)
+    with pytest.raises(DatasetValidationError, match=r"_mod\d+\.json: no usable instance in 2"):
+        DatasetCatalog.get(name)
+    # what the trainer's loaders call (was "No valid data found" / results {} with exit 0)
+    cfg = get_gridclip_cfg(opts=["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)"])
+    cfg.MODEL.META_ARCHITECTURE = "GridCLIP"
+    cfg.MODEL.RETINANET.NUM_CLASSES = 2
+    cfg.OUTPUT_DIR = str(tmp_path)
+    with pytest.raises(DatasetValidationError, match="no usable instance"):
+        Trainer.build_test_loader(cfg, name)
+    with pytest.raises(DatasetValidationError, match="no usable instance"):
+        Trainer.build_train_loader(cfg)
+
+
+def test_malformed_json_names_the_file_and_position(tiny_lvis_json):
+    name, path = _register_modified(tiny_lvis_json, lambda d: None)  # metadata read: file fine
+    text = open(path).read()  # then the file is damaged (a truncated copy)
+    open(path, "w").write(text[: len(text) // 2])
+    with pytest.raises(DatasetValidationError, match=r"_mod\d+\.json: malformed JSON at line 1, "
+                       r"column \d+ \(character \d+\)"):  # fmt: skip
+        DatasetCatalog.get(name)
+    broken = os.path.join(os.path.dirname(path), "broken.json")
+    open(broken, "w").write('{"categories": [}')
+    with pytest.raises(DatasetValidationError, match=r"broken.json: malformed JSON at line 1"):
+        register_lvis_format_dataset(f"broken_{next(_counter)}", broken, "")
+
+
+def test_dataset_with_another_class_count_than_the_model(tiny_lvis_json, tmp_path):
+    json_file, root = tiny_lvis_json
+    entry = f"classes_{next(_counter)}={json_file}:{root}"
+    name = entry.split("=")[0]
+    cfg = get_gridclip_cfg(opts=["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
+    cfg.DATASETS.FILES = (entry,)
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"  # closed-set: its class count is the config's
+    cfg.MODEL.RETINANET.NUM_CLASSES = 80
+    match = rf"training dataset '{name}' .* has 2 categories .*fewer than the model's "
+    with pytest.raises(DatasetValidationError, match=match + "MODEL.RETINANET.NUM_CLASSES = 80"):
+        register_datasets_from_cfg(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    with pytest.raises(DatasetValidationError, match="more than the model's MODEL.ROI_HEADS"):
+        register_datasets_from_cfg(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    register_datasets_from_cfg(cfg)
+    cfg.DATASETS.TRAIN = ()
+    cfg.DATASETS.TEST = (name,)  # test sets: evaluated with their own class names
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    register_datasets_from_cfg(cfg)

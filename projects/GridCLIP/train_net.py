@@ -27,6 +27,7 @@ from gridclip.engine import (
     lock_output_dir,
     write_results,
 )
+from gridclip_tools.args import check_weights_file
 
 logger = logging.getLogger("gridclip")
 
@@ -36,6 +37,8 @@ def setup(args):
         args.config_file = resolve_config_path(args.config_file)
     cfg = get_gridclip_cfg(args.config_file, args.opts)
     cfg.freeze()
+    if args.eval_only:  # before anything is built or written (fvcore: a bare AssertionError)
+        check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS (--eval-only)")
     if not args.eval_only and comm.is_main_process():
         lock_output_dir(cfg.OUTPUT_DIR)  # a second run into the folder fails here, naming this one
         if args.resume:

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from typing import List
+import math
+import os
+from typing import List, Sequence
 
-__all__ = ["add_config_overrides", "config_overrides"]
+__all__ = [
+    "add_config_overrides",
+    "check_weights_file",
+    "config_overrides",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "weights_in_opts",
+]
 
 
 def add_config_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
@@ -27,3 +37,54 @@ def add_config_overrides(parser: argparse.ArgumentParser, scope: str = "") -> No
 def config_overrides(args: argparse.Namespace) -> List[str]:
     """The trailing overrides, then those after ``--opts``."""
     return list(args.opts or []) + list(args.extra_opts or [])
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0, negative and non-integers refused)."""
+    value = _number(text, int, "a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    value = _number(text, int, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (NaN, inf, 0 and negative refused)."""
+    value = _number(text, float, "a number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be greater than 0")
+    return value
+
+
+def weights_in_opts(opts: Sequence[str]) -> List[str]:
+    """The values of ``MODEL.WEIGHTS`` in config overrides ``KEY VALUE ...`` (last one wins)."""
+    return [str(opts[i + 1]) for i in range(0, len(opts) - 1, 2) if opts[i] == "MODEL.WEIGHTS"]
+
+
+def check_weights_file(path: str, where: str = "MODEL.WEIGHTS") -> None:
+    """A local checkpoint that does not exist is an error naming the path and where it was given
+    (fvcore would stop later with a bare ``AssertionError: Checkpoint ... not found!``); URLs
+    (``detectron2://``, ``https://``) are left to Detectron2's path manager."""
+    if path and "://" not in path and not os.path.isfile(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"{where}: checkpoint {path!r} does not exist (absolute path "
+            f"{os.path.abspath(os.path.expanduser(path))!r}); train a model first or pass the "
+            "path of a .pth file"
+        )

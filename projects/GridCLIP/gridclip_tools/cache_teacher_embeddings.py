@@ -35,6 +35,7 @@ from gridclip.clip.teacher_cache import (
     teacher_cache_key,
 )
 from gridclip.utils.cache import CacheMismatchError
+from gridclip_tools.args import non_negative_int, positive_int
 
 logger = logging.getLogger("gridclip.tools.cache_teacher_embeddings")
 
@@ -58,8 +59,12 @@ def parse_args(argv=None):
         help="comma-separated tiles per side, e.g. 1,2 (default: MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS)",
     )
     p.add_argument("--device", default="", help="torch device (default: MODEL.DEVICE)")
-    p.add_argument("--save-every", type=int, default=500, help="images between atomic saves")
-    p.add_argument("--limit", type=int, default=0, help="embed at most this many new images")
+    p.add_argument(
+        "--save-every", type=positive_int, default=500, help="images between atomic saves"
+    )
+    p.add_argument(
+        "--limit", type=non_negative_int, default=0, help="embed at most this many new images"
+    )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(

@@ -60,6 +60,7 @@ from gridclip.clip.teacher_cache import (
     write_cache_entry,
     write_cache_meta,
 )
+from gridclip_tools.args import non_negative_int
 
 logger = logging.getLogger("gridclip.tools.cache_vild_teacher")
 
@@ -77,12 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="", help="checkpoint whose RPN proposes the boxes")
     p.add_argument(
         "--num-proposals",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="boxes per image; default MODEL.VILD.NUM_DISTILL_PROPOSALS",
     )
     p.add_argument("--overwrite", action="store_true", help="recompute every image")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument(
+        "--limit", type=non_negative_int, default=0, help="only the first N images (0 = all)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."

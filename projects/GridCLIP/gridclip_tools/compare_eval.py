@@ -36,7 +36,13 @@ import gridclip  # noqa: F401  (registers datasets, so --dataset can be checked)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
 from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_overrides, config_overrides
+from gridclip_tools.args import (
+    add_config_overrides,
+    check_weights_file,
+    config_overrides,
+    positive_int,
+    weights_in_opts,
+)
 
 TRAIN_NET = os.path.join(PROJECT_ROOT, "train_net.py")
 
@@ -80,7 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="output/compare_eval")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="evaluate this many runs at once (each in its own process; mind memory and devices)",
     )
@@ -115,6 +121,9 @@ def parse_runs(args) -> List[Dict]:
             raise ValueError(f"--run-opts {name!r}: no --run of that name ({sorted(by_name)})")
         _check_pairs(opts, f"--run-opts {name}")
         by_name[name]["opts"] += opts
+    for run in runs:  # MODEL.WEIGHTS among the overrides replaces the --run weights
+        for weights in weights_in_opts(config_overrides(args)) + weights_in_opts(run["opts"]):
+            check_weights_file(weights, f"--run {run['name']!r}: MODEL.WEIGHTS override")
     return runs
 
 

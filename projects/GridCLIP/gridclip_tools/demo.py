@@ -33,18 +33,19 @@ import re
 import sys
 import time
 
-from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
+from gridclip.data.images import ImageInputError
+from gridclip.data.images import read_image_bgr as _read_image
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.prompts import parse_prompt
 from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES, parse_vocabulary
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_overrides, config_overrides
+from gridclip_tools.args import add_config_overrides, check_weights_file, config_overrides
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
@@ -180,11 +181,66 @@ def output_names(paths) -> list:
 
 
 def read_image_bgr(path: str):
-    """(H, W, 3) uint8 BGR, EXIF orientation applied; ValueError naming the file otherwise."""
-    try:
-        return utils.read_image(path, format="BGR")
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from e
+    """(H, W, 3) uint8 BGR, EXIF orientation applied, any bit depth / channel count converted by
+    :mod:`gridclip.data.images`' rule; ``ImageInputError`` (a ValueError) naming the file
+    otherwise."""
+    return _read_image(path)
+
+
+def check_output_folder(output) -> None:
+    """``--output`` must be a folder (existing or not), never an existing file."""
+    if output and os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(
+            f"--output {output!r} is an existing file; --output names a folder (PNGs + "
+            "detections.json): pass a folder name"
+        )
+
+
+def prompt_json(predictor):
+    """The prompt block of ``detections.json`` (None in vocabulary mode)."""
+    if predictor.prompt is None:
+        return None
+    return {
+        "text": predictor.prompt.prompt,
+        "kind": predictor.prompt.kind,
+        "phrases": [
+            {"phrase": p.text, "span": list(p.span), "name": p.name}
+            for p in predictor.prompt.phrases
+        ],
+    }
+
+
+class ResultWriter:
+    """``detections.json`` in the output folder, rewritten atomically as images are done (at
+    most once a second, and always on :meth:`close`), so an interrupted or failed run keeps the
+    results of every image before the failure (``"status"`` says how far it got)."""
+
+    def __init__(self, output, header: dict, interval_s: float = 1.0):
+        self.path = os.path.join(output, "detections.json") if output else None
+        self.header, self.records, self.skipped = header, [], []
+        self.interval_s, self._written = interval_s, 0.0
+
+    def _payload(self, status: str) -> dict:
+        return {**self.header, "status": status, "images": self.records, "skipped": self.skipped}
+
+    def _write(self, status: str) -> None:
+        if self.path is None:
+            return
+        with atomic_write(self.path, "w") as f:
+            json.dump(self._payload(status), f, indent=2)
+        self._written = time.monotonic()
+
+    def add(self, record: dict = None, skipped: str = None) -> None:
+        if record is not None:
+            self.records.append(record)
+        if skipped is not None:
+            self.skipped.append(skipped)
+        if time.monotonic() - self._written >= self.interval_s:
+            self._write(f"running: {len(self.records)} images done")
+
+    def close(self, status: str = "complete") -> dict:
+        self._write(status)
+        return self._payload(status)
 
 
 def build_cfg(args):
@@ -202,6 +258,7 @@ def build_cfg(args):
             "no trained weights: pass --weights FILE (or MODEL.WEIGHTS FILE); `make demo` writes "
             "output/demo/gridclip/model_final.pth"
         )
+    check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # also when given as an override
     cfg.freeze()
     return cfg
 
@@ -232,6 +289,7 @@ def main(argv=None) -> dict:
 
     # Everything a user typed is checked before the model is built.
     try:
+        check_output_folder(args.output)
         paths = expand_inputs(args.input)
         vocabulary = args.vocabulary or args.custom_vocabulary
         if vocabulary is not None:
@@ -255,17 +313,39 @@ def main(argv=None) -> dict:
     if args.output:
         os.makedirs(args.output, exist_ok=True)
 
-    records, skipped = [], []
+    writer = ResultWriter(
+        args.output,
+        {
+            "config_file": args.config_file,
+            "weights": cfg.MODEL.WEIGHTS,
+            "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+            "device": cfg.MODEL.DEVICE,
+            "vocabulary": {
+                "description": predictor.description,
+                "class_names": predictor.class_names,
+            },
+            "prompt": prompt_json(predictor),
+            "confidence_threshold": args.confidence_threshold,
+        },
+    )
     start = time.perf_counter()
     for path, png in tqdm(list(zip(paths, output_names(paths))), desc="demo", unit="img"):
         try:
             image = read_image_bgr(path)
-        except ValueError as e:
+        except ImageInputError as e:  # unreadable, or refused by the image rule
             if not args.skip_unreadable:
-                print(f"error: {e} (--skip-unreadable skips such files)", file=sys.stderr)
+                writer.close(f"stopped at {path!r}: {e}")
+                kept = (
+                    f"; the {len(writer.records)} images before it are in " if args.output else ""
+                )
+                where = writer.path if args.output else ""
+                print(
+                    f"error: {e} (--skip-unreadable skips such files){kept}{where}",
+                    file=sys.stderr,
+                )
                 sys.exit(1)
             logger.warning(f"skipping: {e}")
-            skipped.append(path)
+            writer.add(skipped=path)
             continue
         outputs = predictor(image)
         record = {
@@ -278,38 +358,18 @@ def main(argv=None) -> dict:
             drawing = predictor.visualize(image, outputs, args.confidence_threshold)
             Image.fromarray(drawing).save(os.path.join(args.output, png))
             record["visualization"] = png
-        records.append(record)
+        del image, outputs
+        writer.add(record)
 
-    result = {
-        "config_file": args.config_file,
-        "weights": cfg.MODEL.WEIGHTS,
-        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "device": cfg.MODEL.DEVICE,
-        "vocabulary": {"description": predictor.description, "class_names": predictor.class_names},
-        "prompt": None,
-        "confidence_threshold": args.confidence_threshold,
-        "images": records,
-        "skipped": skipped,
-    }
-    if predictor.prompt is not None:
-        result["prompt"] = {
-            "text": predictor.prompt.prompt,
-            "kind": predictor.prompt.kind,
-            "phrases": [
-                {"phrase": p.text, "span": list(p.span), "name": p.name}
-                for p in predictor.prompt.phrases
-            ],
-        }
+    result = writer.close("complete")
+    records = writer.records
     total = sum(len(r["detections"]) for r in records)
     logger.info(
         f"{len(records)} images, {total} detections >= {args.confidence_threshold} in "
         f"{time.perf_counter() - start:.1f} s"
     )
     if args.output:
-        path = os.path.join(args.output, "detections.json")
-        with atomic_write(path, "w") as f:
-            json.dump(result, f, indent=2)
-        logger.info(f"Wrote {len(records)} PNGs and {path}")
+        logger.info(f"Wrote {len(records)} PNGs and {writer.path}")
     else:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

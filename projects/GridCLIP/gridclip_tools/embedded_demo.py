@@ -42,6 +42,7 @@ from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
 from gridclip.data import datasets_root
 from gridclip.data.world import generate_world, register_world
 from gridclip.utils.io import atomic_write
+from gridclip_tools.args import non_negative_int, positive_int
 
 from .measure import load_images, time_inference, train_seconds_per_iter
 
@@ -126,19 +127,23 @@ def parse_args(argv=None):
     p.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
     )
-    p.add_argument("--timing-images", type=int, default=20, help="val images timed per model")
-    p.add_argument("--num-vis", type=int, default=4, help="val images visualised per model")
+    p.add_argument(
+        "--timing-images", type=positive_int, default=20, help="val images timed per model"
+    )
+    p.add_argument(
+        "--num-vis", type=non_negative_int, default=4, help="val images visualised per model"
+    )
     p.add_argument("--force", action="store_true", help="retrain even if results exist")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=None,
         help="models trained at the same time (default: 2 on 2+ cores, else 1); each training "
         "process gets cores // jobs threads (or --threads)",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch/OpenMP threads per process (default: all cores for timing, cores // jobs "
         "for training). On a CPU shared with other jobs, 1 avoids oversubscription, which can "

@@ -15,6 +15,7 @@ import logging
 import time
 
 from gridclip.data.world import PRESETS, default_world_root, generate_world
+from gridclip_tools.args import positive_int
 
 
 def parse_args(argv=None):
@@ -34,9 +35,9 @@ def parse_args(argv=None):
         help="which classes are novel: 0 is the default split; 1 and 2 are registered at import "
         "as gridclip_world_split<k>_{train,train_full,val} (default root by preset and split)",
     )
-    p.add_argument("--num-train", type=int, default=None, help="override the preset")
-    p.add_argument("--num-val", type=int, default=None, help="override the preset")
-    p.add_argument("--image-size", type=int, default=None, help="override the preset")
+    p.add_argument("--num-train", type=positive_int, default=None, help="override the preset")
+    p.add_argument("--num-val", type=positive_int, default=None, help="override the preset")
+    p.add_argument("--image-size", type=positive_int, default=None, help="override the preset")
     p.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
     return p.parse_args(argv)
 

@@ -41,6 +41,7 @@ from gridclip.clip.small_clip import (
 )
 from gridclip.data.world import world_categories
 from gridclip.utils.io import atomic_write
+from gridclip_tools.args import non_negative_int, positive_float, positive_int
 
 from . import REPO_ROOT
 from .small_clip_data import ScenePool, caption_for
@@ -261,24 +262,30 @@ def parse_args(argv=None):
         action="store_true",
         help="re-evaluate --output and rewrite its reports (keeps the recipe/times)",
     )
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=3000)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-scenes", type=int, default=2500, help="pre-rendered 256 px scenes")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--pool-scenes", type=positive_int, default=2500, help="pre-rendered 256 px scenes"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--crop-fraction", type=float, default=0.7, help="object crops vs scene views")
     p.add_argument(
         "--no-bf16",
         action="store_true",
         help="train in float32 (bf16 autocast: " "~1.4x faster on CPUs with AVX512-BF16)",
     )
-    p.add_argument("--eval-every", type=int, default=500, help="quick zero-shot check (0: off)")
+    p.add_argument(
+        "--eval-every", type=non_negative_int, default=500, help="quick zero-shot check (0: off)"
+    )
     p.add_argument("--vocabulary-loss-weight", type=float, default=1.0)
     p.add_argument("--vision-layers", type=int, nargs=4, default=None, help="override the arch")
-    p.add_argument("--eval-per-class", type=int, default=50, help="held-out renders per class")
+    p.add_argument(
+        "--eval-per-class", type=positive_int, default=50, help="held-out renders per class"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch threads (1 is fastest on a shared 2-core machine: 2 threads "
         "there made a step ~10x slower)",

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import pickle
+import pickletools
 import threading
 import warnings
 import zipfile
@@ -177,8 +179,47 @@ def _unwrap_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def _pickled_classes(path: str) -> List[str]:
+    """The Python classes/functions a ``torch.save`` file would import to be unpickled (read
+    without running any of them); empty when it holds only tensors and containers, or when it
+    cannot be read that way."""
+    try:
+        classes = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch zip file, truncated...: the caller's message applies
+        return []
+    try:  # the pickle's first class is the saved object's own (GLOBAL comes before NEWOBJ)
+        with zipfile.ZipFile(path) as zf:
+            data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        first = next(
+            str(arg).replace(" ", ".")
+            for op, arg, _ in pickletools.genops(data)
+            if op.name == "GLOBAL"
+        )
+    except Exception:
+        return classes
+    return [first] + [c for c in classes if c != first] if first in classes else classes
+
+
+def _pickled_object_error(path: str, classes: List[str]) -> CLIPWeightsError:
+    modules = [c for c in classes if ".nn.modules." in c or c.startswith("clip.model.")]
+    what = (
+        f"a pickled model (torch.save(model); classes {modules[:4]})"
+        if modules
+        else f"pickled Python objects ({classes[:4]})"
+    )
+    return CLIPWeightsError(
+        f"{path} holds {what}, not a state dict of tensors. Unpickling runs code, so this project "
+        "does not load such files. Save the weights instead with "
+        "torch.save(model.state_dict(), 'clip_weights.pt') (OpenAI's own .pt files work as they "
+        "are) and pass that file. " + _HOW_TO_GET
+    )
+
+
 def load_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a CLIP state dict (float32 tensors) from an OpenAI TorchScript or plain file."""
+    """Read a CLIP state dict (float32 tensors) from an OpenAI TorchScript or plain file.
+
+    A pickled module (``torch.save(model)``) or other pickled objects are refused with their own
+    message (what the file holds, what to give instead): they are never unpickled."""
     try:
         if _is_torchscript_archive(path):
             with warnings.catch_warnings():
@@ -190,6 +231,9 @@ def load_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
     except CLIPWeightsError:
         raise
     except Exception as e:  # zip / pickle / TorchScript errors of many kinds
+        classes = _pickled_classes(path) if isinstance(e, pickle.UnpicklingError) else []
+        if classes:
+            raise _pickled_object_error(path, classes) from e
         raise CLIPWeightsError(
             f"Could not read CLIP weights {path} ({type(e).__name__}: {str(e)[:300]}). The file "
             f"is truncated or corrupt, or not a PyTorch file: download it again. " + _HOW_TO_GET

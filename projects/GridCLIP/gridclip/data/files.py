@@ -14,16 +14,21 @@ Two ways in, no Python needed for the first:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 
 from .lvis_ovd import register_lvis_format_dataset
+from .validation import (
+    check_dataset_class_counts,
+    check_loaded_dataset,
+    read_annotation_json,
+    validate_annotation_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +60,10 @@ def parse_dataset_file_entry(entry: str) -> Tuple[str, str, str]:
 def _read_categories(json_file: str, name: str) -> List[dict]:
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"annotation file of dataset {name!r} not found: {json_file!r}")
+    data = read_annotation_json(json_file)  # a syntax error names the file and position
     try:
-        with open(json_file) as f:
-            categories = json.load(f)["categories"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        categories = data["categories"]
+    except KeyError as e:
         raise ValueError(
             f"{json_file} (dataset {name!r}): not a COCO/LVIS-format JSON with a 'categories' "
             f"list ({type(e).__name__}: {e})"
@@ -91,20 +96,38 @@ def register_dataset_file(name: str, json_file: str, image_root: str = "") -> st
         register_lvis_format_dataset(name, json_file, image_root)
         kind = "lvis"
     else:
-        register_coco_instances(name, {}, json_file, image_root)
+        _register_coco_file(name, json_file, image_root)
         _fill_coco_metadata(name, categories)
         kind = "coco"
     logger.info(f"Registered {kind.upper()}-format dataset {name!r}: {json_file} ({image_root})")
     return kind
 
 
+def _register_coco_file(name: str, json_file: str, image_root: str) -> None:
+    """Detectron2's ``register_coco_instances``, with :mod:`.validation`'s checks around
+    ``load_coco_json`` (repeated ids, missing image files, boxes outside their image, no usable
+    instance)."""
+
+    def _load():
+        validate_annotation_file(json_file)
+        return check_loaded_dataset(load_coco_json(json_file, image_root, name), json_file)
+
+    DatasetCatalog.register(name, _load)
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
 def register_datasets_from_cfg(cfg) -> List[str]:
-    """Register every ``DATASETS.FILES`` entry of ``cfg``; returns their names."""
+    """Register every ``DATASETS.FILES`` entry of ``cfg``; returns their names.
+
+    Also checks that the category counts of ``cfg``'s datasets agree with the model's (see
+    :func:`~gridclip.data.validation.check_dataset_class_counts`).
+    """
     names = []
     for entry in cfg.DATASETS.FILES:
         name, json_file, image_root = parse_dataset_file_entry(entry)
         register_dataset_file(name, json_file, image_root)
         names.append(name)
+    check_dataset_class_counts(cfg, dataset_metadata)
     return names
 
 

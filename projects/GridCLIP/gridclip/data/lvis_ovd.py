@@ -11,7 +11,6 @@ metadata read from the JSON itself. Every LVIS-format dataset gets, in ``Metadat
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
+
+from .validation import check_loaded_dataset, read_annotation_json, validate_annotation_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,10 @@ def _require_file(path: str, what: str) -> None:
 def read_lvis_categories(json_file: str) -> List[dict]:
     """Categories of an LVIS-format JSON, sorted by id, checked to be contiguous from 1."""
     _require_file(json_file, "LVIS-format annotation file")
-    with open(json_file) as f:
-        try:
-            categories = json.load(f)["categories"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{json_file}: not an LVIS-format JSON with 'categories' ({e})")
+    try:
+        categories = read_annotation_json(json_file)["categories"]
+    except KeyError as e:
+        raise ValueError(f"{json_file}: not an LVIS-format JSON with 'categories' ({e})")
     categories = sorted(categories, key=lambda c: c["id"])
     ids = [c["id"] for c in categories]
     if ids != list(range(1, len(ids) + 1)):
@@ -112,8 +112,19 @@ def validate_dataset_dicts(dataset_dicts: List[dict], num_classes: int, source: 
     return dataset_dicts
 
 
-def _load_lvis_dicts(json_file: str, image_root: str, num_classes: int, builtin_name=None):
-    """``load_lvis_json`` plus validation; a missing field becomes an error naming the file."""
+def _load_lvis_dicts(
+    json_file: str,
+    image_root: str,
+    num_classes: int,
+    builtin_name=None,
+    class_frequencies: Optional[Sequence[str]] = None,
+):
+    """``load_lvis_json`` between the checks of :mod:`.validation` (malformed JSON, repeated
+    ids, missing image files, boxes outside their image, no usable instance) and
+    :func:`validate_dataset_dicts`; a missing field becomes an error naming the file. With
+    ``class_frequencies``, novel annotations are removed (the OVD split) before the final checks.
+    """
+    validate_annotation_file(json_file)
     try:
         dicts = load_lvis_json(json_file, image_root, builtin_name, extra_annotation_keys=["id"])
     except KeyError as e:
@@ -121,7 +132,10 @@ def _load_lvis_dicts(json_file: str, image_root: str, num_classes: int, builtin_
             f"{json_file}: missing field {e} (LVIS format needs images[id, file_name, coco_url, "
             "height, width], annotations[id, image_id, category_id, bbox, segmentation])"
         ) from e
-    return validate_dataset_dicts(dicts, num_classes, json_file)
+    dicts = validate_dataset_dicts(dicts, num_classes, json_file)
+    if class_frequencies is not None:
+        dicts = filter_novel_annotations(dicts, class_frequencies)
+    return check_loaded_dataset(dicts, json_file)
 
 
 def filter_novel_annotations(
@@ -176,10 +190,8 @@ def register_lvis_format_dataset(
         _require_file(json_file, f"annotations of dataset {name!r}")
         _ensure_class_metadata(name)
         num_classes = len(MetadataCatalog.get(name).thing_classes)
-        dicts = _load_lvis_dicts(json_file, image_root, num_classes)
-        if base_only:
-            dicts = filter_novel_annotations(dicts, MetadataCatalog.get(name).class_frequencies)
-        return dicts
+        frequencies = MetadataCatalog.get(name).class_frequencies if base_only else None
+        return _load_lvis_dicts(json_file, image_root, num_classes, class_frequencies=frequencies)
 
     DatasetCatalog.register(name, _load)
     MetadataCatalog.get(name).set(
@@ -272,8 +284,9 @@ def register_lvis_v1_ovd(root: Optional[str] = None) -> None:
 
     def _load():
         _require_file(json_file, "LVIS v1 train annotations")
-        dicts = _load_lvis_dicts(json_file, image_root, len(categories), "lvis_v1_train")
-        return filter_novel_annotations(dicts, frequencies)
+        return _load_lvis_dicts(
+            json_file, image_root, len(categories), "lvis_v1_train", frequencies
+        )
 
     DatasetCatalog.register(name, _load)
     MetadataCatalog.get(name).set(

@@ -39,6 +39,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
+from ..utils.io import current_umask
 from .lvis_ovd import datasets_root, register_lvis_format_dataset
 from .world_scene import (
     COLOURS,
@@ -255,6 +256,7 @@ def generate_world(
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would become the world's mode
     try:
         train, _ = _split_json("train", params, progress, tmp)
         val, _ = _split_json("val", params, progress, tmp)

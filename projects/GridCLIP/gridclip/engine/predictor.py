@@ -37,10 +37,13 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
 
 from ..clip import clean_class_name
 from ..config import get_gridclip_cfg
+from ..data.images import to_bgr_uint8
 from ..modeling.prompts import ParsedPrompt, parse_prompt
 from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
 from .checkpoint import project_checkpointer
@@ -59,6 +62,9 @@ __all__ = [
 
 #: small images are drawn enlarged to at least this many pixels on their longer side
 MIN_DRAWING_SIDE = 640
+#: large images are drawn reduced to at most this many pixels on their longer side (bounded
+#: memory: Detectron2's Visualizer holds several full-size copies of its canvas)
+MAX_DRAWING_SIDE = 1600
 
 Vocabulary = Union[str, os.PathLike, Sequence[str]]
 
@@ -221,8 +227,9 @@ class OpenVocabularyPredictor(DefaultPredictor):
         """
         if prompt is not None and (self.prompt is None or self.prompt.prompt != prompt):
             self.set_prompt(prompt)
-        if isinstance(images, np.ndarray):
-            return super().__call__(images)
+        if isinstance(images, (np.ndarray, Image.Image)):
+            # any dtype / channel count, by gridclip.data.images' rule (or a clear error)
+            return super().__call__(to_bgr_uint8(images))
         return self.predict_batch(images)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[Dict]:
@@ -230,10 +237,8 @@ class OpenVocabularyPredictor(DefaultPredictor):
         if not len(images):
             return []
         inputs = []
-        for original_image in images:
-            assert (
-                original_image.ndim == 3 and original_image.shape[2] == 3
-            ), f"expected (H, W, 3) BGR images, got shape {original_image.shape}"
+        for i, original_image in enumerate(images):
+            original_image = to_bgr_uint8(original_image, f"image {i} of the batch")
             if self.input_format == "RGB":
                 original_image = original_image[:, :, ::-1]
             height, width = original_image.shape[:2]
@@ -324,18 +329,17 @@ class OpenVocabularyPredictor(DefaultPredictor):
         """Draw detections with score >= threshold on the image with Detectron2's Visualizer.
 
         Args:
-            image_bgr: (H, W, 3) uint8 BGR image, the one given to the predictor.
+            image_bgr: the image given to the predictor (any kind it takes).
             outputs: the predictor's output for it.
             threshold: score threshold of drawn detections.
             scale: drawing scale; default: enlarge small images so that the longer side is at
-                least ``MIN_DRAWING_SIDE`` pixels (labels stay readable), else 1.
+                least ``MIN_DRAWING_SIDE`` pixels (labels stay readable), else 1. Whatever the
+                scale, the drawing's longer side is at most ``MAX_DRAWING_SIDE`` pixels.
 
         Returns:
             (H * scale, W * scale, 3) uint8 RGB image.
         """
-        assert (
-            image_bgr.ndim == 3 and image_bgr.shape[2] == 3
-        ), f"visualize expects an (H, W, 3) BGR image, got shape {image_bgr.shape}"
+        image_bgr = to_bgr_uint8(image_bgr)
         instances = outputs["instances"].to("cpu")
         instances = instances[instances.scores >= threshold]
         if len(instances) and int(instances.pred_classes.max()) >= len(self.class_names):
@@ -345,6 +349,7 @@ class OpenVocabularyPredictor(DefaultPredictor):
             )
         if scale is None:
             scale = max(1.0, MIN_DRAWING_SIDE / max(image_bgr.shape[:2]))
+        image_bgr, instances, scale = _drawing_canvas(image_bgr, instances, scale)
         visualizer = Visualizer(
             image_bgr[:, :, ::-1],
             metadata=self.metadata,
@@ -352,3 +357,21 @@ class OpenVocabularyPredictor(DefaultPredictor):
             instance_mode=ColorMode.IMAGE,
         )
         return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def _drawing_canvas(image: np.ndarray, instances, scale: float):
+    """(image, instances, scale) for the Visualizer, the image reduced first when the drawing
+    would be larger than ``MAX_DRAWING_SIDE`` (its boxes scaled alike): the Visualizer then
+    never holds a full-size canvas of a very large image."""
+    height, width = image.shape[:2]
+    scale = min(float(scale), MAX_DRAWING_SIDE / max(height, width))
+    if scale >= 1.0:
+        return image, instances, scale
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    factors = torch.tensor([size[0] / width, size[1] / height] * 2)
+    fields = dict(instances.get_fields())  # a new Instances: the caller's outputs keep theirs
+    fields["pred_boxes"] = Boxes(
+        fields["pred_boxes"].tensor * factors.to(fields["pred_boxes"].tensor)
+    )
+    return small, Instances((size[1], size[0]), **fields), 1.0

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from detectron2.utils.logger import setup_logger
 
+from gridclip_tools.args import non_negative_int, positive_int
+
 from .report import write_report
 from .specs import INFERENCE_MODELS, TRAIN_MODELS, BenchmarkSettings, quick_settings
 from .suites import run_benchmark
@@ -56,16 +58,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-train", action="store_true", help="skip the training measurements")
     p.add_argument("--no-inference", action="store_true", help="skip the inference measurements")
-    p.add_argument("--vocab-sizes", nargs="*", type=int, help="vocabulary sweep (class counts)")
+    p.add_argument(
+        "--vocab-sizes", nargs="*", type=positive_int, help="vocabulary sweep (class counts)"
+    )
     p.add_argument("--vocab-models", nargs="*", choices=list(INFERENCE_MODELS))
-    p.add_argument("--sizes", nargs="*", type=int, help="resolution sweep (image short sides, px)")
+    p.add_argument(
+        "--sizes", nargs="*", type=positive_int, help="resolution sweep (image short sides, px)"
+    )
     p.add_argument("--resolution-models", nargs="*", choices=list(INFERENCE_MODELS))
-    p.add_argument("--num-classes", type=int, help="main vocabulary size (default 1203, LVIS)")
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="main test image")
-    p.add_argument("--train-size", nargs=2, type=int, metavar=("H", "W"), help="training image")
-    p.add_argument("--iters", type=int, help="timed inference runs per point (median)")
-    p.add_argument("--warmup", type=int, help="warm-up inference runs per point")
-    p.add_argument("--train-iters", type=int, help="timed training iterations per variant")
+    p.add_argument(
+        "--num-classes", type=positive_int, help="main vocabulary size (default 1203, LVIS)"
+    )
+    p.add_argument(
+        "--image-size", nargs=2, type=positive_int, metavar=("H", "W"), help="main test image"
+    )
+    p.add_argument(
+        "--train-size", nargs=2, type=positive_int, metavar=("H", "W"), help="training image"
+    )
+    p.add_argument("--iters", type=positive_int, help="timed inference runs per point (median)")
+    p.add_argument("--warmup", type=non_negative_int, help="warm-up inference runs per point")
+    p.add_argument("--train-iters", type=positive_int, help="timed training iterations per variant")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument(
         "--profile",
@@ -84,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cpu / cuda (default: cuda when available)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="torch CPU threads (default: torch's); 1 is steadier on a shared machine",
     )
