@@ -1,0 +1,158 @@
+"""Export of GridCLIP inference (issue 15, item 5): ``torch.export`` (.pt2) and ONNX
+(``onnxruntime``) against the eager model, a vocabulary baked in.
+
+Stated tolerance (module doc of ``gridclip_tools.export``): on images whose padded size is the
+export canvas, the same number of detections, the same classes, boxes within 1e-3 px and scores
+within 1e-4 of the eager ``OpenVocabularyPredictor`` (in practice ~1e-5 px and ~1e-6).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from detectron2.modeling import build_model
+
+from gridclip.config import get_gridclip_cfg
+from gridclip_tools import export
+
+D, K = 64, 5  # tiny CLIP joint-space dimension; classes of the checkpoint's vocabulary
+VOCABULARY = ["red star", "blue ring", "green cross"]  # baked in at export (3 != K classes)
+BOX_TOL, SCORE_TOL = 1e-3, 1e-4
+
+
+def make_tiny_clip():
+    return tiny_models.make_tiny_clip(D, random_bn_stats=("running_var",))
+
+
+def model_opts(assets):
+    """A tiny GridCLIP with every inference part on: dense CLIP term, anchor offsets, a score
+    threshold that prunes, a 96 px test size (canvas 96 x 96). Its own vocabulary: K random
+    text embeddings; the exported one: VOCABULARY, embedded by the tiny CLIP's text tower."""
+    return tiny_models.tiny_clip_opts(assets, D) + [
+        "MODEL.CLIP_RESNET.FREEZE_AT", 1,
+        "MODEL.FPN.OUT_CHANNELS", 32,
+        "MODEL.RETINANET.NUM_CONVS", 1,
+        "MODEL.RETINANET.NUM_CLASSES", K,
+        "MODEL.RETINANET.SCORE_THRESH_TEST", 0.05,
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 200,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0,
+        "TEST.DETECTIONS_PER_IMAGE", 50,
+        "DATASETS.TRAIN", "()",
+        "DATASETS.TEST", "()",
+        "INPUT.MIN_SIZE_TEST", 96,
+        "INPUT.MAX_SIZE_TEST", 128,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(assets, tmp_path_factory):
+    """A random tiny GridCLIP checkpoint (head randomised so that scores spread over the
+    threshold) and ``build_exportable``'s (predictor, wrapper, settings) with VOCABULARY."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = get_gridclip_cfg("Base-GridCLIP.yaml", model_opts(assets))  # random K-class vocabulary
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.head.grid_embed.weight.normal_(0, 0.5)
+        model.head.grid_embed.bias.normal_(0, 1.0)
+        model.head.bbox_pred.weight.normal_(0, 0.05)
+        model.head.anchor_offset.weight.normal_(0, 0.3)
+    weights = str(root / "tiny_gridclip.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    predictor, wrapper, settings = export.build_exportable(
+        "Base-GridCLIP.yaml", weights, model_opts(assets), vocabulary=VOCABULARY
+    )
+    return predictor, wrapper, settings, root
+
+
+def _has_onnxruntime():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def images():
+    """Images whose padded size is the canvas: 96 x 96 (no resize) and 48 x 48 (resized x2:
+    boxes come back scaled to the original pixels)."""
+    rng = np.random.RandomState(1)
+    return [
+        rng.randint(0, 256, (96, 96, 3), dtype=np.uint8),
+        (rng.rand(96, 96, 3) * 80 + 100).astype(np.uint8),
+        rng.randint(0, 256, (48, 48, 3), dtype=np.uint8),
+    ]
+
+
+def assert_same(reference, other):
+    assert len(other["scores"]) == len(reference["scores"])
+    np.testing.assert_array_equal(other["classes"], reference["classes"])
+    np.testing.assert_allclose(other["boxes"], reference["boxes"], atol=BOX_TOL, rtol=0)
+    np.testing.assert_allclose(other["scores"], reference["scores"], atol=SCORE_TOL, rtol=0)
+
+
+def test_wrapper_equals_eager_model(built):
+    """The exportable module (before export) gives the eager detections, the threshold
+    pruning some candidates: >0 and < DETECTIONS_PER_IMAGE detections."""
+    predictor, wrapper, settings, _ = built
+    counts = []
+    for image in images():
+        reference = export.run_eager(predictor, image)
+        inputs = [torch.from_numpy(x) for x in export.preprocess(image, settings)]
+        with torch.no_grad():
+            boxes, scores, classes = wrapper(*inputs)
+        assert_same(reference, {"boxes": boxes, "scores": scores, "classes": classes})
+        assert set(reference["classes"].tolist()) <= set(range(len(VOCABULARY)))
+        counts.append(len(scores))
+    assert 0 < min(counts) and max(counts) <= 50, counts
+    # boxes in the original pixels: the 48 px image's boxes lie within it
+    assert export.run_eager(predictor, images()[2])["boxes"].max() <= 48
+
+
+@pytest.mark.slow  # torch.export of the tiny model: 30-130 s on the shared 2-core machine
+def test_pt2_equals_eager_model(built):
+    """torch.export -> torch.export.save -> torch.export.load: the eager detections."""
+    predictor, wrapper, settings, root = built
+    path = export.export_pt2(wrapper, settings, str(root / "gridclip.pt2"))
+    module = export.load_pt2(path)
+    for image in images():
+        assert_same(export.run_eager(predictor, image), export.run_pt2(module, image, settings))
+
+
+@pytest.mark.slow  # torch.export + the ONNX exporter's passes: over a minute on a tiny model
+def test_onnx_equals_eager_model(built):
+    """torch.onnx.export (dynamo) run by onnxruntime on the CPU: the eager detections."""
+    if not _has_onnxruntime():
+        pytest.skip("onnx, onnxscript and onnxruntime are optional (tools/setup_env.sh --export)")
+    predictor, wrapper, settings, root = built
+    path = export.export_onnx(wrapper, settings, str(root / "gridclip.onnx"))
+    session = export.onnx_session(path, threads=1)
+    for image in images():
+        assert_same(export.run_eager(predictor, image), export.run_onnx(session, image, settings))
+
+
+def test_vocabulary_is_baked_in(built):
+    """The export carries the vocabulary it was given, not the checkpoint's K classes."""
+    predictor, wrapper, settings, _ = built
+    assert settings["class_names"] == VOCABULARY
+    assert wrapper.model.text_embeddings.shape == (len(VOCABULARY), D)
+    json.dumps(settings)  # export.json is plain JSON
+
+
+def test_preprocess_refuses_images_larger_than_the_canvas(built):
+    settings = built[2]
+    with pytest.raises(ValueError, match=r"larger than the exported canvas 96x96.*--canvas"):
+        export.preprocess(np.zeros((60, 120, 3), np.uint8), settings)  # -> 64 x 128
+    with pytest.raises(ValueError, match="uint8 BGR"):
+        export.preprocess(np.zeros((60, 120), np.uint8), settings)
+
+
+def test_vild_is_not_exported(assets):
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(TypeError, match="only GridCLIP exports"):
+        export.ExportableGridCLIP(model, (96, 96))
