@@ -124,14 +124,36 @@ def test_pt2_equals_eager_model(built):
         assert_same(export.run_eager(predictor, image), export.run_pt2(module, image, settings))
 
 
-@pytest.mark.slow  # torch.export + the ONNX exporter's passes: over a minute on a tiny model
-def test_onnx_equals_eager_model(built):
-    """torch.onnx.export (dynamo) run by onnxruntime on the CPU: the eager detections."""
+@pytest.mark.slow  # torch.export + the ONNX exporter's passes: minutes on a tiny model
+def test_command_exports_both_formats_and_onnx_equals_eager(built, assets):
+    """tools/export.py's main: both formats, export.json, its own check and --benchmark; then
+    the ONNX model in onnxruntime on the CPU gives the eager detections."""
     if not _has_onnxruntime():
         pytest.skip("onnx, onnxscript and onnxruntime are optional (tools/setup_env.sh --export)")
-    predictor, wrapper, settings, root = built
-    path = export.export_onnx(wrapper, settings, str(root / "gridclip.onnx"))
-    session = export.onnx_session(path, threads=1)
+    predictor, _, _, root = built
+    out = root / "cli"
+    argv = [
+        "--config-file",
+        "Base-GridCLIP.yaml",
+        "--weights",
+        str(root / "tiny_gridclip.pth"),
+        "--output",
+        str(out),
+        "--vocabulary",
+        ",".join(VOCABULARY),
+        "--benchmark",
+        "2",
+    ]
+    report = export.main(argv + [str(v) for v in model_opts(assets)])
+    assert sorted(report["files"]) == ["onnx", "pt2"]
+    for name in ("pt2", "onnx"):
+        check = report["check"][name]
+        assert check["count_diff"] == 0 and check["class_mismatches"] == 0, check
+        assert check["max_box_diff"] <= BOX_TOL and check["max_score_diff"] <= SCORE_TOL, check
+        assert report["ms_per_image"][name]["cpu_ms"] > 0
+    settings = json.loads((out / "export.json").read_text())
+    assert settings["class_names"] == VOCABULARY and settings["canvas_hw"] == [96, 96]
+    session = export.onnx_session(str(out / "gridclip.onnx"), threads=1)
     for image in images():
         assert_same(export.run_eager(predictor, image), export.run_onnx(session, image, settings))
 
@@ -156,3 +178,9 @@ def test_vild_is_not_exported(assets):
     model = torch.nn.Linear(1, 1)
     with pytest.raises(TypeError, match="only GridCLIP exports"):
         export.ExportableGridCLIP(model, (96, 96))
+
+
+def test_onnx_without_the_optional_extras_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "_importable", lambda module: module != "onnxruntime")
+    with pytest.raises(SystemExit, match=r"needs onnxruntime .*setup_env.sh --export.*pt2"):
+        export.main(["--output", str(tmp_path)])

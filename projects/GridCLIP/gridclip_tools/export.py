@@ -49,6 +49,7 @@ config's CLIP and prompts) and the reduced-precision text product (the graph com
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -485,8 +486,19 @@ def _check_images(args, settings: Dict) -> List[np.ndarray]:
     return [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
+    if "onnx" in args.format:
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+        if missing:
+            raise SystemExit(
+                f"ONNX export needs {', '.join(missing)} (optional extras): install them with "
+                "`bash tools/setup_env.sh --export`, or export only --format pt2"
+            )
     setup_logger(name="gridclip")
     logger.setLevel(logging.INFO)
     if args.benchmark:
