@@ -46,12 +46,11 @@ def model_opts(assets):
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def built(assets, tmp_path_factory):
+def build(assets, root, *opts):
     """A random tiny GridCLIP checkpoint (head randomised so that scores spread over the
     threshold) and ``build_exportable``'s (predictor, wrapper, settings) with VOCABULARY."""
-    root = tmp_path_factory.mktemp("export")
-    cfg = get_gridclip_cfg("Base-GridCLIP.yaml", model_opts(assets))  # random K-class vocabulary
+    opts = model_opts(assets) + list(opts)
+    cfg = get_gridclip_cfg("Base-GridCLIP.yaml", opts)  # random K-class vocabulary
     torch.manual_seed(0)
     model = build_model(cfg)
     torch.manual_seed(5)
@@ -59,13 +58,17 @@ def built(assets, tmp_path_factory):
         model.head.grid_embed.weight.normal_(0, 0.5)
         model.head.grid_embed.bias.normal_(0, 1.0)
         model.head.bbox_pred.weight.normal_(0, 0.05)
-        model.head.anchor_offset.weight.normal_(0, 0.3)
+        if model.head.anchor_offset is not None:
+            model.head.anchor_offset.weight.normal_(0, 0.3)
     weights = str(root / "tiny_gridclip.pth")
     torch.save({"model": model.state_dict()}, weights)
-    predictor, wrapper, settings = export.build_exportable(
-        "Base-GridCLIP.yaml", weights, model_opts(assets), vocabulary=VOCABULARY
-    )
-    return predictor, wrapper, settings, root
+    return export.build_exportable("Base-GridCLIP.yaml", weights, opts, vocabulary=VOCABULARY)
+
+
+@pytest.fixture(scope="module")
+def built(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return (*build(assets, root), root)
 
 
 def _has_onnxruntime():
@@ -112,6 +115,24 @@ def test_wrapper_equals_eager_model(built):
     assert 0 < min(counts) and max(counts) <= 50, counts
     # boxes in the original pixels: the 48 px image's boxes lie within it
     assert export.run_eager(predictor, images()[2])["boxes"].max() <= 48
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 12),  # location gating by objectness
+        ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),  # no offsets: A anchors share one score
+    ],
+)
+def test_wrapper_equals_eager_model_variants(assets, tmp_path, opts):
+    predictor, wrapper, settings = build(assets, tmp_path, *opts)
+    for image in images():
+        inputs = [torch.from_numpy(x) for x in export.preprocess(image, settings)]
+        with torch.no_grad():
+            boxes, scores, classes = wrapper(*inputs)
+        reference = export.run_eager(predictor, image)
+        assert len(scores)
+        assert_same(reference, {"boxes": boxes, "scores": scores, "classes": classes})
 
 
 @pytest.mark.slow  # torch.export of the tiny model: 30-130 s on the shared 2-core machine
