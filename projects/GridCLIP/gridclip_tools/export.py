@@ -512,6 +512,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         vocabulary=args.vocabulary,
         canvas_hw=args.canvas,
     )
+    if not predictor.cfg.MODEL.WEIGHTS:
+        logger.warning(
+            "no --weights (MODEL.WEIGHTS is empty): exporting an untrained detector head; pass the "
+            "checkpoint of a trained GridCLIP, e.g. output/demo/gridclip/model_final.pth"
+        )
     os.makedirs(args.output, exist_ok=True)
     written = {}
     if "pt2" in args.format:
