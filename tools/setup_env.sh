@@ -2,6 +2,7 @@
 # Create (or reuse) the project virtual environment, idempotently, using only package registries.
 #
 #   VENV=.venv PYTHON=python3 bash tools/setup_env.sh
+#   bash tools/setup_env.sh --export     # also the optional export extras (or GRIDCLIP_EXPORT=1)
 #
 # - Reuses a detectron2 that is already importable in the chosen interpreter (a user's own build
 #   with compiled ops). Point VENV at an existing environment to use it: nothing is replaced.
@@ -16,6 +17,23 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.gridclip-env-stamp"
 HASH="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)"
 
+log() { printf '[setup_env] %s\n' "$*"; }
+
+# Optional step: what tools/export.py needs for ONNX (torch.onnx's dynamo exporter needs onnx and
+# onnxscript; onnxruntime runs the exported model on the CPU). `make test` does not need them: the
+# ONNX test skips without them. Asked for with --export or GRIDCLIP_EXPORT=1.
+WITH_EXPORT="${GRIDCLIP_EXPORT:-0}"
+for arg in "$@"; do
+  [[ "$arg" == "--export" ]] && WITH_EXPORT=1
+done
+install_export_extras() {
+  [[ "$WITH_EXPORT" == "1" ]] || return 0
+  if ! "$VENV/bin/python" -c "import onnx, onnxscript, onnxruntime" >/dev/null 2>&1; then
+    log "installing the export extras: onnx, onnxscript, onnxruntime"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q onnx onnxscript onnxruntime
+  fi
+}
+
 # Optional extra, not a core dependency: `bash tools/setup_env.sh --app` (what `make app` runs
 # after the base environment) adds Gradio for the demo page and Selenium for its browser test
 # (the browser is a system package: apt-get install -y chromium chromium-driver). Gradio pins
@@ -29,10 +47,9 @@ if [[ "${1:-}" == "--app" ]]; then
 fi
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
+  install_export_extras
   exit 0
 fi
-
-log() { printf '[setup_env] %s\n' "$*"; }
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating virtual environment at $VENV"
@@ -103,5 +120,6 @@ except Exception as e:  # noqa: BLE001
     print("  compiled ops (_C): MISSING -> deformable conv, rotated boxes and the fast COCO eval")
     print("  are unavailable; everything this project uses runs on torchvision ops.")
 PYEOF
+install_export_extras
 echo "$HASH" > "$STAMP"
 log "environment ready: $VENV"

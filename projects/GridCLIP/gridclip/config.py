@@ -168,6 +168,11 @@ def add_gridclip_config(cfg: CN) -> CN:
     # enough detections per class. False: the standard 300-per-image protocol.
     _C.TEST.FIXED_AP = False
     _C.TEST.FIXED_AP_DETECTIONS_PER_CLASS = 10000
+    # COCO-format test sets (no LVIS frequencies): names of the classes that are novel for the
+    # model (not boxed in its training). Their mean per-class AP is reported as AP_novel, the
+    # other classes' as AP_base, beside COCO's metrics. Empty: no split. LVIS-format sets tell
+    # novel classes by frequency (APr) and ignore this.
+    _C.TEST.NOVEL_CLASSES = ()
 
     return cfg
 

@@ -129,8 +129,10 @@ def _load_lvis_dicts(
         dicts = load_lvis_json(json_file, image_root, builtin_name, extra_annotation_keys=["id"])
     except KeyError as e:
         raise ValueError(
-            f"{json_file}: missing field {e} (LVIS format needs images[id, file_name, coco_url, "
-            "height, width], annotations[id, image_id, category_id, bbox, segmentation])"
+            f"{json_file}: missing field {e} (LVIS format needs images[id, coco_url, height, "
+            "width], annotations[id, image_id, category_id, bbox, segmentation]; as in LVIS v1, "
+            "an image is found by the last two parts of its coco_url, '<folder>/<file>' under "
+            "the image root, and needs no file_name)"
         ) from e
     dicts = validate_dataset_dicts(dicts, num_classes, json_file)
     if class_frequencies is not None:

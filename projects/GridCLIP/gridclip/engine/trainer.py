@@ -17,7 +17,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluato
 
 from ..data import dataset_metadata, register_datasets_from_cfg
 from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
-from ..evaluation import FixedAPLVISEvaluator
+from ..evaluation import FixedAPLVISEvaluator, NovelBaseCOCOEvaluator
 from ..utils.io import atomic_write
 from .checkpoint import make_atomic, project_checkpointer
 from .run_guard import lock_output_dir
@@ -33,7 +33,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
 
     LVIS: the standard protocol (``TEST.DETECTIONS_PER_IMAGE`` per image), or fixed AP with
     ``TEST.FIXED_AP`` (``TEST.FIXED_AP_DETECTIONS_PER_CLASS`` per class, no per-image cap).
-    COCO (datasets without LVIS frequencies): all classes, the COCO protocol.
+    COCO (datasets without LVIS frequencies): all classes, the COCO protocol; with
+    ``TEST.NOVEL_CLASSES``, also AP_novel / AP_base (:class:`NovelBaseCOCOEvaluator`).
     """
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     evaluator_type = dataset_metadata(dataset_name).get("evaluator_type", None)
@@ -51,6 +52,14 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     if evaluator_type == "lvis":
         return LVISEvaluator(
             dataset_name, output_dir=output_folder, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
+        )
+    if evaluator_type == "coco" and len(cfg.TEST.NOVEL_CLASSES):
+        return NovelBaseCOCOEvaluator(
+            dataset_name,
+            cfg.TEST.NOVEL_CLASSES,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=False,
         )
     if evaluator_type == "coco":
         return COCOEvaluator(

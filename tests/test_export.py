@@ -1,0 +1,207 @@
+"""Export of GridCLIP inference (issue 15, item 5): ``torch.export`` (.pt2) and ONNX
+(``onnxruntime``) against the eager model, a vocabulary baked in.
+
+Stated tolerance (module doc of ``gridclip_tools.export``): on images whose padded size is the
+export canvas, the same number of detections, the same classes, boxes within 1e-3 px and scores
+within 1e-4 of the eager ``OpenVocabularyPredictor`` (in practice ~1e-5 px and ~1e-6).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from detectron2.modeling import build_model
+
+from gridclip.config import get_gridclip_cfg
+from gridclip_tools import export
+
+D, K = 64, 5  # tiny CLIP joint-space dimension; classes of the checkpoint's vocabulary
+VOCABULARY = ["red star", "blue ring", "green cross"]  # baked in at export (3 != K classes)
+BOX_TOL, SCORE_TOL = 1e-3, 1e-4
+
+
+def make_tiny_clip():
+    return tiny_models.make_tiny_clip(D, random_bn_stats=("running_var",))
+
+
+def model_opts(assets):
+    """A tiny GridCLIP with every inference part on: dense CLIP term, anchor offsets, a score
+    threshold that prunes, a 96 px test size (canvas 96 x 96). Its own vocabulary: K random
+    text embeddings; the exported one: VOCABULARY, embedded by the tiny CLIP's text tower."""
+    return tiny_models.tiny_clip_opts(assets, D) + [
+        "MODEL.CLIP_RESNET.FREEZE_AT", 1,
+        "MODEL.FPN.OUT_CHANNELS", 32,
+        "MODEL.RETINANET.NUM_CONVS", 1,
+        "MODEL.RETINANET.NUM_CLASSES", K,
+        "MODEL.RETINANET.SCORE_THRESH_TEST", 0.05,
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 200,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 0.0,
+        "TEST.DETECTIONS_PER_IMAGE", 50,
+        "DATASETS.TRAIN", "()",
+        "DATASETS.TEST", "()",
+        "INPUT.MIN_SIZE_TEST", 96,
+        "INPUT.MAX_SIZE_TEST", 128,
+    ]  # fmt: skip
+
+
+def build(assets, root, *opts):
+    """A random tiny GridCLIP checkpoint (head randomised so that scores spread over the
+    threshold) and ``build_exportable``'s (predictor, wrapper, settings) with VOCABULARY."""
+    opts = model_opts(assets) + list(opts)
+    cfg = get_gridclip_cfg("Base-GridCLIP.yaml", opts)  # random K-class vocabulary
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.head.grid_embed.weight.normal_(0, 0.5)
+        model.head.grid_embed.bias.normal_(0, 1.0)
+        model.head.bbox_pred.weight.normal_(0, 0.05)
+        if model.head.anchor_offset is not None:
+            model.head.anchor_offset.weight.normal_(0, 0.3)
+    weights = str(root / "tiny_gridclip.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    return export.build_exportable("Base-GridCLIP.yaml", weights, opts, vocabulary=VOCABULARY)
+
+
+@pytest.fixture(scope="module")
+def built(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return (*build(assets, root), root)
+
+
+def _has_onnxruntime():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def images():
+    """Images whose padded size is the canvas: 96 x 96 (no resize) and 48 x 48 (resized x2:
+    boxes come back scaled to the original pixels)."""
+    rng = np.random.RandomState(1)
+    return [
+        rng.randint(0, 256, (96, 96, 3), dtype=np.uint8),
+        (rng.rand(96, 96, 3) * 80 + 100).astype(np.uint8),
+        rng.randint(0, 256, (48, 48, 3), dtype=np.uint8),
+    ]
+
+
+def assert_same(reference, other):
+    assert len(other["scores"]) == len(reference["scores"])
+    np.testing.assert_array_equal(other["classes"], reference["classes"])
+    np.testing.assert_allclose(other["boxes"], reference["boxes"], atol=BOX_TOL, rtol=0)
+    np.testing.assert_allclose(other["scores"], reference["scores"], atol=SCORE_TOL, rtol=0)
+
+
+def test_wrapper_equals_eager_model(built):
+    """The exportable module (before export) gives the eager detections, the threshold
+    pruning some candidates: >0 and < DETECTIONS_PER_IMAGE detections."""
+    predictor, wrapper, settings, _ = built
+    counts = []
+    for image in images():
+        reference = export.run_eager(predictor, image)
+        inputs = [torch.from_numpy(x) for x in export.preprocess(image, settings)]
+        with torch.no_grad():
+            boxes, scores, classes = wrapper(*inputs)
+        assert_same(reference, {"boxes": boxes, "scores": scores, "classes": classes})
+        assert set(reference["classes"].tolist()) <= set(range(len(VOCABULARY)))
+        counts.append(len(scores))
+    assert 0 < min(counts) and max(counts) <= 50, counts
+    # boxes in the original pixels: the 48 px image's boxes lie within it
+    assert export.run_eager(predictor, images()[2])["boxes"].max() <= 48
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 12),  # location gating by objectness
+        ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),  # no offsets: A anchors share one score
+    ],
+)
+def test_wrapper_equals_eager_model_variants(assets, tmp_path, opts):
+    predictor, wrapper, settings = build(assets, tmp_path, *opts)
+    for image in images():
+        inputs = [torch.from_numpy(x) for x in export.preprocess(image, settings)]
+        with torch.no_grad():
+            boxes, scores, classes = wrapper(*inputs)
+        reference = export.run_eager(predictor, image)
+        assert len(scores)
+        assert_same(reference, {"boxes": boxes, "scores": scores, "classes": classes})
+
+
+@pytest.mark.slow  # torch.export of the tiny model: 30-130 s on the shared 2-core machine
+def test_pt2_equals_eager_model(built):
+    """torch.export -> torch.export.save -> torch.export.load: the eager detections."""
+    predictor, wrapper, settings, root = built
+    path = export.export_pt2(wrapper, settings, str(root / "gridclip.pt2"))
+    module = export.load_pt2(path)
+    for image in images():
+        assert_same(export.run_eager(predictor, image), export.run_pt2(module, image, settings))
+
+
+@pytest.mark.slow  # torch.export + the ONNX exporter's passes: minutes on a tiny model
+def test_command_exports_both_formats_and_onnx_equals_eager(built, assets):
+    """tools/export.py's main: both formats, export.json, its own check and --benchmark; then
+    the ONNX model in onnxruntime on the CPU gives the eager detections."""
+    if not _has_onnxruntime():
+        pytest.skip("onnx, onnxscript and onnxruntime are optional (tools/setup_env.sh --export)")
+    predictor, _, _, root = built
+    out = root / "cli"
+    argv = [
+        "--config-file",
+        "Base-GridCLIP.yaml",
+        "--weights",
+        str(root / "tiny_gridclip.pth"),
+        "--output",
+        str(out),
+        "--vocabulary",
+        ",".join(VOCABULARY),
+        "--benchmark",
+        "2",
+    ]
+    report = export.main(argv + [str(v) for v in model_opts(assets)])
+    assert sorted(report["files"]) == ["onnx", "pt2"]
+    for name in ("pt2", "onnx"):
+        check = report["check"][name]
+        assert check["count_diff"] == 0 and check["class_mismatches"] == 0, check
+        assert check["max_box_diff"] <= BOX_TOL and check["max_score_diff"] <= SCORE_TOL, check
+        assert report["ms_per_image"][name]["cpu_ms"] > 0
+    settings = json.loads((out / "export.json").read_text())
+    assert settings["class_names"] == VOCABULARY and settings["canvas_hw"] == [96, 96]
+    session = export.onnx_session(str(out / "gridclip.onnx"), threads=1)
+    for image in images():
+        assert_same(export.run_eager(predictor, image), export.run_onnx(session, image, settings))
+
+
+def test_vocabulary_is_baked_in(built):
+    """The export carries the vocabulary it was given, not the checkpoint's K classes."""
+    predictor, wrapper, settings, _ = built
+    assert settings["class_names"] == VOCABULARY
+    assert wrapper.model.text_embeddings.shape == (len(VOCABULARY), D)
+    json.dumps(settings)  # export.json is plain JSON
+
+
+def test_preprocess_refuses_images_larger_than_the_canvas(built):
+    settings = built[2]
+    with pytest.raises(ValueError, match=r"larger than the exported canvas 96x96.*--canvas"):
+        export.preprocess(np.zeros((60, 120, 3), np.uint8), settings)  # -> 64 x 128
+    with pytest.raises(ValueError, match="uint8 BGR"):
+        export.preprocess(np.zeros((60, 120), np.uint8), settings)
+
+
+def test_vild_is_not_exported(assets):
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(TypeError, match="only GridCLIP exports"):
+        export.ExportableGridCLIP(model, (96, 96))
+
+
+def test_onnx_without_the_optional_extras_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "_importable", lambda module: module != "onnxruntime")
+    with pytest.raises(SystemExit, match=r"needs onnxruntime .*setup_env.sh --export.*pt2"):
+        export.main(["--output", str(tmp_path)])
