@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, help="main vocabulary size (default 1203, LVIS)")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="main test image")
     p.add_argument("--train-size", nargs=2, type=int, metavar=("H", "W"), help="training image")
+    p.add_argument(
+        "--batch-sizes", nargs="*", type=int, help="throughput suite: batch sizes (empty: none)"
+    )
+    p.add_argument("--batch-models", nargs="*", choices=list(INFERENCE_MODELS))
+    p.add_argument("--batch-iters", type=int, help="timed runs per batch size (throughput)")
     p.add_argument("--iters", type=int, help="timed inference runs per point (median)")
     p.add_argument("--warmup", type=int, help="warm-up inference runs per point")
     p.add_argument("--train-iters", type=int, help="timed training iterations per variant")
@@ -113,12 +118,15 @@ def settings_from_args(args):
         ("iters", args.iters),
         ("warmup", args.warmup),
         ("train_iters", args.train_iters),
+        ("batch_sizes", args.batch_sizes),
+        ("batch_models", args.batch_models),
+        ("batch_iters", args.batch_iters),
     ):
         if value is not None:
             overrides[name] = value
     if args.models is not None:
         # Sweeps only cover requested models unless given explicitly.
-        for sweep in ("vocab_models", "resolution_models"):
+        for sweep in ("vocab_models", "resolution_models", "batch_models"):
             if getattr(args, sweep) is None:
                 overrides[sweep] = [m for m in getattr(settings, sweep) if m in args.models]
     if args.no_flops:
@@ -139,9 +147,11 @@ def settings_from_args(args):
             f"--profile-train {' '.join(not_trained)}: not among the training variants run "
             f"({'--no-train' if args.no_train else ' '.join(train_models)})"
         )
-    for name in ("iters", "train_iters"):
+    for name in ("iters", "train_iters", "batch_iters"):
         if name in overrides and overrides[name] < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if any(b < 1 for b in overrides.get("batch_sizes", ())):
+        raise SystemExit(f"--batch-sizes must be >= 1, got {overrides['batch_sizes']}")
     return type(settings)(**{**settings.__dict__, **overrides})
 
 
