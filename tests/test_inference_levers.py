@@ -199,7 +199,7 @@ def _objectness_model(assets, k=0, weight=1.0, **kw):
 
 def test_objectness_loss_on_a_hand_built_case(assets):
     model = _objectness_model(assets)
-    num_classes, a = 3, 2  # 3 trained classes (background = 3), 2 anchors per location
+    num_classes = 3  # 3 trained classes (background = 3), 2 anchors per location
     # 4 locations: positive (one anchor of class 1), negative (all background),
     # ignored (an ignored anchor and a background one), positive (class 0 + ignored)
     labels = torch.tensor([[3, 1, 3, 3, -1, 3, 0, -1]])

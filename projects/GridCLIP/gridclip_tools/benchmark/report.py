@@ -91,8 +91,11 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_speedup_gridclip_obj_top1000_vs_vild": _ratio(
             t["vild"], t["gridclip_obj_top1000"]
         ),
-        **{
-            f"inference_{m}_over_gridclip": _ratio(t[m], t["gridclip"])
+        "inference_speedup_gridclip_all_locations_vs_vild": _ratio(
+            t["vild"], t["gridclip_all_locations"]
+        ),
+        **{  # the head's share: against the same model with the configs' head, every location
+            f"inference_{m}_over_gridclip_all_locations": _ratio(t[m], t["gridclip_all_locations"])
             for m in ("gridclip_head256x2", "gridclip_head128x4", "gridclip_head128x2")
         },
         "inference_speedup_gridclip_head128x2_vs_vild": _ratio(t["vild"], t["gridclip_head128x2"]),

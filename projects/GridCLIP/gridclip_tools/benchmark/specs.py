@@ -65,7 +65,12 @@ class ModelSpec:
 # takes its channels from its input), so "128 channels" narrows the FPN too, as the embedded
 # world's config (FPN 128, 2 convs per tower) does.
 _HEAD_VARIANTS = {(256, 2): "head256x2", (128, 4): "head128x4", (128, 2): "head128x2"}
-# The trained objectness output ranking the locations for the top-K gate (issue 13).
+# Location gates, explicit so that a variant does not change with the configs' choice:
+# every location scored; the top-1000 per level by the trained objectness output (issue 13).
+_ALL_LOCATIONS = (
+    "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 0.0,
+    "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0,
+)  # fmt: skip
 _OBJECTNESS_TOP1000 = (
     "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 1.0,
     "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000,
@@ -102,14 +107,22 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
         ),
-        # The text product for the 1,000 locations of highest objectness per level only
-        # (MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS; the configs score every location), and a bf16
-        # text product (MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE): docs/BENCHMARKS.md, issue 13.
+        # Issue 13 (docs/BENCHMARKS.md): every location scored, or the text product for the
+        # 1,000 locations per level of highest objectness only (MODEL.GRIDCLIP.
+        # TEST_TOPK_LOCATIONS), ranked by the anchor offsets or by the trained objectness output
+        # (OBJECTNESS_LOSS_WEIGHT); lighter heads; a bf16 text product (TEXT_PRODUCT_DTYPE).
+        ModelSpec(
+            "gridclip_all_locations",
+            "GridCLIP (per-location, every location scored)",
+            "gridclip",
+            opts=_ALL_LOCATIONS,
+        ),
         ModelSpec(
             "gridclip_top1000",
-            "GridCLIP (per-location, top-1000 locations per level scored)",
+            "GridCLIP (per-location, top-1000 locations per level by the anchor offsets)",
             "gridclip",
-            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
+            opts=("MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 0.0)
+            + ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
         ),
         ModelSpec(
             "gridclip_obj_top1000",
@@ -120,9 +133,9 @@ INFERENCE_MODELS = {
         *(
             ModelSpec(
                 f"gridclip_{name}",
-                f"GridCLIP (per-location, head {c} channels x {n} convs)",
+                f"GridCLIP (per-location, head {c} channels x {n} convs, every location)",
                 "gridclip",
-                opts=_head_opts(c, n),
+                opts=_head_opts(c, n) + _ALL_LOCATIONS,
             )
             for (c, n), name in _HEAD_VARIANTS.items()
         ),
