@@ -12,8 +12,16 @@ import torch
 
 from gridclip.clip.loading import clear_clip_memo
 from gridclip_tools.benchmark import cli
-from gridclip_tools.benchmark.assets import BenchmarkAssets, lvis_like_frequencies
-from gridclip_tools.benchmark.measure import estimated_inference_bytes, num_anchor_locations
+from gridclip_tools.benchmark.assets import (
+    BenchmarkAssets,
+    lvis_like_frequencies,
+    synthetic_image,
+)
+from gridclip_tools.benchmark.measure import (
+    Predictor,
+    estimated_inference_bytes,
+    num_anchor_locations,
+)
 from gridclip_tools.benchmark.models import build_benchmark_model, build_cfg
 from gridclip_tools.benchmark.report import compute_ratios
 from gridclip_tools.benchmark.specs import (
@@ -71,10 +79,24 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     assert main["retinanet_80"]["num_classes"] == 80 and main["gridclip"]["num_classes"] == 20
     for r in results["inference"]:
         assert "skipped" not in r, r
+        iters = s["batch_iters"] if r["suite"] == "batch" else s["iters"]
         assert _positive_finite(r["median_ms"]) and _positive_finite(r["mean_ms"]), r
-        assert len(r["times_ms"]) == s["iters"] and all(_positive_finite(t) for t in r["times_ms"])
-        assert _positive_finite(r["cpu_median_ms"]) and len(r["cpu_times_ms"]) == s["iters"], r
+        assert len(r["times_ms"]) == iters and all(_positive_finite(t) for t in r["times_ms"])
+        assert _positive_finite(r["cpu_median_ms"]) and len(r["cpu_times_ms"]) == iters, r
         assert r["peak_memory_mib"] is not None and r["peak_memory_mib"] >= 0
+    # throughput: every batch model at every batch size, per-image times and images/s
+    batch = {
+        (r["model"], r["batch_size"]): r for r in results["inference"] if r["suite"] == "batch"
+    }
+    assert set(batch) == {(m, b) for m in s["batch_models"] for b in s["batch_sizes"]}
+    assert set(s["batch_models"]) == {"gridclip", "vild"} and s["batch_sizes"] == [1, 2]
+    for (m, b), r in batch.items():
+        assert r["images_per_s"] == pytest.approx(b * 1000.0 / r["median_ms"])
+        assert r["cpu_ms_per_image"] == pytest.approx(r["cpu_median_ms"] / b)
+    assert _positive_finite(results["ratios"]["throughput_gridclip_batch2_over_batch1"])
+    # the published-ViLD reference row runs on its own (square) input, shrunk in quick mode
+    assert main["vild_published"]["image_size"] == [128, 128]
+    assert main["gridclip"]["image_size"] == [128, 195]
     vocab = {(r["model"], r["num_classes"]) for r in results["inference"] if r["suite"] == "vocab"}
     assert vocab == {(m, k) for m in s["vocab_models"] for k in (20, 60)}
     sizes = {
@@ -240,6 +262,31 @@ def test_benchmark_models_are_seeded_whatever_was_built_before():
         assets.close()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("key", ["gridclip", "vild"])
+def test_benchmark_batch_predict_equals_one_by_one(key):
+    """The throughput suite's batch forward gives each image the same detections as a
+    batch of one (different images of one size: padding would change the border features)."""
+    settings = quick_settings()
+    assets = BenchmarkAssets(settings.clip_architecture, settings.seed)
+    try:
+        cfg = build_cfg(INFERENCE_MODELS[key], 20, assets, settings)
+        model = build_benchmark_model(cfg, settings.seed).eval()
+    finally:
+        assets.close()
+    predictor = Predictor(model, cfg.INPUT.FORMAT, 96, 200)
+    images = [synthetic_image(96, 146, seed=0), synthetic_image(96, 146, seed=1)]
+    batched = predictor.predict(images)
+    for image, out in zip(images, batched):
+        single = predictor(image)["instances"]
+        out = out["instances"]
+        assert len(single) == len(out) > 0
+        torch.testing.assert_close(
+            out.pred_boxes.tensor, single.pred_boxes.tensor, atol=1e-3, rtol=1e-5
+        )
+        torch.testing.assert_close(out.scores, single.scores, atol=1e-5, rtol=1e-4)
+        assert torch.equal(out.pred_classes, single.pred_classes)
 
 
 def test_bad_options_are_rejected():

@@ -398,6 +398,17 @@ def test_encode_text_embeddings_is_normalised_prompt_mean(tiny):
     torch.testing.assert_close(emb[1], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_encode_text_embeddings_batches_equal_one_forward(tiny):
+    """Bounded-memory batches (a 21k-class vocabulary is embedded batch by batch) give the
+    embeddings of one forward over every prompt, whatever the batch size."""
+    templates = ["a photo of a {}.", "a {} in the scene.", "{}"]
+    names = ["dog", "red ring", "cat", "blue box", "tree", "lamp", "x"]
+    whole = encode_text_embeddings(tiny, names, templates, batch_size=1000, progress=False)
+    for batch_size in (1, 3, 7):  # 1 class per forward (batch < templates), 1, 2 classes
+        batched = encode_text_embeddings(tiny, names, templates, batch_size, progress=False)
+        torch.testing.assert_close(batched, whole, atol=1e-5, rtol=1e-5)
+
+
 class CountingLoader:
     def __init__(self, model):
         self.model, self.calls = model, 0

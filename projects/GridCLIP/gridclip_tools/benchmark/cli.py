@@ -78,6 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=positive_int, help="timed inference runs per point (median)")
     p.add_argument("--warmup", type=non_negative_int, help="warm-up inference runs per point")
     p.add_argument("--train-iters", type=positive_int, help="timed training iterations per variant")
+    p.add_argument(
+        "--batch-sizes",
+        nargs="*",
+        type=positive_int,
+        help="throughput suite: batch sizes (empty: none)",
+    )
+    p.add_argument("--batch-models", nargs="*", choices=list(INFERENCE_MODELS))
+    p.add_argument(
+        "--batch-iters", type=positive_int, help="timed runs per batch size (throughput)"
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument(
         "--profile",
@@ -125,12 +135,15 @@ def settings_from_args(args):
         ("iters", args.iters),
         ("warmup", args.warmup),
         ("train_iters", args.train_iters),
+        ("batch_sizes", args.batch_sizes),
+        ("batch_models", args.batch_models),
+        ("batch_iters", args.batch_iters),
     ):
         if value is not None:
             overrides[name] = value
     if args.models is not None:
         # Sweeps only cover requested models unless given explicitly.
-        for sweep in ("vocab_models", "resolution_models"):
+        for sweep in ("vocab_models", "resolution_models", "batch_models"):
             if getattr(args, sweep) is None:
                 overrides[sweep] = [m for m in getattr(settings, sweep) if m in args.models]
     if args.no_flops:
@@ -151,9 +164,11 @@ def settings_from_args(args):
             f"--profile-train {' '.join(not_trained)}: not among the training variants run "
             f"({'--no-train' if args.no_train else ' '.join(train_models)})"
         )
-    for name in ("iters", "train_iters"):
+    for name in ("iters", "train_iters", "batch_iters"):
         if name in overrides and overrides[name] < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if any(b < 1 for b in overrides.get("batch_sizes", ())):
+        raise SystemExit(f"--batch-sizes must be >= 1, got {overrides['batch_sizes']}")
     return type(settings)(**{**settings.__dict__, **overrides})
 
 

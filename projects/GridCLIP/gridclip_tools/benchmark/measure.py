@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -147,13 +147,20 @@ class Predictor:
         self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
 
     def __call__(self, image: np.ndarray) -> Dict:
-        with torch.no_grad():
+        return self.predict([image])[0]
+
+    def predict(self, images: List[np.ndarray]) -> List[Dict]:
+        """Several images in one forward (one batch; the model pads them to one size)."""
+        inputs = []
+        for image in images:
             if self.input_format == "RGB":
                 image = image[:, :, ::-1]
             height, width = image.shape[:2]
             resized = self.aug.get_transform(image).apply_image(image)
             tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
+            inputs.append({"image": tensor, "height": height, "width": width})
+        with torch.no_grad():
+            return self.model(inputs)
 
 
 def sync_device(device: torch.device) -> None:
@@ -168,9 +175,12 @@ class InferenceJob:
     times); :meth:`record` turns the timing into a results record.
     """
 
-    def __init__(self, predictor: "Predictor", image: np.ndarray, device: torch.device):
+    def __init__(
+        self, predictor: "Predictor", image: np.ndarray, device: torch.device, batch_size: int = 1
+    ):
         self.predictor = predictor
         self.image = image
+        self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self.output: Optional[Dict] = None
         self.peak_mib = 0.0
@@ -178,11 +188,24 @@ class InferenceJob:
 
     def __call__(self) -> None:
         with PeakMemory(self.device) as memory:
-            self.output = self.predictor(self.image)
+            if self.batch_size == 1:
+                self.output = self.predictor(self.image)
+            else:
+                self.output = self.predictor.predict([self.image] * self.batch_size)[0]
         self.peak_mib = max(self.peak_mib, memory.peak_mib or 0.0)
         self.memory_method = memory.method
 
     def record(self, timing: Dict, warmup: int) -> Dict:
+        b = self.batch_size  # times are per forward (batch); per image below
+        batch = {
+            "batch_size": b,
+            "ms_per_image": 1000.0 * timing["median_s"] / b,
+            "cpu_ms_per_image": 1000.0 * timing["cpu_median_s"] / b,
+            "images_per_s": b / timing["median_s"] if timing["median_s"] > 0 else None,
+            "cpu_images_per_s": (
+                b / timing["cpu_median_s"] if timing["cpu_median_s"] > 0 else None
+            ),
+        }
         return {
             "median_ms": 1000.0 * timing["median_s"],
             "cpu_median_ms": 1000.0 * timing["cpu_median_s"],
@@ -194,15 +217,19 @@ class InferenceJob:
             "num_detections": len(self.output["instances"]) if self.output else None,
             "peak_memory_mib": self.peak_mib,
             "memory_method": self.memory_method,
+            **batch,
         }
 
 
-def inference_job(model, cfg, image: np.ndarray, max_size: int) -> InferenceJob:
-    """A job running ``model`` (eval mode) on ``image`` resized to its own short side."""
+def inference_job(
+    model, cfg, image: np.ndarray, max_size: int, batch_size: int = 1
+) -> InferenceJob:
+    """A job running ``model`` (eval mode) on ``image`` resized to its own short side
+    (``batch_size`` copies of it in one forward when > 1)."""
     h, w = image.shape[:2]
     model.eval()
     predictor = Predictor(model, cfg.INPUT.FORMAT, min(h, w), max_size)
-    return InferenceJob(predictor, image, next(model.parameters()).device)
+    return InferenceJob(predictor, image, next(model.parameters()).device, batch_size)
 
 
 def measure_interleaved(jobs: Dict, settings: BenchmarkSettings, progress: Callable) -> Dict:

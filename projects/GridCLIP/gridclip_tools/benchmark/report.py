@@ -51,6 +51,15 @@ def _point(records, model, num_classes, size, suite="main", field="median_ms"):
     return None
 
 
+def _batch_ms(records, model, batch_size, field="median_ms"):
+    """ms per image of ``model`` at ``batch_size`` in the throughput suite."""
+    per_image = "ms_per_image" if field == "median_ms" else "cpu_ms_per_image"
+    for r in records:
+        if r["suite"] == "batch" and r["model"] == model and r.get("batch_size") == batch_size:
+            return r.get(per_image)
+    return None
+
+
 def _ratio(a, b):
     return a / b if (a is not None and b is not None and b > 0) else None
 
@@ -79,6 +88,22 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_gridclip_top1000_over_gridclip": _ratio(t["gridclip_top1000"], t["gridclip"]),
         "inference_speedup_gridclip_top1000_vs_vild": _ratio(t["vild"], t["gridclip_top1000"]),
         "inference_gridclip_bf16_over_gridclip": _ratio(t["gridclip_bf16"], t["gridclip"]),
+        "inference_speedup_gridclip_obj_top1000_vs_vild": _ratio(
+            t["vild"], t["gridclip_obj_top1000"]
+        ),
+        "inference_speedup_gridclip_all_locations_vs_vild": _ratio(
+            t["vild"], t["gridclip_all_locations"]
+        ),
+        **{  # the head's share: against the same model with the configs' head, every location
+            f"inference_{m}_over_gridclip_all_locations": _ratio(t[m], t["gridclip_all_locations"])
+            for m in ("gridclip_head256x2", "gridclip_head128x4", "gridclip_head128x2")
+        },
+        "inference_speedup_gridclip_head128x2_vs_vild": _ratio(t["vild"], t["gridclip_head128x2"]),
+        "inference_speedup_gridclip_head128x2_obj_top1000_vs_vild": _ratio(
+            t["vild"], t["gridclip_head128x2_obj_top1000"]
+        ),
+        # a reference row (its own input, 1024x1024), never the same-trunk comparison
+        "inference_speedup_gridclip_vs_vild_published": _ratio(t["vild_published"], t["gridclip"]),
         "inference_gridclip_no_dense_clip_over_retinanet_80": _ratio(
             t["gridclip_no_dense_clip"], t["retinanet_80"]
         ),
@@ -88,6 +113,18 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         ratios["gflops_vild_over_gridclip"] = _ratio(flops.get("vild"), flops.get("gridclip"))
         ratios["gflops_gridclip_over_retinanet_80"] = _ratio(
             flops.get("gridclip"), flops.get("retinanet_80")
+        )
+    for m in s.get("batch_models", ()):
+        batch = sorted(set(s.get("batch_sizes", ())))
+        if len(batch) > 1:
+            per = {b: _batch_ms(inf, m, b, field) for b in batch}
+            ratios[f"throughput_{m}_batch{batch[-1]}_over_batch{batch[0]}"] = _ratio(
+                per[batch[0]], per[batch[-1]]
+            )
+    if {"gridclip", "vild"} <= set(s.get("batch_models", ())) and s.get("batch_sizes"):
+        b = max(s["batch_sizes"])
+        ratios[f"throughput_gridclip_over_vild_batch{b}"] = _ratio(
+            _batch_ms(inf, "vild", b, field), _batch_ms(inf, "gridclip", b, field)
         )
     vocab = sorted(set(s["vocab_sizes"]))
     if len(vocab) > 1:
@@ -200,6 +237,21 @@ def markdown_report(results: Dict) -> str:
             f"{_fmt(r.get('peak_memory_mib'), 0)} | {_fmt(c.get('gflops'))} | "
             f"{_fmt(c['params'] / 1e6, 1) if 'params' in c else '–'} |"
         )
+    batch = [r for r in results["inference"] if r["suite"] == "batch"]
+    if batch:
+        lines += [
+            "",
+            "## Throughput (one forward of N copies of the main image)",
+            "",
+            "| model | batch | images/s (wall) | images/s (CPU) | CPU ms/img | peak mem MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in batch:
+            lines.append(
+                f"| {r['label']} | {r['batch_size']} | {_fmt(r.get('images_per_s'), 3)} | "
+                f"{_fmt(r.get('cpu_images_per_s'), 3)} | {_fmt(r.get('cpu_ms_per_image'))} | "
+                f"{_fmt(r.get('peak_memory_mib'), 0)} |"
+            )
     lines += _scaling_table(
         results, "vocab", "num_classes", "Vocabulary scaling (wall ms/img (CPU ms/img))"
     )

@@ -46,7 +46,9 @@ class ModelSpec:
     family: ``gridclip``, ``vild`` or ``retinanet``; ensemble: ViLD's variant;
     fixed_classes: a class count that does not follow the vocabulary (RetinaNet-80);
     teacher: for training, ``online``, ``cache`` or None (no teacher);
-    opts: config options (KEY, VALUE, ...) of this variant, applied after the family's config.
+    opts: config options (KEY, VALUE, ...) of this variant, applied after the family's config;
+    image_size: (H, W) of this model's own test image in the main suite (a reference setting,
+    e.g. ViLD as published), else the run's ``image_size``.
     """
 
     key: str
@@ -56,6 +58,27 @@ class ModelSpec:
     fixed_classes: Optional[int] = None
     teacher: Optional[str] = None
     opts: Tuple = ()
+    image_size: Optional[Tuple[int, int]] = None
+
+
+# Lighter dense heads at LVIS size (issue 13): the towers' width is the FPN's (RetinaNet's head
+# takes its channels from its input), so "128 channels" narrows the FPN too, as the embedded
+# world's config (FPN 128, 2 convs per tower) does.
+_HEAD_VARIANTS = {(256, 2): "head256x2", (128, 4): "head128x4", (128, 2): "head128x2"}
+# Location gates, explicit so that a variant does not change with the configs' choice:
+# every location scored; the top-1000 per level by the trained objectness output (issue 13).
+_ALL_LOCATIONS = (
+    "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 0.0,
+    "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0,
+)  # fmt: skip
+_OBJECTNESS_TOP1000 = (
+    "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 1.0,
+    "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000,
+)  # fmt: skip
+
+
+def _head_opts(channels: int, convs: int) -> Tuple:
+    return ("MODEL.FPN.OUT_CHANNELS", channels, "MODEL.RETINANET.NUM_CONVS", convs)
 
 
 INFERENCE_MODELS = {
@@ -84,14 +107,43 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=("MODEL.GRIDCLIP.DENSE_CLIP", False),
         ),
-        # The text product for the 1,000 locations of highest objectness per level only
-        # (MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS; the configs score every location), and a bf16
-        # text product (MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE): docs/BENCHMARKS.md, issue 13.
+        # Issue 13 (docs/BENCHMARKS.md): every location scored, or the text product for the
+        # 1,000 locations per level of highest objectness only (MODEL.GRIDCLIP.
+        # TEST_TOPK_LOCATIONS), ranked by the anchor offsets or by the trained objectness output
+        # (OBJECTNESS_LOSS_WEIGHT); lighter heads; a bf16 text product (TEXT_PRODUCT_DTYPE).
+        ModelSpec(
+            "gridclip_all_locations",
+            "GridCLIP (per-location, every location scored)",
+            "gridclip",
+            opts=_ALL_LOCATIONS,
+        ),
         ModelSpec(
             "gridclip_top1000",
-            "GridCLIP (per-location, top-1000 locations per level scored)",
+            "GridCLIP (per-location, top-1000 locations per level by the anchor offsets)",
             "gridclip",
-            opts=("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
+            opts=("MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", 0.0)
+            + ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000),
+        ),
+        ModelSpec(
+            "gridclip_obj_top1000",
+            "GridCLIP (per-location, top-1000 locations per level by the trained objectness)",
+            "gridclip",
+            opts=_OBJECTNESS_TOP1000,
+        ),
+        *(
+            ModelSpec(
+                f"gridclip_{name}",
+                f"GridCLIP (per-location, head {c} channels x {n} convs, every location)",
+                "gridclip",
+                opts=_head_opts(c, n) + _ALL_LOCATIONS,
+            )
+            for (c, n), name in _HEAD_VARIANTS.items()
+        ),
+        ModelSpec(
+            "gridclip_head128x2_obj_top1000",
+            "GridCLIP (head 128 channels x 2 convs, top-1000 locations by the trained objectness)",
+            "gridclip",
+            opts=_head_opts(128, 2) + _OBJECTNESS_TOP1000,
         ),
         ModelSpec(
             "gridclip_bf16",
@@ -101,6 +153,22 @@ INFERENCE_MODELS = {
         ),
         ModelSpec("vild", "ViLD", "vild"),
         ModelSpec("vild_ensemble", "ViLD (ensemble)", "vild", ensemble=True),
+        # A reference row, never the same-trunk comparison: ViLD as its paper runs it, a
+        # 4conv1fc box head (BN; the paper's Mask R-CNN head), 1024x1024 input, text + image
+        # heads (the ensemble) at inference. Same CLIP RN50 trunk and FPN as "vild".
+        ModelSpec(
+            "vild_published",
+            "ViLD as published (4conv1fc box head, 1024x1024, text + image heads): reference",
+            "vild",
+            ensemble=True,
+            opts=(
+                "MODEL.ROI_BOX_HEAD.NUM_CONV", 4,
+                "MODEL.ROI_BOX_HEAD.CONV_DIM", 256,
+                "MODEL.ROI_BOX_HEAD.NUM_FC", 1,
+                "MODEL.ROI_BOX_HEAD.NORM", "BN",
+            ),  # fmt: skip
+            image_size=(1024, 1024),
+        ),
         ModelSpec("retinanet_80", "RetinaNet (80 classes)", "retinanet", fixed_classes=80),
         ModelSpec("retinanet", "RetinaNet", "retinanet"),
     )
@@ -151,6 +219,11 @@ class BenchmarkSettings:
     vild_warmup_proposals: int = 16  # distilled proposals in ViLD-online warm-up iterations
     quick: bool = False
     seed: int = 0
+    # Throughput suite: images/s of these models at these batch sizes (the same image N times
+    # in one forward), interleaved; timed runs per batch size after one batch-1 warm-up.
+    batch_sizes: Sequence[int] = (1, 8)
+    batch_models: Sequence[str] = ("gridclip", "vild")
+    batch_iters: int = 1
 
 
 QUICK_OPTS = (
@@ -187,6 +260,7 @@ def quick_settings(**overrides) -> BenchmarkSettings:
         clip_architecture=TINY_ARCHITECTURE,
         opts=QUICK_OPTS,
         vild_warmup_proposals=4,
+        batch_sizes=(1, 2),
         quick=True,
     )
     return dataclasses.replace(settings, **overrides)

@@ -145,21 +145,29 @@ def run_inference_suites(
     main_image = synthetic_image(*main_size, seed=settings.seed)
     main_k = settings.num_classes
     built, jobs = {}, {}
-    for key in _ordered(settings.models, settings.vocab_models, settings.resolution_models):
+    groups = (settings.models, settings.vocab_models, settings.resolution_models)
+    for key in _ordered(*groups, settings.batch_models):
         spec = INFERENCE_MODELS[key]
         progress(f"building {spec.label} ({spec.fixed_classes or main_k} classes)")
         cfg = build_cfg(spec, main_k, assets, settings)
         model = build_benchmark_model(cfg, settings.seed)
-        reason = _skip_reason(spec, main_k, main_size, settings, model.device)
+        size, image = main_size, main_image
+        if spec.image_size is not None:  # a reference setting with its own input
+            size = _own_size(spec, settings)
+            image = synthetic_image(*size, seed=settings.seed)
+        reason = _skip_reason(spec, main_k, size, settings, model.device)
         if reason:
-            records.append(_record("main", spec, main_k, main_size, skipped=reason))
+            records.append(_record("main", spec, main_k, size, skipped=reason))
             continue
         built[key] = (spec, cfg, model)
-        jobs[key] = inference_job(model, cfg, main_image, settings.max_size)
+        jobs[key] = inference_job(model, cfg, image, settings.max_size)
     progress(f"inference at {main_size[0]}x{main_size[1]}, {main_k} classes")
     for key, rec in measure_interleaved(jobs, settings, progress).items():
-        records.append(_record("main", built[key][0], main_k, main_size, **rec))
+        size = _own_size(built[key][0], settings) if built[key][0].image_size else main_size
+        records.append(_record("main", built[key][0], main_k, size, **rec))
     del jobs
+    checkpoint()
+    records += _batch_suite(built, main_image, settings, progress)
     checkpoint()
 
     for key in [k for k in built if k in settings.models]:
@@ -190,6 +198,44 @@ def run_inference_suites(
                 checkpoint()
         del model
     return records, costs, profiles
+
+
+def _own_size(spec: ModelSpec, settings: BenchmarkSettings) -> Tuple[int, int]:
+    """A spec's own test image size; quick mode (CI) shrinks it to the run's short side."""
+    if settings.quick:
+        short = min(settings.image_size)
+        h, w = spec.image_size
+        return short, int(round(short * w / h))
+    return tuple(spec.image_size)
+
+
+def _batch_suite(built: Dict, image, settings, progress) -> List[Dict]:
+    """Throughput: each of ``settings.batch_models`` at each of ``settings.batch_sizes``
+    (``image`` repeated, one forward per batch), all interleaved. The models were warmed up by
+    the main suite; ``settings.batch_iters`` timed rounds."""
+    keys = [k for k in settings.batch_models if k in built]
+    sizes = sorted(set(settings.batch_sizes))
+    if not keys or not sizes:
+        return []
+    if sizes[0] < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {sizes}")
+    jobs = {}
+    for key in keys:
+        _, cfg, model = built[key]
+        for b in sizes:
+            jobs[(key, b)] = inference_job(model, cfg, image, settings.max_size, batch_size=b)
+    progress(f"throughput of {keys} at batch sizes {sizes}")
+    timings = time_interleaved(
+        jobs,
+        warmup=0,
+        repeats=settings.batch_iters,
+        on_done=lambda name, i, sec: progress(f"    round {i + 1}: {name} {1000 * sec:,.0f} ms"),
+    )
+    size = tuple(image.shape[:2])
+    return [
+        _record("batch", built[key][0], settings.num_classes, size, **jobs[(key, b)].record(t, 0))
+        for (key, b), t in timings.items()
+    ]
 
 
 def _resolution_sweep(spec, cfg, model, settings, progress) -> List[Dict]:
