@@ -126,9 +126,7 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True
     # Image-level alignment (distillation from the frozen CLIP image encoder). 0 disables it.
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT = 1.0
-    # ``l1`` (ViLD's choice, on L2-normalised embeddings), ``cosine`` (1 - cos) or ``class_kl``
-    # (KL between CLIP's zero-shot class distribution of each view and the softmax of each
-    # class's best grid cosine in the view; gridclip/modeling/image_alignment.py).
+    # ``l1`` (ViLD's choice, on L2-normalised embeddings) or ``cosine`` (1 - cos).
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS = "l1"
     # Teacher views: 1 = whole image; 2 = also its 2x2 tiles; ... each view is one CLIP forward.
     # Each view is compared with the mean of the normalised grid embeddings under it (per level,

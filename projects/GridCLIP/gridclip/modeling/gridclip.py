@@ -416,9 +416,7 @@ class GridCLIP(RetinaNet):
         embeddings of the raw input images (:class:`ImageAlignment`)."""
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
-        return self.image_alignment(
-            predictions[0], strides, images.image_sizes, batched_inputs, self.text_embeddings
-        )
+        return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""

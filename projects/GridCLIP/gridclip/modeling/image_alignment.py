@@ -31,16 +31,7 @@ Loss (``MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS``), on L2-normalised student ``s`` / tea
   image distillation (mean over images and tiles, then over grids);
 - ``cosine``: ``1 - cos(s, t)``.
 
-- ``class_kl``: alignment in the space of the vocabulary's classes instead of the embedding
-  space. The teacher's view embedding is classified zero-shot over every class (base and novel)
-  with CLIP's logit scale, ``q = softmax(s_clip * cos(t, text))``; the student's score for a
-  class is its best location in the view, ``m_k = max_loc cos(grid, text_k)`` over every level,
-  and ``p = softmax(LOGIT_SCALE * m)``; the loss is ``KL(q || p)``. A mean of the view's grid
-  embeddings is mostly background; the maximum asks that *some* location of the view scores the
-  classes CLIP sees there, novel ones included (as Detic's image-label loss, with CLIP's soft
-  labels instead of annotated tags). Needs the online teacher (its logit scale).
-
-All are multiplied by ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT``. The ``l1`` loss of unrelated unit
+Both are multiplied by ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT``. The ``l1`` loss of unrelated unit
 vectors is about ``sqrt(4 D / pi)`` (36 for D = 1024): weigh it accordingly.
 """
 
@@ -76,7 +67,7 @@ __all__ = [
     "raw_rgb_image",
 ]
 
-ALIGN_LOSSES = ("l1", "cosine", "class_kl")
+ALIGN_LOSSES = ("l1", "cosine")
 
 
 def raw_rgb_image(image: torch.Tensor, input_format: str) -> torch.Tensor:
@@ -139,36 +130,6 @@ def pool_grid_embeddings(
     return [torch.stack(p) for p in pooled]
 
 
-def class_max_cosines(
-    grid_embeddings: Sequence[torch.Tensor],
-    strides: Sequence[int],
-    image_sizes: Sequence[Tuple[int, int]],
-    grids: Sequence[int],
-    embed_dim: int,
-    text_embeddings: torch.Tensor,
-) -> List[torch.Tensor]:
-    """Per view and class, the best cosine of any location under the view (every level).
-
-    Args:
-        text_embeddings: (K, D) L2-normalised.
-    Returns:
-        list over grids of (N, g*g, K), tiles in row-major order.
-    """
-    text = text_embeddings.float()
-    pooled = [[] for _ in grids]
-    for i, (h, w) in enumerate(image_sizes):
-        per_grid: List[Optional[torch.Tensor]] = [None for _ in grids]
-        for x, stride in zip(grid_embeddings, strides):
-            emb = valid_embeddings(x, i, stride, h, w, embed_dim)  # (G, D, h_l, w_l)
-            cos = torch.einsum("gdhw,kd->gkhw", emb, text).amax(dim=0)  # (K, h_l, w_l)
-            for j, g in enumerate(grids):
-                best = F.adaptive_max_pool2d(cos, (g, g)).flatten(1).t()  # (g*g, K)
-                per_grid[j] = best if per_grid[j] is None else torch.maximum(per_grid[j], best)
-        for j in range(len(grids)):
-            pooled[j].append(per_grid[j])
-    return [torch.stack(p) for p in pooled]
-
-
 def mirror_tiles(tiles: torch.Tensor, g: int) -> torch.Tensor:
     """(..., g*g, D) row-major tiles -> the tiles of the horizontally flipped image."""
     shape = tiles.shape
@@ -195,7 +156,6 @@ class ImageAlignment(nn.Module):
         teacher_factory: Optional[Callable[[], nn.Module]] = None,
         teacher_cache: Optional[TeacherEmbeddingCache] = None,
         input_format: str = "RGB",
-        student_logit_scale: float = 20.0,
     ):
         """
         Args:
@@ -208,8 +168,6 @@ class ImageAlignment(nn.Module):
                 which never needs it, never loads it).
             teacher_cache: a :class:`TeacherEmbeddingCache`; used instead of the teacher.
             input_format: ``INPUT.FORMAT`` of the raw input images (RGB or BGR).
-            student_logit_scale: ``class_kl``: the scale of the student's class cosines
-                (``MODEL.GRIDCLIP.LOGIT_SCALE``, the detector's own).
         """
         super().__init__()
         assert weight > 0, f"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT must be > 0 here, got {weight}"
@@ -227,12 +185,6 @@ class ImageAlignment(nn.Module):
                 f"image alignment feeds raw images to CLIP and needs INPUT.FORMAT RGB or BGR, "
                 f"got {input_format!r}"
             )
-        if loss_type == "class_kl" and teacher_cache is not None:
-            raise ValueError(
-                "MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS 'class_kl' classifies the teacher's views with "
-                "CLIP's logit scale and needs the online teacher: leave "
-                "MODEL.GRIDCLIP.TEACHER_CACHE empty"
-            )
         if teacher_cache is None and teacher is None and teacher_factory is None:
             raise ValueError("image alignment needs a teacher, a teacher factory or a cache")
         if teacher_cache is not None:
@@ -246,7 +198,6 @@ class ImageAlignment(nn.Module):
         self.loss_type = loss_type
         self.grids = grids
         self.input_format = input_format
-        self.student_logit_scale = float(student_logit_scale)
         # A plain object, not a submodule: never in the state_dict, never given to the
         # optimizer, never wrapped by DDP.
         self.teacher_holder = TeacherHolder(
@@ -263,7 +214,6 @@ class ImageAlignment(nn.Module):
             "loss_type": g.IMAGE_ALIGN_LOSS,
             "grids": list(g.IMAGE_ALIGN_GRIDS),
             "input_format": cfg.INPUT.FORMAT,
-            "student_logit_scale": g.LOGIT_SCALE,
         }
         if g.TEACHER_CACHE:
             # the cache must come from the model's CLIP, teacher input size and training data
@@ -340,20 +290,6 @@ class ImageAlignment(nn.Module):
             losses.append(per_image.mean())
         return torch.stack(losses).mean()
 
-    def class_kl_loss(self, grid_embeddings, strides, image_sizes, teacher, text_embeddings):
-        """``KL(q || p)`` per view (module doc), mean over views, images and grids."""
-        text = F.normalize(text_embeddings.float(), dim=-1).to(teacher[0].device)
-        student = class_max_cosines(
-            grid_embeddings, strides, image_sizes, self.grids, self.embed_dim, text
-        )
-        scale = float(self.teacher_holder.get().logit_scale)
-        losses = []
-        for s, t in zip(student, teacher):
-            log_q = torch.log_softmax(scale * t @ text.t(), dim=-1)  # (N, g*g, K)
-            log_p = torch.log_softmax(self.student_logit_scale * s, dim=-1)
-            losses.append((log_q.exp() * (log_q - log_p)).sum(dim=-1).mean())
-        return torch.stack(losses).mean()
-
     def _per_tile_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.loss_type == "l1":
             return (s - t).abs().sum(dim=-1)
@@ -365,7 +301,6 @@ class ImageAlignment(nn.Module):
         strides: Sequence[int],
         image_sizes: Sequence[Tuple[int, int]],
         batched_inputs: List[Dict],
-        text_embeddings: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -373,8 +308,6 @@ class ImageAlignment(nn.Module):
             strides: per level stride; image_sizes: per image (h, w) before padding.
             batched_inputs: the detector's inputs (``image``: (3, H, W) 0-255 in INPUT.FORMAT;
                 ``image_id`` / ``file_name`` for the cache).
-            text_embeddings: (K, D) normalised text embeddings of the whole vocabulary (base
-                and novel); needed by ``class_kl``.
         Returns:
             {"loss_image_align": scalar}.
         """
@@ -382,12 +315,6 @@ class ImageAlignment(nn.Module):
         device = grid_embeddings[0].device
         with torch.autocast(device_type=device.type, enabled=False):
             teacher = self.teacher_embeddings(batched_inputs, device)
-            if self.loss_type == "class_kl":
-                assert text_embeddings is not None, "class_kl needs the text embeddings"
-                loss = self.class_kl_loss(
-                    grid_embeddings, strides, image_sizes, teacher, text_embeddings
-                )
-                return {"loss_image_align": loss * self.weight}
             student = pool_grid_embeddings(
                 grid_embeddings, strides, image_sizes, self.grids, self.embed_dim
             )
