@@ -75,6 +75,7 @@ from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
+from .pairs_alignment import PairsAlignment, build_pairs_alignment
 from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class GridCLIP(RetinaNet):
         dense_clip: Optional[DenseCLIPProjection] = None,
         dense_clip_weight: float = 1.0,
         test_topk_locations: int = 0,
+        pairs_alignment: Optional[PairsAlignment] = None,
         **kwargs,
     ):
         """
@@ -142,11 +144,14 @@ class GridCLIP(RetinaNet):
             test_topk_locations: at inference, score at most this many locations per level and
                 image, those of highest objectness (module doc); 0 = every location. Needs the
                 anchor offsets (per-location head with ``anchor_offset``).
+            pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
+                ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
         super().__init__(head=head, num_classes=head.num_classes, **kwargs)
         self.image_alignment = image_alignment
+        self.pairs_alignment = pairs_alignment
         self.dense_clip = dense_clip
         if dense_clip is not None:
             shapes = self.backbone.output_shape()
@@ -199,6 +204,7 @@ class GridCLIP(RetinaNet):
             ),
             "dense_clip_weight": cfg.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT,
             "test_topk_locations": cfg.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS,
+            "pairs_alignment": build_pairs_alignment(cfg),
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -296,6 +302,12 @@ class GridCLIP(RetinaNet):
         features = [backbone_features[f] for f in self.head_in_features]
         predictions = self.predict(features, backbone_features.get("res5"))
 
+        if (
+            self.training
+            and "instances" not in batched_inputs[0]
+            and "phrases" in batched_inputs[0]
+        ):
+            return self.pairs_losses(images, predictions, batched_inputs)  # image-text pairs
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
@@ -324,6 +336,27 @@ class GridCLIP(RetinaNet):
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
         return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
+
+    def pairs_losses(
+        self, images: ImageList, predictions: List, batched_inputs: List[Dict]
+    ) -> Dict[str, Tensor]:
+        """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
+        alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
+        pair images train no box, focal or image-alignment loss."""
+        if self.pairs_alignment is None:
+            raise ValueError(
+                "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
+                "needs MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0 and DATASETS.PAIRS_TRAIN"
+            )
+        shapes = self.backbone.output_shape()
+        strides = [shapes[f].stride for f in self.head_in_features]
+        scale = float(self.head.classifier.logit_scale)
+        losses = self.pairs_alignment(
+            predictions[0], strides, images.image_sizes, batched_inputs, scale
+        )
+        # Detectron2 logs a lone loss term only as total_loss: name it in the metrics too
+        get_event_storage().put_scalar("pairs_loss", float(losses["loss_pairs"]))
+        return losses
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""
