@@ -7,7 +7,8 @@ otherwise (DetCLIPv2 alternates the two sources). Pair images are resized to
 ``PAIRS_IMS_PER_BATCH``; the model trains only the phrase-to-grid alignment loss on them
 (:meth:`gridclip.modeling.GridCLIP.pairs_losses`). A pair iteration is an iteration of
 ``SOLVER.MAX_ITER`` (same learning-rate schedule). Multi-process training: the box tower gets
-no gradient on pair iterations, so DDP needs ``find_unused_parameters`` there.
+no gradient on pair iterations, so DDP needs ``find_unused_parameters`` there. A resumed run
+restarts the alternation's phase at its first iteration (the same share of pair iterations).
 """
 
 from __future__ import annotations

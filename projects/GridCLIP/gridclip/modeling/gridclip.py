@@ -112,6 +112,8 @@ class GridCLIP(RetinaNet):
 
     Extra training loss: ``loss_image_align`` (image-level alignment with a CLIP teacher) when
     ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT > 0``. Use :meth:`set_vocabulary` to detect other classes.
+    A training batch of image-text pairs (inputs with ``phrases``, no ``instances``) trains only
+    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``).
     """
 
     @configurable
