@@ -214,6 +214,22 @@ def test_phrase_grid_scores_and_loss_hand_built():
     assert g[0, 0, 0] == 0 and g[0, 1, 1] == 0 and g[1, 0, 1] == 0 and g[1, 1, 0] == 0
 
 
+def test_objectness_selects_the_location_and_only_it_gets_gradients():
+    grid = _hand_built()
+    objectness = torch.zeros(2, 1, 2, 2)
+    objectness[0, 0, 0, 0] = 100.0  # image 0: location (0, 0) outranks every other
+    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
+    # image 0 reports both phrases at (0, 0): cos -1 with e0, 0 with e1; image 1 as before
+    torch.testing.assert_close(scores, torch.tensor([[-1.0, 0.0], [0.5, 0.9]]), atol=1e-6, rtol=0)
+    scores[0].sum().backward()
+    g = grid.grad.abs().sum(dim=1)
+    assert g[0, 0, 0] > 0 and g[0].sum() == g[0, 0, 0] and g[1].sum() == 0
+    # a small bonus does not beat a better cosine: (0, 1) has cos 0.8 vs -1 for e0
+    objectness[0, 0, 0, 0] = 5.0
+    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
+    assert scores[0, 0].item() == pytest.approx(0.8)
+
+
 def test_loss_ignores_padding_and_handles_no_negatives():
     grid = torch.zeros(1, 2, 2, 2)
     grid[0, :, 0, 0] = torch.tensor([0.0, 1.0])

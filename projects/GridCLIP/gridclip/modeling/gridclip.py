@@ -354,7 +354,7 @@ class GridCLIP(RetinaNet):
         strides = [shapes[f].stride for f in self.head_in_features]
         scale = float(self.head.classifier.logit_scale)
         losses = self.pairs_alignment(
-            predictions[0], strides, images.image_sizes, batched_inputs, scale
+            predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
         )
         # Detectron2 logs a lone loss term only as total_loss: name it in the metrics too
         get_event_storage().put_scalar("pairs_loss", float(losses["loss_pairs"]))
