@@ -112,7 +112,12 @@ def test_lvis_format_is_valid(tiny_world):
 def test_novel_objects_in_train_removed_by_base_only_registration(tiny_world):
     root, _ = tiny_world
     names = register_world(root, prefix="test_world_tiny")
-    assert names == ["test_world_tiny_train", "test_world_tiny_train_full", "test_world_tiny_val"]
+    assert names == [
+        "test_world_tiny_train",
+        "test_world_tiny_train_full",
+        "test_world_tiny_val",
+        "test_world_tiny_pairs",
+    ]
     assert register_world(root, prefix="test_world_tiny") == names  # idempotent
     meta = MetadataCatalog.get("test_world_tiny_train")
     novel = {i for i, f in enumerate(meta.class_frequencies) if f == "r"}

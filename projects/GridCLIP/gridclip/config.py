@@ -134,6 +134,20 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS = [1]
     # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
     _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
+    # Image-text pairs (captions, no boxes; gridclip/modeling/pairs_alignment.py): weight of the
+    # phrase-to-grid alignment loss on DATASETS.PAIRS_TRAIN batches. 0 = off (no pair batches).
+    _C.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT = 0.0
+    # Every PAIRS_PERIOD-th iteration trains on a batch of pairs instead of boxes (2: alternate,
+    # as DetCLIPv2 does); a pair iteration counts as an iteration of SOLVER.MAX_ITER.
+    _C.MODEL.GRIDCLIP.PAIRS_PERIOD = 2
+    # Images per pair batch (all GPUs together); 0 = SOLVER.IMS_PER_BATCH.
+    _C.MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH = 0
+    # Shorter side of pair images in training (DetCLIPv2 trains pairs at a lower resolution);
+    # 0 = INPUT.MIN_SIZE_TRAIN. The longer side is capped by INPUT.MAX_SIZE_TRAIN.
+    _C.MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN = 0
+    # Image-text pair datasets (COCO-captions-style, gridclip.data.captions), e.g.
+    # ("gridclip_world_pairs",); used when MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0.
+    _C.DATASETS.PAIRS_TRAIN = ()
 
     # --------------------------------------------------------------------- ViLD-like baseline
     _C.MODEL.VILD = CN()

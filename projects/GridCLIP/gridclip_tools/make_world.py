@@ -5,6 +5,9 @@
     python tools/make_world.py --root /data/w --num-train 2000 --seed 1
     python tools/make_world.py --split-seed 1      # .../gridclip_world_split1: other novel classes
 
+It also writes the world's image-text pairs (captioned images without boxes) to
+``<root>/pairs`` (``--num-pairs``; 0 for none).
+
 Cached: rerunning with the same parameters returns at once. Atomic: an interrupted run leaves
 no partial world. See datasets/README.md for the layout and gridclip/data/world.py for the
 renderer.
@@ -14,7 +17,7 @@ import argparse
 import logging
 import time
 
-from gridclip.data.world import PRESETS, default_world_root, generate_world
+from gridclip.data.world import PRESETS, default_world_root, generate_world, generate_world_pairs
 from gridclip_tools.args import positive_int
 
 
@@ -39,6 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--num-val", type=positive_int, default=None, help="override the preset")
     p.add_argument("--image-size", type=positive_int, default=None, help="override the preset")
     p.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
+    p.add_argument(
+        "--num-pairs",
+        type=int,
+        default=None,
+        help="image-text pairs (captioned images, no boxes) written to <root>/pairs "
+        "(default: 1000 for demo, 16 for ci; 0: none)",
+    )
     return p.parse_args(argv)
 
 
@@ -60,6 +70,9 @@ def main(argv=None):
         image_format=args.image_format,
         progress=True,
     )
+    pairs = None
+    if args.num_pairs != 0:
+        pairs = generate_world_pairs(root, num_pairs=args.num_pairs, progress=True)
     elapsed = time.perf_counter() - start
     params = manifest["params"]
     print(
@@ -70,4 +83,8 @@ def main(argv=None):
     for split, s in manifest["summary"].items():
         groups = ", ".join(f"{k}={v}" for k, v in s["instances_per_frequency"].items())
         print(f"  {split:5s}: {s['images']} images, {s['instances']} instances ({groups})")
+    if pairs is not None:
+        s = pairs["summary"]
+        groups = ", ".join(f"{k}={v}" for k, v in s["phrases_per_frequency"].items())
+        print(f"  pairs: {s['images']} images, {s['captions']} captions (phrases {groups})")
     return 0

@@ -36,10 +36,11 @@ import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from ..utils.io import current_umask
+from .captions import compose_caption, load_coco_captions_json
 from .lvis_ovd import datasets_root, register_lvis_format_dataset
 from .world_scene import (
     COLOURS,
@@ -70,6 +71,9 @@ __all__ = [
     "default_world_root",
     "world_prefix",
     "resolve_world_root",
+    "PAIRS_PRESETS",
+    "generate_world_pairs",
+    "register_world_pairs",
 ]
 
 #: Bump when the renderer or the JSON layout changes: cached worlds are then regenerated.
@@ -358,6 +362,7 @@ def register_world(
     - ``<prefix>_train``: train images, novel (``r``) annotations removed: the OVD split.
     - ``<prefix>_train_full``: train with every annotation (an oracle that sees novel boxes).
     - ``<prefix>_val``: validation, every class annotated.
+    - ``<prefix>_pairs``: image-text pairs without boxes (:func:`register_world_pairs`).
 
     The files need not exist yet: class names and frequencies come from the fixed vocabulary,
     and loading a missing world raises ``FileNotFoundError`` telling how to generate it.
@@ -398,6 +403,7 @@ def register_world(
                 name, functools.partial(_load_world_split, loader, json_file, name, split_seed)
             )
         names.append(name)
+    names.append(register_world_pairs(root, f"{prefix}_pairs"))  # image-text pairs, no boxes
     return names
 
 
@@ -416,3 +422,167 @@ def register_default_worlds() -> None:
         prefix = world_prefix("demo", k)
         register_world(default_world_root("demo", k), prefix=prefix, split_seed=k)
     register_world(default_world_root("ci"), prefix="gridclip_world_ci")
+
+
+# ------------------------------------------------------------------------- image-text pairs
+#: Pair images per world preset (``tools/make_world.py --num-pairs`` overrides).
+PAIRS_PRESETS: Dict[str, int] = {"demo": 1000, "ci": 16}
+#: Bump when the pair images or captions change: cached pair splits are then regenerated.
+PAIRS_FORMAT_VERSION = 1
+_PAIRS_SPLIT_CODE = 2  # rng streams: (seed, 0, i) train, (seed, 1, i) val, (seed, 2, i) pairs
+_PAIRS_ID_BASE = 2_000_000
+_CAPTION_DROP_PROBABILITY = 0.2
+
+
+def _read_manifest(path: str) -> Optional[Dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def generate_world_pairs(
+    root: str, *, num_pairs: Optional[int] = None, progress: bool = False
+) -> Dict:
+    """Write the image-text pairs of the world at ``root`` (generated first) and return their
+    manifest. Cached and atomic like :func:`generate_world`.
+
+    Layout: ``root/pairs/images/<id>.<ext>``, ``root/pairs/captions.json`` (COCO captions with
+    ``phrases``: text, span and the category each phrase names, for evaluation only),
+    ``root/pairs/manifest.json``. Images come from the world's renderer with every class drawn
+    uniformly (novel classes included, as in web captions), seeded by ``(world seed, 2, index)``;
+    each caption names the visible (annotated-quality) objects with their counts, each class
+    left out with probability 0.2 (captions are incomplete).
+
+    Cache: the pair manifest records the world's parameters; pairs of another world (another
+    seed, size, ...) or another pair count are regenerated, never mixed. A world regenerated
+    by :func:`generate_world` loses its pairs (the folder is replaced), so they are remade.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    world = _read_manifest(os.path.join(root, "manifest.json"))
+    if world is None:
+        raise FileNotFoundError(
+            f"{root} is not a generated world (no manifest.json): generate the world first "
+            "(python tools/make_world.py)"
+        )
+    params = world["params"]
+    if num_pairs is None:
+        num_pairs = PAIRS_PRESETS.get(params.get("preset"), PAIRS_PRESETS["demo"])
+    if int(num_pairs) < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    pairs_params = {
+        "format_version": PAIRS_FORMAT_VERSION,
+        "num_pairs": int(num_pairs),
+        "caption_drop_probability": _CAPTION_DROP_PROBABILITY,
+        "world_params": params,
+    }
+    out = os.path.join(root, "pairs")
+    manifest = _read_manifest(os.path.join(out, "manifest.json"))
+    if manifest is not None and manifest.get("params") == pairs_params:
+        logger.info(f"Image-text pairs at {out} are up to date (cached)")
+        return manifest
+    categories = world_categories()
+    names = [c["name"].replace("_", " ") for c in categories]
+    tmp = tempfile.mkdtemp(prefix="pairs.tmp-", dir=root)
+    try:
+        os.makedirs(os.path.join(tmp, "images"))
+        images, annotations = [], []
+        iterator = range(pairs_params["num_pairs"])
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="world pairs", unit="img")
+        size = params["image_size"]
+        for index in iterator:
+            rng = np.random.default_rng([params["seed"], _PAIRS_SPLIT_CODE, index])
+            scene = render_scene(
+                rng,
+                size,
+                num_objects=tuple(params["num_objects"]),
+                object_size=tuple(params["object_size"]),
+            )
+            image_id = _PAIRS_ID_BASE + index + 1
+            file_name = f"{image_id:012d}.{params['image_format']}"
+            path = os.path.join(tmp, "images", file_name)
+            Image.fromarray(scene.image).save(
+                path, **({"quality": 95} if params["image_format"] == "jpg" else {})
+            )
+            counts: Dict[int, int] = {}
+            for o in scene.objects:
+                if o.annotated:
+                    counts[o.category_id] = counts.get(o.category_id, 0) + 1
+            if not counts:  # nothing visible enough to name: no caption for this image
+                counts = {scene.objects[0].category_id: 1} if scene.objects else {}
+            images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+            if not counts:
+                continue
+            groups = [(names[c - 1], n, c) for c, n in counts.items()]
+            caption, phrases = compose_caption(
+                groups, rng, drop_probability=_CAPTION_DROP_PROBABILITY
+            )
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "caption": caption,
+                    "phrases": phrases,
+                }
+            )
+        freq = {c["id"]: c["frequency"] for c in categories}
+        per_group = {"f": 0, "c": 0, "r": 0}
+        for a in annotations:
+            for p in a["phrases"]:
+                per_group[freq[p["category_id"]]] += 1
+        info = {"description": "GridCLIP embedded world: image-text pairs", "params": pairs_params}
+        with open(os.path.join(tmp, "captions.json"), "w") as f:
+            json.dump({"info": info, "images": images, "annotations": annotations}, f)
+        manifest = {
+            "params": pairs_params,
+            "summary": {
+                "images": len(images),
+                "captions": len(annotations),
+                "phrases_per_frequency": per_group,
+            },
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"Image-text pairs written to {out}: {manifest['summary']}")
+    return manifest
+
+
+def _load_world_pairs(root: str, name: str) -> List[Dict]:
+    json_file = os.path.join(root, "pairs", "captions.json")
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"The image-text pairs of dataset {name!r} are missing: {json_file!r} does not exist. "
+            "Generate them with `python tools/make_world.py` (it writes the world and its pairs; "
+            "`--preset ci` for the tiny test world, `--root` for another folder)."
+        )
+    world = _read_manifest(os.path.join(root, "manifest.json"))
+    pairs = _read_manifest(os.path.join(root, "pairs", "manifest.json"))
+    if world is None or pairs is None or pairs["params"].get("world_params") != world["params"]:
+        raise ValueError(
+            f"The image-text pairs in {root}/pairs belong to another world than {root} (its "
+            "manifest.json differs from the one recorded in pairs/manifest.json): regenerate them "
+            "with `python tools/make_world.py`"
+        )
+    return load_coco_captions_json(json_file, os.path.join(root, "pairs", "images"), name)
+
+
+def register_world_pairs(root: str, name: str) -> str:
+    """Register the world's image-text pairs (``root/pairs``) as ``name`` (lazy, idempotent):
+    dataset dicts with ``caption``, ``captions`` and ``phrases`` (spans, keys, category ids) and
+    no annotations; for ``DATASETS.PAIRS_TRAIN``."""
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, functools.partial(_load_world_pairs, root, name))
+        MetadataCatalog.get(name).set(
+            json_file=os.path.join(root, "pairs", "captions.json"),
+            image_root=os.path.join(root, "pairs", "images"),
+            evaluator_type="captions",
+            world_root=root,
+        )
+    return name

@@ -83,6 +83,7 @@ from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
+from .pairs_alignment import PairsAlignment, build_pairs_alignment
 from .teacher_holder import TeacherHolder
 from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
@@ -120,6 +121,8 @@ class GridCLIP(RetinaNet):
 
     Extra training loss: ``loss_image_align`` (image-level alignment with a CLIP teacher) when
     ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT > 0``. Use :meth:`set_vocabulary` to detect other classes.
+    A training batch of image-text pairs (inputs with ``phrases``, no ``instances``) trains only
+    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``).
     """
 
     @configurable
@@ -138,6 +141,7 @@ class GridCLIP(RetinaNet):
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
         objectness_loss_weight: float = 0.0,
+        pairs_alignment: Optional[PairsAlignment] = None,
         **kwargs,
     ):
         """
@@ -154,22 +158,24 @@ class GridCLIP(RetinaNet):
             dense_clip_weight: initial value of the learned scale of that term.
             test_topk_locations: at inference, score at most this many locations per level and
                 image, those of highest objectness (module doc); 0 = every location. Needs the
-                anchor offsets (per-location head with ``anchor_offset``).
+                anchor offsets (per-location head with ``anchor_offset``); ranks by the head's
+                objectness output when it has one.
             clip_ensemble: a holder of the frozen CLIP image teacher to rescore the final
                 detections with (F-VLM's score ensemble, :meth:`clip_ensemble_scores`), or None.
             clip_ensemble_weights: (w_base, w_novel): the CLIP score's exponent for classes
                 trained by the focal loss and for the others.
             clip_ensemble_crop_scales: crops around each box given to the teacher (embeddings
                 summed), as ViLD's region teacher.
-                anchor offsets (per-location head with ``anchor_offset``); ranks by the head's
-                objectness output when it has one.
             objectness_loss_weight: weight of ``loss_objectness`` (the head's objectness
                 output, which it must have when > 0; module doc).
+            pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
+                ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
         super().__init__(head=head, num_classes=head.num_classes, **kwargs)
         self.image_alignment = image_alignment
+        self.pairs_alignment = pairs_alignment
         self.dense_clip = dense_clip
         if dense_clip is not None:
             shapes = self.backbone.output_shape()
@@ -256,6 +262,7 @@ class GridCLIP(RetinaNet):
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "objectness_loss_weight": cfg.MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT,
+            "pairs_alignment": build_pairs_alignment(cfg),
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -353,6 +360,12 @@ class GridCLIP(RetinaNet):
         features = [backbone_features[f] for f in self.head_in_features]
         predictions = self.predict(features, backbone_features.get("res5"))
 
+        if (
+            self.training
+            and "instances" not in batched_inputs[0]
+            and "phrases" in batched_inputs[0]
+        ):
+            return self.pairs_losses(images, predictions, batched_inputs)  # image-text pairs
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
@@ -417,6 +430,27 @@ class GridCLIP(RetinaNet):
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
         return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
+
+    def pairs_losses(
+        self, images: ImageList, predictions: List, batched_inputs: List[Dict]
+    ) -> Dict[str, Tensor]:
+        """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
+        alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
+        pair images train no box, focal or image-alignment loss."""
+        if self.pairs_alignment is None:
+            raise ValueError(
+                "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
+                "needs MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0 and DATASETS.PAIRS_TRAIN"
+            )
+        shapes = self.backbone.output_shape()
+        strides = [shapes[f].stride for f in self.head_in_features]
+        scale = float(self.head.classifier.logit_scale)
+        losses = self.pairs_alignment(
+            predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
+        )
+        # Detectron2 logs a lone loss term only as total_loss: name it in the metrics too
+        get_event_storage().put_scalar("pairs_loss", float(losses["loss_pairs"]))
+        return losses
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""

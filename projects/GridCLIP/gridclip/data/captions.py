@@ -1,0 +1,301 @@
+"""Image-text pairs: COCO-captions-style JSON, phrases with character spans, registration.
+
+Image-text pairs carry no boxes: an image and one or more captions ("a red star beside two blue
+rings."). GridCLIP learns from them with a phrase-to-grid alignment loss
+(:mod:`gridclip.modeling.pairs_alignment`), whose vocabulary is the batch's *phrases*.
+
+**File format** (COCO captions, plus optional phrases; datasets/README.md)::
+
+    {"images": [{"id": 1, "file_name": "a.jpg", "height": 256, "width": 256}, ...],
+     "annotations": [{"id": 1, "image_id": 1, "caption": "a red star beside two blue rings.",
+                      "phrases": [{"text": "a red star", "span": [0, 10]}, ...]}, ...]}
+
+``phrases`` is optional; each phrase needs ``text`` (found in the caption when ``span`` is
+missing) and may carry ``category_id`` (kept for evaluation only; training never reads it).
+Without ``phrases`` a caption is split by :func:`split_caption_phrases` (a documented rule, no
+NLP dependency).
+
+**Dataset dicts** (one per image with at least one caption): ``file_name``, ``image_id``,
+``height``/``width`` when given, ``caption`` (the first), ``captions`` (all), ``phrases``: list
+of ``{"text", "span": [start, end], "caption_index", "key"}`` (+ ``category_id`` when known),
+where ``caption[start:end] == text`` and ``key`` = :func:`phrase_key` (what is embedded).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "phrase_key",
+    "split_caption_phrases",
+    "compose_caption",
+    "load_coco_captions_json",
+    "register_coco_captions",
+    "pair_phrase_keys",
+]
+
+_DETERMINERS = {
+    "a", "an", "the", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "ten", "some", "several", "many", "few", "various", "multiple", "numerous",
+}  # fmt: skip
+_NUMBER_WORDS = ["a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+# Words that frame a caption rather than name something in the image ("a photo of ...").
+_FRAME_WORDS = {"photo", "picture", "image", "scene", "rendering", "drawing", "view", "close-up"}
+# split_caption_phrases: separators between noun phrases (words matched whole).
+_SEPARATORS = re.compile(
+    r"[,;:.!?]|\b(?:and|with|beside|next to|near|on|in|of|at|above|below|under|behind|over|"
+    r"among|between|around|by)\b",
+    re.IGNORECASE,
+)
+
+
+# -------------------------------------------------------------------------------- phrase text
+def _singular(word: str) -> str:
+    """A plain English plural rule: crosses -> cross, berries -> berry, rings -> ring."""
+    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return word[:-2]
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def phrase_key(text: str) -> str:
+    """What a phrase is embedded as: lower case, spaces collapsed, edge punctuation removed,
+    a leading determiner or count word dropped ("two blue rings" -> "blue rings") and the last
+    word made singular ("blue ring"), so that phrases name things as class names do (the CLIP
+    text encoder then sees the same text as for a class name; a small CLIP knows few plurals).
+    """
+    words = re.sub(r"\s+", " ", str(text).strip().lower()).strip(" .,;:!?\"'()").split(" ")
+    words = [w for w in words if w]
+    if len(words) > 1 and (words[0] in _DETERMINERS or words[0].isdigit()):
+        words = words[1:]
+    if words:
+        words[-1] = _singular(words[-1])
+    return " ".join(words)
+
+
+def split_caption_phrases(caption: str) -> List[Dict]:
+    """Split a free caption into noun phrases with character spans (no NLP library).
+
+    Rule: cut at punctuation and at the words and, with, beside, next to, near, on, in, of, at,
+    above, below, under, behind, over, among, between, around, by; strip each piece; drop pieces
+    whose :func:`phrase_key` is empty or ends in a framing word (photo, picture, image, scene,
+    rendering, drawing, view). "a photo of a red star beside two blue rings on a striped
+    background." -> "a red star", "two blue rings", "a striped background".
+
+    Returns:
+        list of ``{"text", "span": [start, end]}`` with ``caption[start:end] == text``.
+    """
+    phrases, start = [], 0
+    cuts = [(m.start(), m.end()) for m in _SEPARATORS.finditer(caption)] + [(len(caption),) * 2]
+    for cut_start, cut_end in cuts:
+        piece = caption[start:cut_start]
+        lead = len(piece) - len(piece.lstrip())
+        text = piece.strip()
+        s = start + lead
+        start = cut_end
+        key = phrase_key(text)
+        if not key or key.split(" ")[-1] in _FRAME_WORDS:
+            continue
+        phrases.append({"text": text, "span": [s, s + len(text)]})
+    return phrases
+
+
+def compose_caption(
+    groups: Sequence[Tuple[str, int, int]],
+    rng: np.random.Generator,
+    *,
+    drop_probability: float = 0.2,
+) -> Tuple[str, List[Dict]]:
+    """A web-like caption of a scene's objects, with its phrases and their spans.
+
+    Args:
+        groups: ``(name, count, category_id)`` per class present (name with spaces, "red star").
+        rng: the only source of randomness.
+        drop_probability: each group is left out with this probability (captions are
+            incomplete), at least one is kept.
+    Returns:
+        ``(caption, phrases)``; phrases: ``{"text", "span", "category_id"}``, e.g.
+        ``("two blue rings and a red star on a noisy background.", [...])``.
+    """
+    assert len(groups) >= 1, "a caption needs at least one object"
+    order = [groups[i] for i in rng.permutation(len(groups))]
+    kept = [g for g in order if rng.random() >= drop_probability] or order[:1]
+    texts = []
+    for name, count, category_id in kept:
+        if count == 1:
+            text = ("an " if name[0] in "aeiou" else "a ") + name
+        else:
+            words = name.split(" ")
+            plural = words[-1] + ("es" if words[-1].endswith(("s", "x", "ch", "sh")) else "s")
+            number = _NUMBER_WORDS[count - 1] if count <= len(_NUMBER_WORDS) else "many"
+            text = " ".join([number] + words[:-1] + [plural])
+        texts.append((text, category_id))
+    # connectors: a list ("A, B and C"), or "A beside/next to/with B ..."
+    style = int(rng.integers(4))
+    glue = [", "] * (len(texts) - 2) + [" and "] if style < 2 else None
+    if glue is None:
+        word = [" beside ", " next to ", " with "][int(rng.integers(3))]
+        glue = [word] + [", "] * max(len(texts) - 3, 0) + ([" and "] if len(texts) > 2 else [])
+    prefix = ["", "a photo of ", "a picture showing ", "an image with "][int(rng.integers(4))]
+    suffix = ["", " on a noisy background", " on a textured background", " in the scene"][
+        int(rng.integers(4))
+    ]
+    caption, phrases = prefix, []
+    for i, (text, category_id) in enumerate(texts):
+        if i:
+            caption += glue[i - 1]
+        phrases.append(
+            {
+                "text": text,
+                "span": [len(caption), len(caption) + len(text)],
+                "category_id": category_id,
+            }
+        )
+        caption += text
+    caption += suffix + "."
+    return caption, phrases
+
+
+# ------------------------------------------------------------------------------------- loading
+def _checked_phrases(given, caption: str, json_file: str, ann_id, caption_index: int) -> List[Dict]:
+    where = f"{json_file}: annotation {ann_id}"
+    if given is None:
+        phrases = split_caption_phrases(caption)
+    else:
+        if not isinstance(given, list):
+            raise ValueError(f"{where}: 'phrases' must be a list, got {type(given).__name__}")
+        phrases = []
+        for j, p in enumerate(given):
+            if not isinstance(p, dict) or not isinstance(p.get("text"), str) or not p["text"]:
+                raise ValueError(f"{where}: phrase {j} needs a non-empty 'text' string")
+            text = p["text"]
+            span = p.get("span")
+            if span is None:
+                s = caption.find(text)
+                if s < 0:
+                    raise ValueError(f"{where}: phrase {text!r} does not occur in {caption!r}")
+                span = [s, s + len(text)]
+            ok = (
+                isinstance(span, (list, tuple))
+                and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                and 0 <= span[0] < span[1] <= len(caption)
+                and caption[span[0] : span[1]] == text
+            )
+            if not ok:
+                raise ValueError(
+                    f"{where}: phrase {j} span {span!r} does not hold {text!r} in {caption!r}"
+                )
+            phrase = {"text": text, "span": [int(span[0]), int(span[1])]}
+            if "category_id" in p:
+                phrase["category_id"] = p["category_id"]
+            phrases.append(phrase)
+    for p in phrases:
+        p["caption_index"] = caption_index
+        p["key"] = phrase_key(p["text"])
+    return [p for p in phrases if p["key"]]
+
+
+def load_coco_captions_json(json_file: str, image_root: str, dataset_name: str = "") -> List[Dict]:
+    """Read a COCO-captions-style JSON (module doc) into dataset dicts, one per captioned image.
+
+    Errors name the file and the offending key or value; images without a caption are skipped
+    (counted in the log).
+    """
+    where = f"{json_file}" + (f" (dataset {dataset_name!r})" if dataset_name else "")
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"captions file of {where} not found")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not a JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{where}: expected a dict with an 'images' list and 'annotations' list")
+    if not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{where}: expected an 'annotations' list of captions")
+    images: Dict = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise ValueError(f"{where}: images[{i}] needs 'id' and 'file_name'")
+        if im["id"] in images:
+            raise ValueError(f"{where}: image id {im['id']!r} appears twice")
+        images[im["id"]] = im
+    captions: Dict = {k: [] for k in images}
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or "image_id" not in a:
+            raise ValueError(f"{where}: annotations[{i}] needs 'image_id' and 'caption'")
+        if a["image_id"] not in images:
+            raise ValueError(f"{where}: annotations[{i}] names unknown image_id {a['image_id']!r}")
+        if not isinstance(a.get("caption"), str) or not a["caption"].strip():
+            raise ValueError(f"{where}: annotations[{i}] needs a non-empty 'caption' string")
+        captions[a["image_id"]].append(a)
+    dicts, uncaptioned = [], 0
+    for image_id, im in images.items():
+        anns = captions[image_id]
+        if not anns:
+            uncaptioned += 1
+            continue
+        record = {
+            "file_name": os.path.join(image_root, im["file_name"]),
+            "image_id": image_id,
+            "caption": anns[0]["caption"],
+            "captions": [a["caption"] for a in anns],
+            "phrases": [],
+        }
+        for key in ("height", "width"):
+            if key in im:
+                record[key] = im[key]
+        for j, a in enumerate(anns):
+            record["phrases"] += _checked_phrases(
+                a.get("phrases"), a["caption"], json_file, a.get("id", f"#{j}"), j
+            )
+        dicts.append(record)
+    if uncaptioned:
+        logger.info(f"{where}: {uncaptioned} images without a caption skipped")
+    logger.info(f"Loaded {len(dicts)} captioned images from {where}")
+    return dicts
+
+
+def register_coco_captions(
+    name: str, json_file: str, image_root: str, extra_metadata: Optional[Dict] = None
+) -> str:
+    """Register an image-text pair dataset (COCO-captions-style JSON, module doc) with
+    Detectron2 under ``name`` (lazy: the file is read on first use). Idempotent for the same
+    file; another file under the same name is an error. Use it in ``DATASETS.PAIRS_TRAIN``."""
+    json_file, image_root = os.path.expanduser(json_file), os.path.expanduser(image_root)
+    if name in DatasetCatalog.list():
+        known = MetadataCatalog.get(name).get("json_file", None)
+        if known == json_file:
+            return name
+        raise ValueError(
+            f"dataset {name!r} is already registered (with {known!r}, not {json_file!r})"
+        )
+    DatasetCatalog.register(
+        name, functools.partial(load_coco_captions_json, json_file, image_root, name)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="captions",
+        **(extra_metadata or {}),
+    )
+    return name
+
+
+def pair_phrase_keys(dataset_dicts: Sequence[Dict]) -> List[str]:
+    """The distinct phrase keys of pair dataset dicts, sorted (the text vocabulary to embed)."""
+    return sorted({p["key"] for d in dataset_dicts for p in d.get("phrases", ())})

@@ -1,0 +1,332 @@
+"""Image-text pairs: captions JSON, phrases and spans, the world's pair split, the
+phrase-to-grid alignment loss and training on boxes + pairs (issue 17 items 1-2)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.engine import HookBase
+
+import gridclip  # noqa: F401  (registers datasets)
+from gridclip.clip import loading as clip_loading
+from gridclip.config import get_gridclip_cfg
+from gridclip.data.captions import (
+    compose_caption,
+    load_coco_captions_json,
+    pair_phrase_keys,
+    phrase_key,
+    register_coco_captions,
+    split_caption_phrases,
+)
+from gridclip.data.world import generate_world, generate_world_pairs, register_world
+from gridclip.engine import Trainer
+from gridclip.engine.pairs import AlternatingLoader
+from gridclip.modeling.pairs_alignment import (
+    PairsAlignment,
+    pairs_contrastive_loss,
+    phrase_grid_scores,
+)
+
+TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
+
+
+@pytest.fixture(scope="module")
+def pairs_world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pairs_world") / "w")
+    generate_world(root, seed=5, **TINY)
+    manifest = generate_world_pairs(root, num_pairs=6)
+    register_world(root, prefix="test_pairs_world")
+    return root, manifest
+
+
+# ------------------------------------------------------------------------------ phrases, captions
+def test_phrase_key_drops_counts_and_plurals():
+    assert phrase_key("two blue rings") == "blue ring"
+    assert phrase_key("Three green crosses.") == "green cross"
+    assert phrase_key("an orange heart") == "orange heart"
+    assert phrase_key("  a   red   star ") == "red star"
+    assert phrase_key("glass") == "glass"  # -ss is not a plural
+
+
+def test_split_caption_phrases_spans():
+    caption = "a photo of a red star beside two blue rings on a striped background."
+    phrases = split_caption_phrases(caption)
+    assert [p["text"] for p in phrases] == ["a red star", "two blue rings", "a striped background"]
+    for p in phrases:
+        assert caption[p["span"][0] : p["span"][1]] == p["text"]
+
+
+def test_compose_caption_spans_counts_and_drops():
+    rng = np.random.default_rng(0)
+    groups = [("red star", 1, 7), ("blue ring", 2, 3), ("white cross", 3, 9)]
+    dropped = 0
+    for _ in range(50):
+        caption, phrases = compose_caption(groups, rng)
+        assert phrases and caption.endswith(".")
+        for p in phrases:
+            assert caption[p["span"][0] : p["span"][1]] == p["text"]
+        texts = {p["category_id"]: p["text"] for p in phrases}
+        assert texts.get(3, "two blue rings") == "two blue rings"
+        assert texts.get(9, "three white crosses") == "three white crosses"
+        assert texts.get(7, "a red star") == "a red star"
+        dropped += len(phrases) < 3
+    assert 0 < dropped < 50  # captions are sometimes incomplete, usually not
+
+
+def _write(tmp_path, payload):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_coco_captions_json_loads_with_given_and_parsed_phrases(tmp_path):
+    caption = "two blue rings and a red star."
+    path = _write(
+        tmp_path,
+        {
+            "images": [{"id": 1, "file_name": "a.jpg", "height": 8, "width": 9},
+                       {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "caption": caption,
+                 "phrases": [{"text": "a red star", "category_id": 4},
+                             {"text": "two blue rings", "span": [0, 14]}]},
+                {"id": 2, "image_id": 2, "caption": "a green cross on a white square"},
+            ],
+        },
+    )  # fmt: skip
+    dicts = load_coco_captions_json(path, "/imgs")
+    assert [d["image_id"] for d in dicts] == [1, 2]  # image 3 has no caption
+    a, b = dicts
+    assert a["file_name"] == "/imgs/a.jpg" and (a["height"], a["width"]) == (8, 9)
+    assert a["caption"] == caption and a["captions"] == [caption]
+    assert a["phrases"][0] == {"text": "a red star", "span": [19, 29], "category_id": 4,
+                               "caption_index": 0, "key": "red star"}  # fmt: skip
+    assert a["phrases"][1]["key"] == "blue ring"
+    assert [p["text"] for p in b["phrases"]] == ["a green cross", "a white square"]
+    assert pair_phrase_keys(dicts) == ["blue ring", "green cross", "red star", "white square"]
+    name = register_coco_captions("test_pairs_user", path, "/imgs")
+    assert register_coco_captions("test_pairs_user", path, "/imgs") == name  # idempotent
+    assert DatasetCatalog.get(name)[0]["caption"] == caption
+
+
+IMAGE = [{"id": 1, "file_name": "a"}]
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        ({"images": []}, "annotations"),
+        ({"images": [{"id": 1}], "annotations": []}, r"images\[0\]"),
+        ({"images": IMAGE, "annotations": [{"image_id": 2, "caption": "x"}]}, "unknown image_id 2"),
+        ({"images": IMAGE, "annotations": [{"image_id": 1, "caption": ""}]}, "non-empty 'caption'"),
+        ({"images": IMAGE, "annotations": [{"id": 5, "image_id": 1, "caption": "a red star",
+                                            "phrases": [{"text": "a ring"}]}]},
+         "annotation 5.*'a ring' does not occur"),
+        ({"images": IMAGE, "annotations": [{"image_id": 1, "caption": "a red star",
+                                            "phrases": [{"text": "a red", "span": [1, 6]}]}]},
+         r"span \[1, 6\] does not hold"),
+    ],
+)  # fmt: skip
+def test_bad_captions_json_names_file_and_value(tmp_path, payload, match):
+    path = _write(tmp_path, payload)
+    with pytest.raises(ValueError, match=match) as info:
+        load_coco_captions_json(path, "")
+    assert "captions.json" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------- world pairs
+def test_world_pairs_dataset_dicts_carry_caption_phrases_spans(pairs_world):
+    root, manifest = pairs_world
+    assert manifest["summary"]["images"] == 6
+    dicts = DatasetCatalog.get("test_pairs_world_pairs")
+    assert 1 <= len(dicts) <= 6
+    for d in dicts:
+        assert os.path.isfile(d["file_name"]) and "annotations" not in d
+        assert d["phrases"]
+        for p in d["phrases"]:
+            assert d["caption"][p["span"][0] : p["span"][1]] == p["text"]
+            assert 1 <= p["category_id"] <= 48
+            assert p["key"] == phrase_key(p["text"])
+    # the same world and count: cached (nothing rewritten)
+    stamp = os.path.getmtime(os.path.join(root, "pairs", "captions.json"))
+    assert generate_world_pairs(root, num_pairs=6) == manifest
+    assert os.path.getmtime(os.path.join(root, "pairs", "captions.json")) == stamp
+
+
+def test_pairs_of_another_world_are_refused_then_regenerated(tmp_path):
+    root = str(tmp_path / "w")
+    generate_world(root, seed=1, **TINY)
+    generate_world_pairs(root, num_pairs=2)
+    first = open(os.path.join(root, "pairs", "captions.json")).read()
+    # a world with other parameters in place of the first (as if made by hand): never mixed
+    manifest_path = os.path.join(root, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["params"]["seed"] = 2
+    json.dump(manifest, open(manifest_path, "w"))
+    register_world(root, prefix="test_pairs_stale")
+    with pytest.raises(ValueError, match="another world"):
+        DatasetCatalog.get("test_pairs_stale_pairs")
+    generate_world_pairs(root, num_pairs=2)  # regenerated for the world now there
+    assert open(os.path.join(root, "pairs", "captions.json")).read() != first
+    assert DatasetCatalog.get("test_pairs_stale_pairs")
+    with pytest.raises(FileNotFoundError, match="make_world"):
+        register_world(str(tmp_path / "absent"), prefix="test_pairs_absent")
+        DatasetCatalog.get("test_pairs_absent_pairs")
+
+
+# -------------------------------------------------------------------------------------- the loss
+def _hand_built():
+    """2 images, 2 phrases (e0, e1), D = 2, one 2x2 level of stride 8 (16x16 images).
+
+    Image 0's best match for e0 is location (0, 1) (cos 0.8), for e1 location (1, 0) (0.6);
+    image 1's: e0 at (1, 1) (0.5), e1 at (0, 0) (0.9). Locations in row-major order."""
+    img0 = [[-1.0, 0.0], [0.8, -0.6], [-0.8, 0.6], [-0.6, -0.8]]
+    img1 = [[math.sqrt(0.19), 0.9], [-1.0, 0.0], [0.0, -1.0], [0.5, -math.sqrt(0.75)]]
+    locations = torch.tensor([img0, img1])  # (N, 4, D)
+    grid = locations.transpose(1, 2).reshape(2, 2, 2, 2)  # (N, D, H, W)
+    return grid.clone().requires_grad_(True)
+
+
+def test_phrase_grid_scores_and_loss_hand_built():
+    grid = _hand_built()
+    phrases = torch.eye(2)
+    scores = phrase_grid_scores([grid], [8], [(16, 16), (16, 16)], phrases, 2)
+    torch.testing.assert_close(scores, torch.tensor([[0.8, 0.6], [0.5, 0.9]]), atol=1e-6, rtol=0)
+    positives = torch.tensor([[True, False], [False, True]])
+    t = 10.0
+    loss = pairs_contrastive_loss(scores, positives, t)
+
+    # pair (0, 0): phrase direction against s(0,1), image direction against s(1,0); etc.
+    def ce(pos, neg):
+        return math.log(math.exp(t * pos) + math.exp(t * neg)) - t * pos
+
+    expected = (ce(0.8, 0.6) + ce(0.8, 0.5) + ce(0.9, 0.5) + ce(0.9, 0.6)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    # gradients reach only the argmax locations of each (image, phrase): image 0 at (0,1) and
+    # (1,0), image 1 at (1,1) and (0,0); image 0's (0,0) and (1,1) get none
+    g = grid.grad.abs().sum(dim=1)  # (N, H, W)
+    assert g[0, 0, 1] > 0 and g[0, 1, 0] > 0 and g[1, 1, 1] > 0 and g[1, 0, 0] > 0
+    assert g[0, 0, 0] == 0 and g[0, 1, 1] == 0 and g[1, 0, 1] == 0 and g[1, 1, 0] == 0
+
+
+def test_objectness_selects_the_location_and_only_it_gets_gradients():
+    grid = _hand_built()
+    objectness = torch.zeros(2, 1, 2, 2)
+    objectness[0, 0, 0, 0] = 100.0  # image 0: location (0, 0) outranks every other
+    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
+    # image 0 reports both phrases at (0, 0): cos -1 with e0, 0 with e1; image 1 as before
+    torch.testing.assert_close(scores, torch.tensor([[-1.0, 0.0], [0.5, 0.9]]), atol=1e-6, rtol=0)
+    scores[0].sum().backward()
+    g = grid.grad.abs().sum(dim=1)
+    assert g[0, 0, 0] > 0 and g[0].sum() == g[0, 0, 0] and g[1].sum() == 0
+    # a small bonus does not beat a better cosine: (0, 1) has cos 0.8 vs -1 for e0
+    objectness[0, 0, 0, 0] = 5.0
+    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
+    assert scores[0, 0].item() == pytest.approx(0.8)
+
+
+def test_loss_ignores_padding_and_handles_no_negatives():
+    grid = torch.zeros(1, 2, 2, 2)
+    grid[0, :, 0, 0] = torch.tensor([0.0, 1.0])
+    grid[0, :, 1, 1] = torch.tensor([1.0, 0.0])  # in the padding of an 8x8 image
+    scores = phrase_grid_scores([grid], [8], [(8, 8)], torch.eye(2), 2)
+    assert scores[0, 0].item() == pytest.approx(0.0) and scores[0, 1].item() == pytest.approx(1.0)
+    s = torch.tensor([[0.3, 0.2]], requires_grad=True)
+    loss = pairs_contrastive_loss(s, torch.tensor([[True, True]]), 20.0)  # nothing to contrast
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(s.grad).all()
+
+
+def test_pairs_alignment_module_builds_batch_vocabulary():
+    module = PairsAlignment(
+        phrase_keys=["blue ring", "red star", "white cross"],
+        phrase_embeddings=torch.eye(3, 4),
+        embed_dim=4,
+        weight=0.5,
+    )
+    batch = [
+        {"phrases": [{"key": "red star"}, {"key": "blue ring"}]},
+        {"phrases": [{"key": "red star"}]},
+    ]
+    emb, positives = module.batch_vocabulary(batch)
+    assert positives.tolist() == [[True, True], [False, True]]  # columns: blue ring, red star
+    torch.testing.assert_close(emb, torch.eye(3, 4)[:2])
+    grid = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = module([grid], [8], [(24, 24)] * 2, batch, 20.0)
+    scores = phrase_grid_scores([grid], [8], [(24, 24)] * 2, emb, 4)
+    assert out["loss_pairs"].item() == pytest.approx(
+        0.5 * pairs_contrastive_loss(scores, positives, 20.0).item(), rel=1e-5
+    )
+    with pytest.raises(KeyError, match="green heart"):
+        module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
+
+
+def test_alternating_loader_order():
+    boxes, pairs = iter(f"b{i}" for i in range(100)), iter(f"p{i}" for i in range(100))
+    it = iter(AlternatingLoader(boxes, pairs, 3))
+    assert [next(it) for _ in range(7)] == ["b0", "b1", "p0", "b2", "b3", "p1", "b4"]
+    with pytest.raises(ValueError, match="PAIRS_PERIOD"):
+        AlternatingLoader([], [], 1)
+
+
+# ------------------------------------------------------------------------------------- training
+class _RecordLosses(HookBase):
+    def __init__(self):
+        self.keys = []
+
+    def after_step(self):
+        latest = self.trainer.storage.latest()
+        keys = [k for k, (_, it) in latest.items() if it == self.trainer.iter]
+        self.keys.append(sorted(k for k in keys if "loss" in k and k != "total_loss"))
+
+
+def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
+    weights = clip_loading.EMBEDDED_CLIP_PATH
+    embed_dim = clip_loading.load_clip_state_dict(weights)["text_projection"].shape[1]
+    # fmt: off
+    cfg = get_gridclip_cfg("embedded/GridCLIP_world_pairs.yaml", [
+        "DATASETS.TRAIN", "('test_pairs_world_train',)",
+        "DATASETS.PAIRS_TRAIN", "('test_pairs_world_pairs',)",
+        "DATASETS.TEST", "()",
+        "MODEL.DEVICE", "cpu",
+        "MODEL.CLIP.WEIGHTS", weights,
+        "MODEL.CLIP.EMBED_DIM", str(embed_dim),
+        "MODEL.CLIP.TEXT_CACHE_DIR", str(tmp_path / "text_cache"),
+        "MODEL.CLIP.PROMPTS", "single",
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", "0.0",
+        "MODEL.GRIDCLIP.PAIRS_PERIOD", "2",
+        "MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH", "3",
+        "MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN", "64",
+        "MODEL.FPN.OUT_CHANNELS", "32",
+        "MODEL.RETINANET.NUM_CONVS", "1",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "2",
+        "SOLVER.WARMUP_ITERS", "1",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "128",
+        "DATALOADER.NUM_WORKERS", "0",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", str(tmp_path / "run"),
+    ])
+    # fmt: on
+    trainer = Trainer(cfg)
+    model = trainer.model
+    assert model.pairs_alignment is not None
+    # pair images are batched at the lower resolution
+    pair_batch = next(iter(trainer.data_loader.pairs))
+    assert len(pair_batch) == 3 and all(min(x["image"].shape[1:]) == 64 for x in pair_batch)
+    assert all("phrases" in x and "instances" not in x for x in pair_batch)
+    before = model.head.grid_embed.weight.detach().clone()
+    record = _RecordLosses()
+    trainer.register_hooks([record])
+    trainer.train()
+    assert record.keys[0] == ["loss_box_reg", "loss_cls"]
+    assert record.keys[1] == ["pairs_loss"]
+    assert not torch.equal(before, model.head.grid_embed.weight.detach())
+    # the phrase embeddings are not saved in checkpoints
+    assert not any("phrase_embeddings" in k for k in model.state_dict())
