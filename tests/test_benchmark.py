@@ -119,7 +119,7 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
         assert all(math.isfinite(v) for v in r["losses"].values()), r
     # the teacher is counted: online runs it every iteration, the caches never
     assert train["gridclip_online"]["teacher_calls_per_iter"] == 1
-    assert train["gridclip_online"]["teacher_crops_per_image"] == 5  # grids [1, 2]
+    assert train["gridclip_online"]["teacher_crops_per_image"] == 21  # grids [1, 2, 4]
     assert _positive_finite(train["gridclip_online"]["teacher_s"])
     assert train["vild_online"]["teacher_crops_per_image"] == 8 * 2  # 8 proposals x 2 scales
     assert "loss_image_align" in train["gridclip_cache"]["losses"]

@@ -4,7 +4,6 @@ product, batched prediction. Each is checked against the exact path it replaces.
 Tiny models from ``test_gridclip`` (random CLIP, 64-d joint space, 5 classes), CPU, fixed seeds.
 """
 
-import math
 from unittest import mock
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
-from detectron2.utils.events import EventStorage
 from test_gridclip import (
     D,
     K,
@@ -20,7 +18,6 @@ from test_gridclip import (
     assert_same_detections,
     dense_inputs,
     make_cfg,
-    make_inputs,
     make_tiny_clip,
 )
 
@@ -176,105 +173,6 @@ def test_gating_needs_anchor_offsets(assets):
                 "MODEL.GRIDCLIP.ANCHOR_OFFSET", False,
             )  # fmt: skip
         )
-
-
-# ------------------------------------------------------------------- trained objectness output
-def _objectness_model(assets, k=0, weight=1.0, **kw):
-    model = build_model(
-        make_cfg(
-            assets,
-            "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", k,
-            "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", weight,
-        )  # fmt: skip
-    ).eval()
-    _random_head(model)
-    with torch.no_grad():
-        model.head.anchor_offset.weight.normal_(0, 0.3)
-        model.head.objectness.weight.normal_(0, 0.5)
-    model.test_topk_candidates = model.head.num_anchors * 20
-    model.test_score_thresh = kw.get("score_thresh", 0.0)
-    model.max_detections_per_image = kw.get("max_det", 100)
-    return model
-
-
-def test_objectness_loss_on_a_hand_built_case(assets):
-    model = _objectness_model(assets)
-    num_classes = 3  # 3 trained classes (background = 3), 2 anchors per location
-    # 4 locations: positive (one anchor of class 1), negative (all background),
-    # ignored (an ignored anchor and a background one), positive (class 0 + ignored)
-    labels = torch.tensor([[3, 1, 3, 3, -1, 3, 0, -1]])
-    z = torch.tensor([[0.5, -1.0, 2.0, -0.3]], requires_grad=True)
-    loss = model.objectness_loss(z, labels, num_classes)
-
-    def focal(x, t, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        pt = p if t else 1 - p
-        return (alpha if t else 1 - alpha) * (1 - pt) ** gamma * -math.log(pt)
-
-    want = (focal(0.5, 1) + focal(-1.0, 0) + focal(-0.3, 1)) / 2  # 2 positive locations
-    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
-    loss.backward()
-    assert z.grad[0, 2] == 0  # the ignored location gets no gradient
-    assert z.grad[0, 0] < 0 < z.grad[0, 1]
-    # no positive location: divided by 1, not 0
-    empty = model.objectness_loss(z[:, :1].detach(), torch.tensor([[3, 3]]), num_classes)
-    assert float(empty) == pytest.approx(focal(0.5, 0), rel=1e-6)
-
-
-def test_objectness_loss_in_training_and_weight(assets):
-    model = _objectness_model(assets, weight=2.0).train()
-    with EventStorage():
-        losses = model(make_inputs())
-    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_objectness"}
-    assert torch.isfinite(losses["loss_objectness"]) and float(losses["loss_objectness"]) > 0
-    sum(losses.values()).backward()
-    assert model.head.objectness.weight.grad.abs().sum() > 0
-    model.objectness_loss_weight = 1.0
-    with EventStorage():
-        half = model(make_inputs())["loss_objectness"]
-    assert float(losses["loss_objectness"]) == pytest.approx(2 * float(half), rel=1e-5)
-    plain = build_model(make_cfg(assets))
-    assert plain.head.objectness is None
-    with pytest.raises(ValueError, match="OBJECTNESS_LOSS_WEIGHT"):
-        build_model(make_cfg(assets, "MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT", -1.0))
-
-
-def test_objectness_ranks_the_gate_and_is_exact_when_k_covers_every_location(assets):
-    model = _objectness_model(assets, k=0)
-    images, features = dense_inputs(model, n=2, size=(2, 80, 112), seed=3)
-    with torch.no_grad():
-        predictions = list(model.head.forward_embeddings(features))
-    assert len(predictions) == 4 and predictions[3] is not None
-    ungated, rows_all = _infer(model, images, features, predictions, k=0)
-    largest = max(f.shape[2] * f.shape[3] for f in features)
-    covered, rows = _infer(model, images, features, predictions, k=largest)
-    assert rows == rows_all
-    for a, b in zip(covered, ungated):
-        assert len(a) > 0
-        assert_same_detections(a, b)
-    # K smaller: the K locations of highest *objectness output* are scored (not of offsets)
-    k = 7
-    gated, rows = _infer(model, images, features, predictions, k=k)
-    sizes = [f.shape[2] * f.shape[3] for f in features]
-    assert rows == [min(k, s) for s in sizes] * 2
-    masked_offsets = []
-    for objectness, offsets in zip(predictions[3], predictions[2]):
-        n, a, h, w = offsets.shape
-        order = objectness.flatten(1).argsort(dim=1, descending=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
-        dropped = (rank >= k).view(n, 1, h, w).expand(n, a, h, w)
-        masked_offsets.append(offsets.masked_fill(dropped, -1e4))
-    oracle, _ = _infer(model, images, features, predictions[:2] + [masked_offsets, None], k=0)
-    for a, b in zip(gated, oracle):
-        assert len(a) > 0
-        assert_same_detections(a, b)
-    # the ranking by offsets alone selects other locations here (the test discriminates)
-    by_offsets, _ = _infer(model, images, features, predictions[:3], k=k)
-    assert any(
-        not torch.equal(x.pred_boxes.tensor.sort(0).values, y.pred_boxes.tensor.sort(0).values)
-        for x, y in zip(by_offsets, gated)
-    )
 
 
 # ------------------------------------------------------------------------- reduced precision

@@ -99,12 +99,6 @@ def add_gridclip_config(cfg: CN) -> CN:
     # whatever this is (exact). Exact when K covers every location that can reach the
     # detections; the vocabulary then costs K x classes per level (docs/BENCHMARKS.md).
     _C.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS = 0
-    # Weight of a dedicated objectness output (one logit per location, 3x3 conv on the box
-    # tower) trained by a sigmoid focal loss (RetinaNet's alpha, gamma) against "a positive
-    # anchor of a trained class at this location" (``loss_objectness``, normalised by the
-    # positive locations). When on (> 0) it, not the anchor offsets, ranks the locations for
-    # TEST_TOPK_LOCATIONS; it is not part of the detection scores. 0 = no such output.
-    _C.MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT = 0.0
     # Inference: dtype of the text product, "float32", "bfloat16" (CPUs with AVX512-BF16, GPUs)
     # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
     # always computes it in float32.

@@ -33,11 +33,10 @@ the rest of the logit (no extra loss, no training change). Before the product, p
    reach the detections (K >= the level's locations always); otherwise an approximation whose
    accuracy is measured (README, docs/BENCHMARKS.md).
 
-With ``MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT > 0`` the head has a dedicated objectness output
-(one logit per location from the box tower) trained by its own focal loss against "a positive
-anchor of a trained class at this location" (``loss_objectness``); it then ranks the locations
-for step 2 instead of the anchor offsets (step 1 still uses the offsets: that bound is exact).
-It only selects locations; the detection scores are unchanged.
+A dedicated objectness output trained by its own focal loss ("a positive anchor of a trained
+class at this location", issue 13) ranked locations losslessly (K = 100 as K = 0), but the
+detector trained with that loss was below the default in all 3 seeds (APr -2.4 / -1.3 / -3.7):
+removed; its numbers are in the README and docs/BENCHMARKS.md.
 
 Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
 covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
@@ -74,7 +73,6 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
 
 from ..clip import build_clip_teacher_from_cfg
@@ -140,7 +138,6 @@ class GridCLIP(RetinaNet):
         clip_ensemble: Optional[TeacherHolder] = None,
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
-        objectness_loss_weight: float = 0.0,
         pairs_alignment: Optional[PairsAlignment] = None,
         **kwargs,
     ):
@@ -158,16 +155,13 @@ class GridCLIP(RetinaNet):
             dense_clip_weight: initial value of the learned scale of that term.
             test_topk_locations: at inference, score at most this many locations per level and
                 image, those of highest objectness (module doc); 0 = every location. Needs the
-                anchor offsets (per-location head with ``anchor_offset``); ranks by the head's
-                objectness output when it has one.
+                anchor offsets (per-location head with ``anchor_offset``).
             clip_ensemble: a holder of the frozen CLIP image teacher to rescore the final
                 detections with (F-VLM's score ensemble, :meth:`clip_ensemble_scores`), or None.
             clip_ensemble_weights: (w_base, w_novel): the CLIP score's exponent for classes
                 trained by the focal loss and for the others.
             clip_ensemble_crop_scales: crops around each box given to the teacher (embeddings
                 summed), as ViLD's region teacher.
-            objectness_loss_weight: weight of ``loss_objectness`` (the head's objectness
-                output, which it must have when > 0; module doc).
             pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
                 ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
@@ -217,14 +211,6 @@ class GridCLIP(RetinaNet):
         self.clip_ensemble = clip_ensemble
         self.clip_ensemble_weights = weights
         self.clip_ensemble_crop_scales = tuple(float(s) for s in clip_ensemble_crop_scales)
-        if objectness_loss_weight < 0:
-            raise ValueError(f"MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT={objectness_loss_weight} < 0")
-        if (objectness_loss_weight > 0) != (head.objectness is not None):
-            raise ValueError(
-                f"MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT={objectness_loss_weight}, but the head "
-                f"{'has' if head.objectness is not None else 'has no'} objectness output"
-            )
-        self.objectness_loss_weight = float(objectness_loss_weight)
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -261,7 +247,6 @@ class GridCLIP(RetinaNet):
             ),
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
-            "objectness_loss_weight": cfg.MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT,
             "pairs_alignment": build_pairs_alignment(cfg),
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
@@ -413,7 +398,7 @@ class GridCLIP(RetinaNet):
         return scores.clamp_min(tiny).pow(1.0 - w) * p_clip.clamp_min(tiny).pow(w)
 
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
-        """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets, objectness]`` (see
+        """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
         :meth:`GridCLIPHead.forward_embeddings`), the grid embeddings with the dense CLIP term
         of ``res5`` (the backbone's trunk output) when it is on."""
         predictions = list(self.head.forward_embeddings(features))
@@ -471,14 +456,11 @@ class GridCLIP(RetinaNet):
     def forward_training(self, images, features, predictions, gt_instances):
         """
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets, objectness] from
-                :meth:`predict` (objectness may be left out: None).
+            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
         Returns:
-            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes, and
-            "loss_objectness" when the head has an objectness output.
+            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
-        objectness = predictions[3] if len(predictions) > 3 else None
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
@@ -495,41 +477,7 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        losses = self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets)
-        if objectness is not None:
-            objectness = torch.cat([permute_to_N_HWA_K(x, 1) for x in objectness], dim=1)
-            losses["loss_objectness"] = self.objectness_loss_weight * self.objectness_loss(
-                objectness[..., 0], torch.stack(gt_labels), logits.shape[-1]
-            )
-        return losses
-
-    def objectness_loss(self, objectness: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
-        """Sigmoid focal loss (RetinaNet's alpha, gamma) of the per-location objectness logits.
-
-        Args:
-            objectness: (N, M) logits, one per location (M = sum of Hi*Wi).
-            gt_labels: (N, M*A) anchor labels {-1 ignore, 0..K-1 class, K background} over the
-                trained classes, A anchors per location in anchor order.
-            num_classes: K.
-        Returns:
-            The loss summed over the locations with a target, divided by the number of positive
-            locations (at least 1). A location is positive when one of its anchors is, negative
-            when all are background, else (ignored anchors only, e.g. of novel classes when they
-            are left out of training) not in the loss.
-        """
-        n, m = objectness.shape
-        labels = gt_labels.view(n, m, -1)
-        positive = ((labels >= 0) & (labels < num_classes)).any(dim=2)
-        negative = (labels == num_classes).all(dim=2)
-        valid = positive | negative
-        loss = sigmoid_focal_loss_jit(
-            objectness[valid],
-            positive[valid].to(objectness.dtype),
-            alpha=self.focal_loss_alpha,
-            gamma=self.focal_loss_gamma,
-            reduction="sum",
-        )
-        return loss / max(int(positive.sum()), 1)
+        return self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets)
 
     def _to_trained_labels(self, gt_labels: List[Tensor], trained_indices: Tensor) -> List[Tensor]:
         """Anchor labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'} over the
@@ -596,11 +544,9 @@ class GridCLIP(RetinaNet):
         """Ranks (location, class) pairs, expands only the top ones to anchors (module doc).
 
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets, objectness] from
-                :meth:`predict` (objectness may be left out: None).
+            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
-        objectness = predictions[3] if len(predictions) > 3 else None
         anchors = self.anchor_generator(features)
         # Per level (N, Hi*Wi, D) embedding rows, one per location.
         rows = [self.head.embedding_rows(x) for x in grid_embeddings]
@@ -608,16 +554,13 @@ class GridCLIP(RetinaNet):
         offsets = None
         if anchor_offsets is not None:
             offsets = [permute_to_N_HWA_K(x, self.head.num_anchors) for x in anchor_offsets]
-        if objectness is not None:
-            objectness = [permute_to_N_HWA_K(x, 1)[..., 0] for x in objectness]
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
             per_level = []
             for level, level_anchors in enumerate(anchors):
                 level_rows, level_deltas = rows[level][img_idx], deltas[level][img_idx]
                 level_offsets = offsets[level][img_idx] if offsets is not None else None
-                level_objectness = objectness[level][img_idx] if objectness is not None else None
-                locations = self._scored_locations(level_offsets, level_objectness)
+                locations = self._scored_locations(level_offsets)
                 if locations is not None and locations.numel() == 0:
                     continue  # no location of this level can reach the score threshold
                 if locations is not None:  # score a subset: gather its rows, anchors, deltas
@@ -652,15 +595,11 @@ class GridCLIP(RetinaNet):
             pred_classes=torch.zeros(0, dtype=torch.long, device=device),
         )
 
-    def _scored_locations(
-        self, offsets: Optional[Tensor], objectness: Optional[Tensor] = None
-    ) -> Optional[Tensor]:
+    def _scored_locations(self, offsets: Optional[Tensor]) -> Optional[Tensor]:
         """The locations of one level of one image whose classes are scored (module doc).
 
         Args:
             offsets: (Hi*Wi, A) anchor logit offsets, or None (ANCHOR_OFFSET off: no objectness).
-            objectness: (Hi*Wi,) the head's objectness logits, or None: then the top-K ranks
-                by the maximum anchor offset. (The exact pruning always uses the offsets.)
         Returns:
             Ascending location indices, or None for all of them (nothing pruned). Exact pruning
             (no class logit there can pass ``test_score_thresh``) is always applied; then at
@@ -668,17 +607,16 @@ class GridCLIP(RetinaNet):
         """
         if offsets is None:
             return None
-        max_offset = offsets.max(dim=1).values  # (Hi*Wi,)
-        if objectness is None:
-            objectness = max_offset
+        objectness = offsets.max(dim=1).values  # (Hi*Wi,)
         keep = None
         if 0.0 < self.test_score_thresh < 1.0:
             classifier = self.head.classifier
             # logit <= scale * cos + bias + offset, cos <= 1 (+ the text product's rounding)
             cos_bound = 1.0 + classifier.product_error_bound
             best_class_logit = float(classifier.logit_scale) * cos_bound + float(classifier.bias)
+            best_class_logit += self.head.max_background_shift  # - scale * cos(x, b) <= scale
             thresh = math.log(self.test_score_thresh / (1.0 - self.test_score_thresh))
-            passing = max_offset + best_class_logit > thresh
+            passing = objectness + best_class_logit > thresh
             if not bool(passing.all()):
                 keep = passing.nonzero().flatten()
         k = self.test_topk_locations

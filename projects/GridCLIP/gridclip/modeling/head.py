@@ -32,8 +32,7 @@ class GridCLIPHead(RetinaNetHead):
 
     ``forward_embeddings(features)`` returns the raw outputs: grid embeddings (N, E, Hi, Wi) with
     E = D (one per location), box deltas (N, A*4, Hi, Wi), per-anchor logit
-    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None) and objectness
-    logits (N, 1, Hi, Wi) (with ``objectness``; else None).
+    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None).
     ``forward(features)`` keeps RetinaNet's contract and returns ``(logits (N, A*K, Hi, Wi), box
     deltas)``; GridCLIP's own training and inference avoid materialising those logits.
     """
@@ -54,7 +53,6 @@ class GridCLIPHead(RetinaNetHead):
         learn_logit_scale: bool = False,
         text_product_dtype: str = "float32",
         background_embedding: bool = False,
-        objectness: bool = False,
     ):
         """
         Args:
@@ -74,9 +72,6 @@ class GridCLIPHead(RetinaNetHead):
                 on average), so a grid embedding near it scores every class high at once;
                 ViLD's softmax with a learned background is blind to such a common offset, a
                 per-class sigmoid is not. b starts at the normalised mean text embedding.
-            objectness: predict one class-agnostic objectness logit per location (a 3x3 conv
-                on the box tower, initialised at ``prior_prob``), trained by GridCLIP's
-                ``loss_objectness`` and used to rank locations for ``TEST_TOPK_LOCATIONS``.
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
         if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
@@ -101,15 +96,10 @@ class GridCLIPHead(RetinaNetHead):
         self.anchor_offset = None
         if anchor_offset and num_anchors > 1:
             self.anchor_offset = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, padding=1)
-        self.objectness = None
-        if objectness:
-            self.objectness = nn.Conv2d(conv_dims[-1], 1, kernel_size=3, padding=1)
-        for layer in (self.grid_embed, self.anchor_offset, self.objectness):
+        for layer in (self.grid_embed, self.anchor_offset):
             if layer is not None:
                 nn.init.normal_(layer.weight, mean=0, std=0.01)
                 nn.init.constant_(layer.bias, 0)
-        if self.objectness is not None:  # RetinaNet's prior: start at probability prior_prob
-            nn.init.constant_(self.objectness.bias, -math.log((1 - prior_prob) / prior_prob))
         # RetinaNet's prior: every class starts at probability prior_prob. A single learned bias
         # (shared by all classes, so it applies to novel ones too) replaces the per-class one.
         self.classifier = TextEmbeddingClassifier(
@@ -137,7 +127,6 @@ class GridCLIPHead(RetinaNetHead):
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
             text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
             background_embedding=cfg.MODEL.GRIDCLIP.BACKGROUND_EMBEDDING,
-            objectness=cfg.MODEL.GRIDCLIP.OBJECTNESS_LOSS_WEIGHT > 0,
         )
         return ret
 
@@ -152,7 +141,7 @@ class GridCLIPHead(RetinaNetHead):
 
     def forward_embeddings(
         self, features: List[Tensor]
-    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]], Optional[List[Tensor]]]:
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
         """
         Args:
             features: FPN maps (N, C, Hi, Wi), high to low resolution.
@@ -160,25 +149,20 @@ class GridCLIPHead(RetinaNetHead):
             grid_embeddings: per level (N, D, Hi, Wi) (not normalised).
             box_deltas: per level (N, A*4, Hi, Wi).
             anchor_offsets: per level (N, A, Hi, Wi) logit offsets, or None.
-            objectness: per level (N, 1, Hi, Wi) objectness logits, or None.
         """
         assert (
             len(features) == self._num_features
         ), f"head built for {self._num_features} levels, got {len(features)}"
-        grid_embeddings, box_deltas, anchor_offsets, objectness = [], [], [], []
+        grid_embeddings, box_deltas, anchor_offsets = [], [], []
         for feature in features:
             grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
             box_features = self.bbox_subnet(feature)
             box_deltas.append(self.bbox_pred(box_features))
             if self.anchor_offset is not None:
                 anchor_offsets.append(self.anchor_offset(box_features))
-            if self.objectness is not None:
-                objectness.append(self.objectness(box_features))
         if self.anchor_offset is None:
             anchor_offsets = None
-        if self.objectness is None:
-            objectness = None
-        return grid_embeddings, box_deltas, anchor_offsets, objectness
+        return grid_embeddings, box_deltas, anchor_offsets
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
         """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""
@@ -231,7 +215,7 @@ class GridCLIPHead(RetinaNetHead):
 
         Materialises per-anchor logits; GridCLIP's own training and inference do not use it.
         """
-        grid_embeddings, box_deltas, anchor_offsets, _ = self.forward_embeddings(features)
+        grid_embeddings, box_deltas, anchor_offsets = self.forward_embeddings(features)
         logits = []
         for i, x in enumerate(grid_embeddings):
             n, _, h, w = x.shape
