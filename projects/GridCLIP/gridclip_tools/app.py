@@ -31,8 +31,8 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.data import register_datasets_from_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES
-from gridclip_tools.args import add_config_overrides
-from gridclip_tools.demo import DEFAULT_CONFIG, build_cfg
+from gridclip_tools.args import add_config_file, add_config_overrides
+from gridclip_tools.demo import build_cfg
 from gridclip_tools.grounding_eval import image_caption
 
 logger = logging.getLogger("gridclip.app")
@@ -47,12 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"config path or name under projects/GridCLIP/configs (default {DEFAULT_CONFIG})",
-    )
+    add_config_file(p)
     p.add_argument(
         "--weights",
         default=DEFAULT_WEIGHTS,

@@ -18,6 +18,20 @@ __all__ = [
 ]
 
 
+#: The config the user-facing tools default to: the model `make demo` trains.
+DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
+
+
+def add_config_file(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
+    """``--config-file FILE``: a path or a name under projects/GridCLIP/configs."""
+    parser.add_argument(
+        "--config-file",
+        default=default,
+        metavar="FILE",
+        help=f"config path or name under projects/GridCLIP/configs (default {default})",
+    )
+
+
 def add_config_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
     """Config overrides ``KEY VALUE ...`` as trailing arguments, or after ``--opts`` (Detectron2's
     demo spelling); :func:`config_overrides` joins the two. ``scope`` ends the help text (e.g.

@@ -45,10 +45,14 @@ from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.prompts import parse_prompt
 from gridclip.modeling.vocabulary import BUILTIN_VOCABULARIES, parse_vocabulary
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_overrides, check_weights_file, config_overrides
+from gridclip_tools.args import (
+    add_config_file,
+    add_config_overrides,
+    check_weights_file,
+    config_overrides,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
 
 logger = logging.getLogger("gridclip.demo")
 
@@ -68,12 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"config path or name under projects/GridCLIP/configs (default {DEFAULT_CONFIG})",
-    )
+    add_config_file(p)
     p.add_argument(
         "--input",
         nargs="+",

@@ -69,12 +69,15 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_overrides, config_overrides
+from gridclip_tools.args import (
+    add_config_file,
+    add_config_overrides,
+    config_overrides,
+)
 from gridclip_tools.measure import time_interleaved
 
 logger = logging.getLogger("gridclip.export")
 
-DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
 FORMATS = ("pt2", "onnx")
 INPUT_NAMES = ["image", "resized_hw", "original_hw"]
 OUTPUT_NAMES = ["boxes", "scores", "classes"]
@@ -435,12 +438,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"config path or name under projects/GridCLIP/configs (default {DEFAULT_CONFIG})",
-    )
+    add_config_file(p)
     p.add_argument("--weights", default="", help="trained GridCLIP checkpoint (MODEL.WEIGHTS)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(

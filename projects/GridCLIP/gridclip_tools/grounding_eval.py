@@ -43,8 +43,8 @@ from gridclip.data import register_datasets_from_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.prompts import ParsedPrompt, parse_prompt, template_caption
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_overrides
-from gridclip_tools.demo import DEFAULT_CONFIG, build_cfg, read_image_bgr
+from gridclip_tools.args import add_config_file, add_config_overrides
+from gridclip_tools.demo import build_cfg, read_image_bgr
 
 logger = logging.getLogger("gridclip.grounding_eval")
 
@@ -55,12 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"config path or name under projects/GridCLIP/configs (default {DEFAULT_CONFIG})",
-    )
+    add_config_file(p)
     p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
     p.add_argument("--dataset", help="registered dataset (default: the config's DATASETS.TEST[0])")
     p.add_argument(

@@ -44,10 +44,10 @@ from gridclip.data.world import (
 )
 from gridclip.utils.io import atomic_write
 
+from .args import DEFAULT_CONFIG
 from .embedded_demo import MODELS, DemoModel, dataset_opts, train_all
 
 METRICS = ("AP", "APr", "APc", "APf", "AP50", "APs", "APm", "APl")
-DEFAULT_CONFIG = "embedded/GridCLIP_world.yaml"
 
 
 def parse_variant(text: str) -> tuple:
