@@ -176,13 +176,24 @@ def test_gating_needs_anchor_offsets(assets):
 
 
 # ------------------------------------------------------------------------- reduced precision
+# CPU always; CUDA where the machine has one (CI has none: a GPU session runs these there).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_text_product_within_its_bound(dtype):
+def test_low_precision_text_product_within_its_bound(dtype, device):
     g = torch.Generator().manual_seed(0)
     text = torch.randn(300, 128, generator=g)
-    rows = torch.randn(500, 128, generator=g) * 3
-    rows[:5] = text[:5] * 2  # cosines near 1 (the largest rounding)
+    rows = (torch.randn(500, 128, generator=g) * 3).to(device)
+    rows[:5] = text[:5].to(device) * 2  # cosines near 1 (the largest rounding)
     classifier = TextEmbeddingClassifier(text, logit_scale=20.0, bias=-4.6, learn_bias=True)
+    classifier.to(device)
     with torch.no_grad():
         reference = classifier(rows)
     classifier.set_product_dtype(dtype)
@@ -200,9 +211,11 @@ def test_low_precision_text_product_within_its_bound(dtype):
         classifier.set_product_dtype("float64")
 
 
-def test_bf16_model_detections_close_to_fp32(assets):
-    model = _gated_model(assets, 0, max_det=30)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_model_detections_close_to_fp32(assets, device):
+    model = _gated_model(assets, 0, max_det=30).to(device)
     images, features = dense_inputs(model, n=1, size=(2, 80, 96), seed=5)
+    images, features = images.to(device), [f.to(device) for f in features]
     with torch.no_grad():
         predictions = list(model.head.forward_embeddings(features))
     reference, _ = _infer(model, images, features, predictions)
