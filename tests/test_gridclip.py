@@ -608,10 +608,11 @@ def test_top_pairs_threshold_first_equals_plain_topk(num_rows, num_classes, k):
     for row_bonus in (None, bonus):
         full = logits if row_bonus is None else logits + row_bonus[:, None]
         want = full.flatten().topk(k)
-        rows, classes = GridCLIP._top_pairs(logits, row_bonus, k)
-        assert rows.shape == classes.shape == (k,)
-        torch.testing.assert_close(full[rows, classes], want.values)  # same values, best first
-        assert torch.equal(rows * num_classes + classes, want.indices)  # no ties here
+        for exhaustive in (False, True):  # threshold-first (CPU) and one top-k (GPU default)
+            rows, classes = GridCLIP._top_pairs(logits, row_bonus, k, exhaustive=exhaustive)
+            assert rows.shape == classes.shape == (k,)
+            torch.testing.assert_close(full[rows, classes], want.values)  # same, best first
+            assert torch.equal(rows * num_classes + classes, want.indices)  # no ties here
     # k larger than the matrix: everything
     rows, classes = GridCLIP._top_pairs(logits[:2, :3], None, 50)
     assert sorted((rows * 3 + classes).tolist()) == list(range(6))

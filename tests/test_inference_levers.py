@@ -22,6 +22,7 @@ from test_gridclip import (
 )
 
 from gridclip.engine.predictor import OpenVocabularyPredictor
+from gridclip.modeling.gridclip import GridCLIP
 from gridclip.modeling.text_classifier import TextEmbeddingClassifier
 
 
@@ -162,6 +163,46 @@ def test_threshold_pruning_is_exact_and_skips_hopeless_locations(assets):
         torch.full_like(o, -60.0) for o in hopeless
     ]])  # fmt: skip
     assert rows == [] and len(none[0]) == 0
+
+
+def test_gpu_decoding_path_gives_the_cpu_detections(assets):
+    """On a GPU the decoding skips the exact pruning and ranks pairs with one top-k (no host
+    syncs); forced here on the CPU, it must give the default path's detections."""
+    model = _gated_model(assets, 0, max_det=50, score_thresh=0.05)
+    images, features = dense_inputs(model, n=2, size=(2, 96, 112), seed=13)
+    with torch.no_grad():
+        predictions = list(model.head.forward_embeddings(features))
+    default, _ = _infer(model, images, features, predictions)
+    top_pairs = GridCLIP._top_pairs
+
+    def exhaustive(logits, row_bonus, k, exhaustive=None):
+        return top_pairs(logits, row_bonus, k, exhaustive=True)
+
+    with (
+        mock.patch.object(model, "_scored_locations", lambda offsets, objectness=None: None),
+        mock.patch.object(model, "_top_pairs", exhaustive),
+    ):
+        gpu_like, _ = _infer(model, images, features, predictions)
+    for a, b in zip(default, gpu_like):
+        assert len(a) > 0
+        assert_same_detections(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_detections_equal_cpu(assets):
+    model = _gated_model(assets, 0, max_det=50, score_thresh=0.05)
+    images, features = dense_inputs(model, n=2, size=(2, 96, 112), seed=13)
+    with torch.no_grad():
+        predictions = list(model.head.forward_embeddings(features))
+    reference, _ = _infer(model, images, features, predictions)
+    model.to("cuda")
+    images, features = images.to("cuda"), [f.to("cuda") for f in features]
+    with torch.no_grad():
+        predictions = list(model.head.forward_embeddings(features))
+    got, _ = _infer(model, images, features, predictions)
+    for a, b in zip(reference, got):
+        assert len(a) > 0
+        assert_same_detections(a, b.to("cpu"))
 
 
 def test_gating_needs_anchor_offsets(assets):

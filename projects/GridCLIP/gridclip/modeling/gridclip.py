@@ -609,7 +609,10 @@ class GridCLIP(RetinaNet):
             return None
         objectness = offsets.max(dim=1).values  # (Hi*Wi,)
         keep = None
-        if 0.0 < self.test_score_thresh < 1.0:
+        # The pruning pays on a CPU, where the text product is the cost; on a GPU it would cost
+        # two host syncs per level and image for a product the device does in microseconds
+        # (docs/BENCHMARKS.md, GPU figures). Exact either way: it never changes the detections.
+        if 0.0 < self.test_score_thresh < 1.0 and not offsets.is_cuda:
             classifier = self.head.classifier
             # logit <= scale * cos + bias + offset, cos <= 1 (+ the text product's rounding)
             cos_bound = 1.0 + classifier.product_error_bound
@@ -628,9 +631,23 @@ class GridCLIP(RetinaNet):
             keep = keep.sort().values  # the ungated order: same ties, same results
         return keep
 
-    @staticmethod
-    def _top_pairs(logits: Tensor, row_bonus: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
+    #: Above this many (row, class) pairs, the threshold-first top-k is used on a GPU too (it
+    #: bounds the memory of ``logits + row_bonus``: 21,000 classes x 15,200 P3 locations).
+    EXHAUSTIVE_TOP_PAIRS_LIMIT = 64 * 2**20
+
+    @classmethod
+    def _top_pairs(
+        cls,
+        logits: Tensor,
+        row_bonus: Optional[Tensor],
+        k: int,
+        exhaustive: Optional[bool] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """The k largest ``logits[row, class] + row_bonus[row]``: (rows, classes), best first.
+
+        ``exhaustive`` (default: on a GPU, up to ``EXHAUSTIVE_TOP_PAIRS_LIMIT`` pairs): one
+        ``torch.topk`` over every pair, no host sync; otherwise the threshold-first method below
+        (two host syncs, far less work on a CPU). The same pairs either way, ties aside.
 
         Threshold first, then a top-k over the few pairs that pass: the ``c = ceil(k / M)``
         largest values of every row are M*c >= k actual pairs, so the k-th largest of them,
@@ -647,6 +664,12 @@ class GridCLIP(RetinaNet):
         if k == 0:
             empty = torch.zeros(0, dtype=torch.long, device=logits.device)
             return empty, empty
+        if exhaustive is None:
+            exhaustive = logits.is_cuda and logits.numel() <= cls.EXHAUSTIVE_TOP_PAIRS_LIMIT
+        if exhaustive:
+            values = logits if row_bonus is None else logits + row_bonus[:, None]
+            idxs = values.flatten().topk(k).indices
+            return torch.div(idxs, num_classes, rounding_mode="floor"), idxs % num_classes
         c = -(-k // num_rows)
         row_top = logits.max(dim=1).values[:, None] if c == 1 else logits.topk(c, dim=1).values
         if row_bonus is not None:

@@ -120,6 +120,10 @@ def profile_inference(
         for label, t in parts.items():
             f.write(f"#   {label}: {t['wall_ms']:,.0f} / {t['cpu_ms']:,.0f} ms\n")
         f.write(averages.table(sort_by=sort_key, row_limit=top))
+        if sort_key != "self_cpu_time_total":
+            # On a GPU a small model is often bound by the host (launches, syncs): its CPU side.
+            f.write("\n# The same ops by self CPU time (host side: launches, syncs, Python)\n")
+            f.write(averages.table(sort_by="self_cpu_time_total", row_limit=top))
     rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     top_ops = [
         [e.key, e.self_cpu_time_total / 1000.0, e.cpu_time_total / 1000.0, e.count] for e in rows
@@ -165,6 +169,10 @@ def profile_training(job: TrainingJob, path: str, top: int = 30) -> List:
         for label, t in parts.items():
             f.write(f"#   {label}: {t['wall_ms']:,.0f} / {t['cpu_ms']:,.0f} ms\n")
         f.write(averages.table(sort_by=sort_key, row_limit=top))
+        if sort_key != "self_cpu_time_total":
+            # On a GPU a small model is often bound by the host (launches, syncs): its CPU side.
+            f.write("\n# The same ops by self CPU time (host side: launches, syncs, Python)\n")
+            f.write(averages.table(sort_by="self_cpu_time_total", row_limit=top))
     rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return [
         [e.key, e.self_cpu_time_total / 1000.0, e.cpu_time_total / 1000.0, e.count] for e in rows
