@@ -133,6 +133,14 @@ INFERENCE_MODELS = {
             "gridclip",
             opts=_head_opts(128, 2) + _TOP1000,
         ),
+        # The configs keep 5,000 anchor candidates per level before NMS (LVIS: 300 detections
+        # over 1,203 classes); on a GPU that NMS is the largest kernel (docs/BENCHMARKS.md).
+        ModelSpec(
+            "gridclip_cand1000",
+            "GridCLIP (per-location, 1,000 candidates per level before NMS)",
+            "gridclip",
+            opts=("MODEL.RETINANET.TOPK_CANDIDATES_TEST", 1000),
+        ),
         ModelSpec(
             "gridclip_bf16",
             "GridCLIP (per-location, bf16 text product)",
