@@ -14,6 +14,7 @@ from detectron2.engine import HookBase
 import gridclip  # noqa: F401  (registers datasets)
 from gridclip.clip import loading as clip_loading
 from gridclip.config import get_gridclip_cfg
+from gridclip.data import world as world_module
 from gridclip.data.captions import (
     compose_caption,
     load_coco_captions_json,
@@ -330,3 +331,24 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     assert not torch.equal(before, model.head.grid_embed.weight.detach())
     # the phrase embeddings are not saved in checkpoints
     assert not any("phrase_embeddings" in k for k in model.state_dict())
+
+
+def test_pairs_folder_follows_the_umask_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    root = str(tmp_path / "w")
+    old = os.umask(0o022)
+    try:
+        generate_world(root, seed=3, **TINY)
+        generate_world_pairs(root, num_pairs=2)
+    finally:
+        os.umask(old)
+    assert os.stat(os.path.join(root, "pairs")).st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    before = sorted(os.listdir(root))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(world_module, "compose_caption", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate_world_pairs(root, num_pairs=3)  # other parameters: rebuilt, and it fails
+    assert sorted(os.listdir(root)) == before  # no temporary folder left, old pairs kept
+    assert os.path.exists(os.path.join(root, "pairs", "captions.json"))
