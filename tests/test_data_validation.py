@@ -259,3 +259,37 @@ def test_dataset_with_another_class_count_than_the_model(tiny_lvis_json, tmp_pat
     cfg.DATASETS.TEST = (name,)  # test sets: evaluated with their own class names
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
     register_datasets_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+@pytest.mark.parametrize("is_train", [True, False])
+def test_16_bit_and_float_images_follow_the_image_rule_in_training_and_test(
+    tmp_path, image_format, is_train
+):
+    """A 16-bit gray PNG and a float TIFF reach the model scaled to 8 bits by the project's image
+    rule (gridclip/data/images.py); Detectron2's read_image clipped every value above 255 to
+    white (issue 14). An 8-bit file is still read by Detectron2 as before."""
+    from gridclip.data.images import read_image_bgr
+
+    gray16 = (np.arange(30 * 40, dtype=np.uint32).reshape(30, 40) * 54).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    gray_f = np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)
+    Image.fromarray(gray_f, mode="F").save(tmp_path / "float.tif")
+    cfg = get_gridclip_cfg(
+        opts=[
+            "INPUT.MIN_SIZE_TRAIN", "(30,)", "INPUT.MAX_SIZE_TRAIN", "1000",
+            "INPUT.MIN_SIZE_TEST", "30", "INPUT.MAX_SIZE_TEST", "1000",
+            "INPUT.RANDOM_FLIP", "none", "INPUT.FORMAT", image_format,
+        ]
+    )  # fmt: skip
+    mapper = CheckedDatasetMapper(cfg, is_train=is_train)
+    for name in ("gray16.png", "float.tif"):
+        out = mapper(_record(tmp_path / name, 30, 40))["image"].numpy().transpose(1, 2, 0)
+        expected = read_image_bgr(str(tmp_path / name))
+        expected = expected[:, :, ::-1] if image_format == "RGB" else expected
+        assert out.shape == (30, 40, 3), name
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+        assert out.max() > 200 and out.min() < 50, name  # the full range, not clipped
+    Image.fromarray(np.full((30, 40, 3), (10, 20, 30), np.uint8)).save(tmp_path / "rgb.png")
+    out = mapper(_record(tmp_path / "rgb.png", 30, 40))["image"].numpy()
+    assert out[:, 0, 0].tolist() == ([10, 20, 30] if image_format == "RGB" else [30, 20, 10])
