@@ -42,7 +42,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
@@ -50,6 +49,7 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers datasets and models)
 from gridclip import get_gridclip_cfg
 from gridclip.clip import build_clip_teacher_from_cfg, clip_model_key, resolve_clip_weights
+from gridclip.data.images import read_image_rgb
 from gridclip.clip.teacher_cache import (
     META_FILE,
     TeacherCacheError,
@@ -204,7 +204,7 @@ def main(argv=None):
             teacher = build_clip_teacher_from_cfg(cfg).to(device)
             if args.weights:
                 proposer = RPNProposer(cfg, args.weights, num_proposals)
-        image = read_image(d["file_name"], format="RGB")
+        image = read_image_rgb(d["file_name"])  # the project's image rule
         height, width = image.shape[:2]
         if proposer is not None:
             boxes = proposer(image)
