@@ -293,3 +293,87 @@ def test_16_bit_and_float_images_follow_the_image_rule_in_training_and_test(
     Image.fromarray(np.full((30, 40, 3), (10, 20, 30), np.uint8)).save(tmp_path / "rgb.png")
     out = mapper(_record(tmp_path / "rgb.png", 30, 40))["image"].numpy()
     assert out[:, 0, 0].tolist() == ([10, 20, 30] if image_format == "RGB" else [30, 20, 10])
+
+
+def _coco_json(tmp_path, stem, modify=None):
+    """A 2-image COCO file (images on disk) registered with Detectron2's own
+    ``register_coco_instances``; ``modify(data)`` breaks it."""
+    from detectron2.data.datasets import register_coco_instances
+
+    root = tmp_path / stem
+    root.mkdir()
+    images = []
+    for image_id in (1, 2):
+        Image.new("RGB", (96, 80), (128, 128, 128)).save(root / f"img{image_id}.png")
+        images.append({"id": image_id, "file_name": f"img{image_id}.png", "height": 80, "width": 96})
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 40], "area": 1600, "iscrowd": 0},
+    ]  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    if modify is not None:
+        modify(data)
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    name = f"d2_coco_{stem}_{next(_counter)}"
+    register_coco_instances(name, {}, str(path), str(root))
+    return name, str(path)
+
+
+def _duplicate_image_id(d):
+    d["images"][1]["id"] = 1
+    d["annotations"][1]["image_id"] = 1
+
+
+def _missing_file(d):
+    d["images"][1]["file_name"] = "gone.png"
+
+
+def _outside(d):
+    for a in d["annotations"]:
+        a["bbox"] = [200, 10, 30, 20]
+
+
+def _negative_box(d):
+    d["annotations"][0]["bbox"] = [10, 10, -5, 4]
+
+
+@pytest.mark.parametrize(
+    "modify, error, match",
+    [
+        (_duplicate_image_id, DatasetValidationError, r"image id 1 is used by two images"),
+        (_missing_file, FileNotFoundError, r"1 of 2 image files do not exist: .*gone.png"),
+        (_outside, DatasetValidationError, r"no usable instance in 2 images \(2 boxes outside"),
+        (_negative_box, ValueError, r"image 1 .*annotation #1 of the image: negative box size"),
+    ],
+)
+@pytest.mark.parametrize("split", ["TRAIN", "TEST"])
+def test_detectron2_registrations_are_validated_before_the_first_iteration(
+    tmp_path, modify, error, match, split
+):
+    """A set registered with Detectron2's own register_coco_instances gets the checks of the
+    project's registrations when the trainer builds its loaders (issue 14: it was loaded
+    unchecked: a repeated image id trained one image's pixels with another's boxes)."""
+    name, path = _coco_json(tmp_path, modify.__name__.strip("_"), modify)
+    other, _ = _coco_json(tmp_path, "ok")
+    train, test = (name, other) if split == "TRAIN" else (other, name)
+    cfg = get_gridclip_cfg(
+        "Base-GridCLIP.yaml",
+        [
+            "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{test}',)",
+            "MODEL.RETINANET.NUM_CLASSES", "2", "SOLVER.IMS_PER_BATCH", "1",
+            "DATALOADER.NUM_WORKERS", "0",
+        ],
+    )  # fmt: skip
+    build = Trainer.build_train_loader if split == "TRAIN" else Trainer.build_test_loader
+    args = (cfg,) if split == "TRAIN" else (cfg, name)
+    with pytest.raises(error, match=match) as e:
+        build(*args)
+    assert "instances.json" in str(e.value)
+    assert register_datasets_from_cfg(cfg) == []  # idempotent: wrapped once
+    # the sound set loads as Detectron2 loads it
+    assert [d["image_id"] for d in DatasetCatalog.get(other)] == [1, 2]
