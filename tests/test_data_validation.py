@@ -305,11 +305,13 @@ def _coco_json(tmp_path, stem, modify=None):
     images = []
     for image_id in (1, 2):
         Image.new("RGB", (96, 80), (128, 128, 128)).save(root / f"img{image_id}.png")
-        images.append({"id": image_id, "file_name": f"img{image_id}.png", "height": 80, "width": 96})
+        images.append(
+            {"id": image_id, "file_name": f"img{image_id}.png", "height": 80, "width": 96}
+        )
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
-        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 40], "area": 1600, "iscrowd": 0},
-    ]  # fmt: skip
+        {"id": i, "image_id": i, "category_id": i, "bbox": box, "area": 600, "iscrowd": 0}
+        for i, box in ((1, [10, 10, 30, 20]), (2, [5, 5, 40, 40]))
+    ]
     data = {
         "images": images,
         "annotations": annotations,

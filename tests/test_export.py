@@ -239,7 +239,9 @@ def test_input_images_follow_the_project_image_rule(tmp_path):
 
     gray = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
     Image.fromarray(gray).save(tmp_path / "gray16.png")
-    args = export.get_parser().parse_args(["--output", "o", "--input", str(tmp_path / "gray16.png")])
+    args = export.get_parser().parse_args(
+        ["--output", "o", "--input", str(tmp_path / "gray16.png")]
+    )
     (image,) = export._check_images(args, {"canvas_hw": (96, 96)})
     assert image.shape == (48, 64, 3) and image.dtype == np.uint8
     expected = (gray.astype(np.uint32) * 255 + 32767) // 65535

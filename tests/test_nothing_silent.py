@@ -373,7 +373,10 @@ def test_teacher_cache_tools_read_images_by_the_image_rule(assets, tiny_lvis_jso
 
     opts = ["MODEL.CLIP.WEIGHTS", str(assets["clip"]), "MODEL.CLIP.EMBED_DIM", str(D)]
     opts += ["MODEL.CLIP.TEACHER_INPUT_SIZE", "64", "MODEL.DEVICE", "cpu"]
-    for tool, config in ((cache_teacher_embeddings, "Base-GridCLIP.yaml"), (cache_vild_teacher, "ViLD_R50.yaml")):
+    for tool, config in (
+        (cache_teacher_embeddings, "Base-GridCLIP.yaml"),
+        (cache_vild_teacher, "ViLD_R50.yaml"),
+    ):
         monkeypatch.setattr(tool, "build_clip_teacher_from_cfg", lambda cfg: Teacher())
         out = os.path.join(root, f"cache_{tool.__name__.rsplit('.', 1)[-1]}")
         argv = ["--config-file", config, "--dataset", dataset, "--output", out, "--no-progress"]

@@ -28,12 +28,12 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers the datasets)
 from gridclip import get_gridclip_cfg
 from gridclip.clip import build_clip_teacher_from_cfg
-from gridclip.data.images import read_image_rgb
 from gridclip.clip.teacher_cache import (
     TeacherEmbeddingCache,
     gridclip_teacher_provenance,
     teacher_cache_key,
 )
+from gridclip.data.images import read_image_rgb
 from gridclip.utils.cache import CacheMismatchError
 from gridclip_tools.args import non_negative_int, positive_int
 

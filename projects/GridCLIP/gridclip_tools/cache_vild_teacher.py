@@ -49,7 +49,6 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers datasets and models)
 from gridclip import get_gridclip_cfg
 from gridclip.clip import build_clip_teacher_from_cfg, clip_model_key, resolve_clip_weights
-from gridclip.data.images import read_image_rgb
 from gridclip.clip.teacher_cache import (
     META_FILE,
     TeacherCacheError,
@@ -60,6 +59,7 @@ from gridclip.clip.teacher_cache import (
     write_cache_entry,
     write_cache_meta,
 )
+from gridclip.data.images import read_image_rgb
 from gridclip_tools.args import non_negative_int
 
 logger = logging.getLogger("gridclip.tools.cache_vild_teacher")

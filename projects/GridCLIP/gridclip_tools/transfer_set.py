@@ -74,7 +74,9 @@ def default_transfer_root() -> str:
 
 def _params(seed: int, num_images: int, image_size: int) -> Dict:
     if num_images < 1 or image_size < 32:
-        raise ValueError(f"need num_images >= 1 and image_size >= 32, got {num_images}, {image_size}")
+        raise ValueError(
+            f"need num_images >= 1 and image_size >= 32, got {num_images}, {image_size}"
+        )
     return {
         "format_version": TRANSFER_FORMAT_VERSION,
         "seed": int(seed),
@@ -183,7 +185,9 @@ def make_transfer_set(
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"params": params}, f, indent=2)
         if os.path.exists(root):
-            old = tempfile.mkdtemp(prefix=os.path.basename(root) + ".old-", dir=os.path.dirname(root))
+            old = tempfile.mkdtemp(
+                prefix=os.path.basename(root) + ".old-", dir=os.path.dirname(root)
+            )
             os.replace(root, os.path.join(old, "set"))
             os.replace(tmp, root)
             shutil.rmtree(old, ignore_errors=True)
@@ -197,7 +201,9 @@ def make_transfer_set(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", default=None, help=f"output folder (default $DETECTRON2_DATASETS/{DEFAULT_NAME})")
+    p.add_argument(
+        "--root", default=None, help=f"output folder (default $DETECTRON2_DATASETS/{DEFAULT_NAME})"
+    )
     p.add_argument("--seed", type=int, default=7, help="seed of the images (the world's is 0)")
     p.add_argument("--num-images", type=positive_int, default=300)
     p.add_argument("--image-size", type=positive_int, default=320)
@@ -214,5 +220,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     novel = ", ".join(repr(n) for n in novel_classes())
     print(f"Transfer set: {paths['json_file']} (images in {paths['image_root']})")
     print(f"  DATASETS.FILES \"('{paths['entry']}',)\"")
-    print(f"  TEST.NOVEL_CLASSES \"({novel})\"")
+    print(f'  TEST.NOVEL_CLASSES "({novel})"')
     return 0
