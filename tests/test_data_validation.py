@@ -259,3 +259,123 @@ def test_dataset_with_another_class_count_than_the_model(tiny_lvis_json, tmp_pat
     cfg.DATASETS.TEST = (name,)  # test sets: evaluated with their own class names
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
     register_datasets_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+@pytest.mark.parametrize("is_train", [True, False])
+def test_16_bit_and_float_images_follow_the_image_rule_in_training_and_test(
+    tmp_path, image_format, is_train
+):
+    """A 16-bit gray PNG and a float TIFF reach the model scaled to 8 bits by the project's image
+    rule (gridclip/data/images.py); Detectron2's read_image clipped every value above 255 to
+    white (issue 14). An 8-bit file is still read by Detectron2 as before."""
+    from gridclip.data.images import read_image_bgr
+
+    gray16 = (np.arange(30 * 40, dtype=np.uint32).reshape(30, 40) * 54).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    gray_f = np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)
+    Image.fromarray(gray_f, mode="F").save(tmp_path / "float.tif")
+    cfg = get_gridclip_cfg(
+        opts=[
+            "INPUT.MIN_SIZE_TRAIN", "(30,)", "INPUT.MAX_SIZE_TRAIN", "1000",
+            "INPUT.MIN_SIZE_TEST", "30", "INPUT.MAX_SIZE_TEST", "1000",
+            "INPUT.RANDOM_FLIP", "none", "INPUT.FORMAT", image_format,
+        ]
+    )  # fmt: skip
+    mapper = CheckedDatasetMapper(cfg, is_train=is_train)
+    for name in ("gray16.png", "float.tif"):
+        out = mapper(_record(tmp_path / name, 30, 40))["image"].numpy().transpose(1, 2, 0)
+        expected = read_image_bgr(str(tmp_path / name))
+        expected = expected[:, :, ::-1] if image_format == "RGB" else expected
+        assert out.shape == (30, 40, 3), name
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+        assert out.max() > 200 and out.min() < 50, name  # the full range, not clipped
+    Image.fromarray(np.full((30, 40, 3), (10, 20, 30), np.uint8)).save(tmp_path / "rgb.png")
+    out = mapper(_record(tmp_path / "rgb.png", 30, 40))["image"].numpy()
+    assert out[:, 0, 0].tolist() == ([10, 20, 30] if image_format == "RGB" else [30, 20, 10])
+
+
+def _coco_json(tmp_path, stem, modify=None):
+    """A 2-image COCO file (images on disk) registered with Detectron2's own
+    ``register_coco_instances``; ``modify(data)`` breaks it."""
+    from detectron2.data.datasets import register_coco_instances
+
+    root = tmp_path / stem
+    root.mkdir()
+    images = []
+    for image_id in (1, 2):
+        Image.new("RGB", (96, 80), (128, 128, 128)).save(root / f"img{image_id}.png")
+        images.append(
+            {"id": image_id, "file_name": f"img{image_id}.png", "height": 80, "width": 96}
+        )
+    annotations = [
+        {"id": i, "image_id": i, "category_id": i, "bbox": box, "area": 600, "iscrowd": 0}
+        for i, box in ((1, [10, 10, 30, 20]), (2, [5, 5, 40, 40]))
+    ]
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    if modify is not None:
+        modify(data)
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    name = f"d2_coco_{stem}_{next(_counter)}"
+    register_coco_instances(name, {}, str(path), str(root))
+    return name, str(path)
+
+
+def _duplicate_image_id(d):
+    d["images"][1]["id"] = 1
+    d["annotations"][1]["image_id"] = 1
+
+
+def _missing_file(d):
+    d["images"][1]["file_name"] = "gone.png"
+
+
+def _outside(d):
+    for a in d["annotations"]:
+        a["bbox"] = [200, 10, 30, 20]
+
+
+def _negative_box(d):
+    d["annotations"][0]["bbox"] = [10, 10, -5, 4]
+
+
+@pytest.mark.parametrize(
+    "modify, error, match",
+    [
+        (_duplicate_image_id, DatasetValidationError, r"image id 1 is used by two images"),
+        (_missing_file, FileNotFoundError, r"1 of 2 image files do not exist: .*gone.png"),
+        (_outside, DatasetValidationError, r"no usable instance in 2 images \(2 boxes outside"),
+        (_negative_box, ValueError, r"image 1 .*annotation #1 of the image: negative box size"),
+    ],
+)
+@pytest.mark.parametrize("split", ["TRAIN", "TEST"])
+def test_detectron2_registrations_are_validated_before_the_first_iteration(
+    tmp_path, modify, error, match, split
+):
+    """A set registered with Detectron2's own register_coco_instances gets the checks of the
+    project's registrations when the trainer builds its loaders (issue 14: it was loaded
+    unchecked: a repeated image id trained one image's pixels with another's boxes)."""
+    name, path = _coco_json(tmp_path, modify.__name__.strip("_"), modify)
+    other, _ = _coco_json(tmp_path, "ok")
+    train, test = (name, other) if split == "TRAIN" else (other, name)
+    cfg = get_gridclip_cfg(
+        "Base-GridCLIP.yaml",
+        [
+            "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{test}',)",
+            "MODEL.RETINANET.NUM_CLASSES", "2", "SOLVER.IMS_PER_BATCH", "1",
+            "DATALOADER.NUM_WORKERS", "0",
+        ],
+    )  # fmt: skip
+    build = Trainer.build_train_loader if split == "TRAIN" else Trainer.build_test_loader
+    args = (cfg,) if split == "TRAIN" else (cfg, name)
+    with pytest.raises(error, match=match) as e:
+        build(*args)
+    assert "instances.json" in str(e.value)
+    assert register_datasets_from_cfg(cfg) == []  # idempotent: wrapped once
+    # the sound set loads as Detectron2 loads it
+    assert [d["image_id"] for d in DatasetCatalog.get(other)] == [1, 2]

@@ -205,3 +205,44 @@ def test_onnx_without_the_optional_extras_is_a_clear_error(monkeypatch, tmp_path
     monkeypatch.setattr(export, "_importable", lambda module: module != "onnxruntime")
     with pytest.raises(SystemExit, match=r"needs onnxruntime .*setup_env.sh --export.*pt2"):
         export.main(["--output", str(tmp_path)])
+
+
+class _Built(Exception):
+    """Raised by the stand-in for build_exportable: what main parsed is all these tests need."""
+
+
+def test_trailing_config_overrides_after_input_are_not_taken_as_images(monkeypatch, tmp_path):
+    """``--input a.png b.png KEY VALUE``: nargs swallowed the overrides as images (issue 14);
+    they now reach the config, as in tools/demo.py (one helper, gridclip_tools.args)."""
+    seen = {}
+
+    def fake_build(config_file, weights, opts, vocabulary=None, canvas_hw=None):
+        seen["opts"] = list(opts)
+        raise _Built
+
+    monkeypatch.setattr(export, "build_exportable", fake_build)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    argv = ["--output", str(tmp_path / "out"), "--format", "pt2", "--input", str(image)]
+    with pytest.raises(_Built):
+        export.main(argv + ["MODEL.RETINANET.NUM_CLASSES", "7", "TEST.DETECTIONS_PER_IMAGE", "9"])
+    assert seen["opts"] == ["MODEL.RETINANET.NUM_CLASSES", "7", "TEST.DETECTIONS_PER_IMAGE", "9"]
+    args = export.get_parser().parse_args(["--output", "o", "--input", str(image), "A.B", "1"])
+    export.split_trailing_opts(args)
+    assert args.input == [str(image)] and args.opts == ["A.B", "1"]
+
+
+def test_input_images_follow_the_project_image_rule(tmp_path):
+    """A 16-bit PNG given as --input is scaled to 8 bits (Detectron2's read_image clipped every
+    value above 255 to white)."""
+    from PIL import Image
+
+    gray = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    args = export.get_parser().parse_args(
+        ["--output", "o", "--input", str(tmp_path / "gray16.png")]
+    )
+    (image,) = export._check_images(args, {"canvas_hw": (96, 96)})
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    expected = (gray.astype(np.uint32) * 255 + 32767) // 65535
+    np.testing.assert_array_equal(image[:, :, 0], expected)

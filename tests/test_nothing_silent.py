@@ -332,3 +332,55 @@ def test_files_the_tools_write_follow_the_umask(assets, weights, tmp_path, bgr):
         assert {oct(_mode(f)) for f in folders} == {"0o755"}  # the world was 0o700
     finally:
         os.umask(old)
+
+
+class _Seen(Exception):
+    """Raised by a stand-in teacher once it has seen the image a cache tool read."""
+
+
+def test_teacher_cache_tools_read_images_by_the_image_rule(assets, tiny_lvis_json, monkeypatch):
+    """Both teacher-cache tools give CLIP a 16-bit training image scaled to 8 bits by the
+    project's rule (Detectron2's read_image clipped it to white: issue 14)."""
+    from detectron2.data import DatasetCatalog
+
+    from gridclip.data import register_lvis_format_dataset
+
+    json_file, root = tiny_lvis_json
+    gray16 = (np.arange(80 * 96, dtype=np.uint32).reshape(80, 96) * 8).astype(np.uint16)
+    for name in ("img1.png", "img2.png"):
+        Image.fromarray(gray16).save(os.path.join(root, "images", name))
+    dataset = f"rule_{abs(hash(json_file))}"
+    if dataset not in DatasetCatalog.list():
+        register_lvis_format_dataset(dataset, json_file, root)
+    expected = read_image_bgr(os.path.join(root, "images", "img1.png"))[:, :, ::-1]
+    assert expected.max() > 200 and expected.min() == 0  # the full range survives
+
+    seen = []
+
+    class Teacher:
+        def to(self, device):
+            return self
+
+        def _seen(self, image):
+            seen.append(image[0] if image.dim() == 4 else image)
+            raise _Seen
+
+        def embed_tiles(self, image, grids):
+            self._seen(image)
+
+        def embed_boxes(self, image, boxes, scales):
+            self._seen(image)
+
+    opts = ["MODEL.CLIP.WEIGHTS", str(assets["clip"]), "MODEL.CLIP.EMBED_DIM", str(D)]
+    opts += ["MODEL.CLIP.TEACHER_INPUT_SIZE", "64", "MODEL.DEVICE", "cpu"]
+    for tool, config in (
+        (cache_teacher_embeddings, "Base-GridCLIP.yaml"),
+        (cache_vild_teacher, "ViLD_R50.yaml"),
+    ):
+        monkeypatch.setattr(tool, "build_clip_teacher_from_cfg", lambda cfg: Teacher())
+        out = os.path.join(root, f"cache_{tool.__name__.rsplit('.', 1)[-1]}")
+        argv = ["--config-file", config, "--dataset", dataset, "--output", out, "--no-progress"]
+        with pytest.raises(_Seen):
+            tool.main(argv + opts)
+        image = seen.pop().permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(image, expected, err_msg=tool.__name__)

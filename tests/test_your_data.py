@@ -324,3 +324,49 @@ def test_fine_tune_a_trained_checkpoint_on_your_own_classes(assets, weights, coc
     results = run_train_net("GridCLIP", eval_opts, "--eval-only")
     assert 0.0 <= results["bbox"]["AP"] <= 100.0  # finite: the model detects after fine-tuning
     assert os.path.isfile(tmp_path / "eval" / "eval_results.json")
+
+
+def test_transfer_set_is_a_coco_file_of_another_vocabulary(tmp_path):
+    """tools/make_transfer_set.py: another render of the world (its own seed and size) with 20 of
+    its classes spelt with spaces, in plain COCO format (no LVIS fields: the COCO evaluator on all
+    classes); occluded objects are iscrowd regions; the novel list resolves; cached by its
+    parameters; a folder that is not a transfer set is never replaced."""
+    from gridclip.data.world_scene import world_categories
+    from gridclip.evaluation.novel_split import resolve_novel_classes
+    from gridclip_tools import transfer_set
+
+    root = tmp_path / "transfer"
+    paths = transfer_set.make_transfer_set(str(root), num_images=6, image_size=96)
+    data = json.loads(open(paths["json_file"]).read())
+    names = [c["name"] for c in data["categories"]]
+    assert len(names) == 20 and [c["id"] for c in data["categories"]] == list(range(1, 21))
+    assert all(" " in n and "_" not in n for n in names)
+    world = {c["name"].replace("_", " "): c["frequency"] for c in world_categories()}
+    assert sorted(n for n in names if world[n] == "r") == sorted(transfer_set.novel_classes())
+    assert len(transfer_set.novel_classes()) == 10
+    assert not any("frequency" in c for c in data["categories"])
+    assert not any("neg_category_ids" in im for im in data["images"])
+    assert {im["width"] for im in data["images"]} == {96} and len(data["images"]) == 6
+    assert {a["iscrowd"] for a in data["annotations"]} <= {0, 1}
+    assert {a["category_id"] for a in data["annotations"]} <= set(range(1, 21))
+
+    name, json_file, image_root = parse_dataset_file_entry(
+        paths["entry"].replace("gridclip_world_transfer=", f"transfer_{abs(hash(str(tmp_path)))}=")
+    )
+    assert register_dataset_file(name, json_file, image_root) == "coco"
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 6 and MetadataCatalog.get(name).thing_classes == names
+    novel = resolve_novel_classes(transfer_set.novel_classes(), names, name)
+    assert len(novel) == 10
+
+    mtime = os.path.getmtime(paths["json_file"])
+    assert transfer_set.make_transfer_set(str(root), num_images=6, image_size=96) == paths
+    assert os.path.getmtime(paths["json_file"]) == mtime  # cached
+    transfer_set.make_transfer_set(str(root), num_images=3, image_size=96)  # other params
+    assert len(json.loads(open(paths["json_file"]).read())["images"]) == 3
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a transfer set"):
+        transfer_set.make_transfer_set(str(other), num_images=2, image_size=96)
+    assert (other / "keep.txt").exists()

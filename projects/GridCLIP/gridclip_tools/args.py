@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import List, Sequence
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "positive_int",
+    "split_trailing_opts",
     "weights_in_opts",
 ]
 
@@ -46,6 +48,21 @@ def add_config_overrides(parser: argparse.ArgumentParser, scope: str = "") -> No
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help=f"config overrides KEY VALUE ...{scope}"
     )
+
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def split_trailing_opts(args: argparse.Namespace, attr: str = "input") -> None:
+    """``--input a.png b.png MODEL.WEIGHTS m.pth``: a ``nargs="+"``/``"*"`` option swallows the
+    trailing config overrides; move everything from its first config key (``SECTION.KEY``, not an
+    existing file) on to ``args.opts``. Every tool with such an option calls this after parsing."""
+    items = list(getattr(args, attr) or [])
+    for i, item in enumerate(items):
+        if _CONFIG_KEY.match(str(item)) and not os.path.exists(item):
+            args.opts = items[i:] + list(getattr(args, "opts", None) or [])
+            setattr(args, attr, items[:i])
+            return
 
 
 def config_overrides(args: argparse.Namespace) -> List[str]:

@@ -22,7 +22,6 @@ import os
 
 import torch
 from detectron2.data import DatasetCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
@@ -34,6 +33,7 @@ from gridclip.clip.teacher_cache import (
     gridclip_teacher_provenance,
     teacher_cache_key,
 )
+from gridclip.data.images import read_image_rgb
 from gridclip.utils.cache import CacheMismatchError
 from gridclip_tools.args import non_negative_int, positive_int
 
@@ -132,7 +132,7 @@ def main(argv=None) -> str:
     done_since_save = 0
     try:
         for d in tqdm(todo, desc="teacher embeddings", disable=args.no_progress):
-            image = read_image(d["file_name"], format="RGB")  # (H, W, 3) uint8
+            image = read_image_rgb(d["file_name"])  # (H, W, 3) uint8, the image rule
             image = torch.as_tensor(image.copy()).permute(2, 0, 1)[None]
             views = teacher.embed_tiles(image, grids=grids)
             cache.add(teacher_cache_key(d), [v[0] for v in views])

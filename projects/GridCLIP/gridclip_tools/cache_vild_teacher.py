@@ -42,7 +42,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
@@ -60,6 +59,7 @@ from gridclip.clip.teacher_cache import (
     write_cache_entry,
     write_cache_meta,
 )
+from gridclip.data.images import read_image_rgb
 from gridclip_tools.args import non_negative_int
 
 logger = logging.getLogger("gridclip.tools.cache_vild_teacher")
@@ -204,7 +204,7 @@ def main(argv=None):
             teacher = build_clip_teacher_from_cfg(cfg).to(device)
             if args.weights:
                 proposer = RPNProposer(cfg, args.weights, num_proposals)
-        image = read_image(d["file_name"], format="RGB")
+        image = read_image_rgb(d["file_name"])  # the project's image rule
         height, width = image.shape[:2]
         if proposer is not None:
             boxes = proposer(image)

@@ -29,7 +29,6 @@ import glob
 import json
 import logging
 import os
-import re
 import sys
 import time
 
@@ -50,6 +49,7 @@ from gridclip_tools.args import (
     add_config_overrides,
     check_weights_file,
     config_overrides,
+    split_trailing_opts,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -260,19 +260,6 @@ def build_cfg(args):
     check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # also when given as an override
     cfg.freeze()
     return cfg
-
-
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
-
-
-def split_trailing_opts(args) -> None:
-    """``--input a.png MODEL.WEIGHTS m.pth``: ``nargs="+"`` swallows the trailing config
-    overrides; move everything from the first config key (``SECTION.KEY``) on to ``opts``."""
-    for i, item in enumerate(args.input):
-        if _CONFIG_KEY.match(item) and not os.path.exists(item):
-            args.opts = args.input[i:] + list(args.opts or [])
-            args.input = args.input[:i]
-            return
 
 
 def main(argv=None) -> dict:

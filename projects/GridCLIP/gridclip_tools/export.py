@@ -60,12 +60,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torchvision
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.logger import setup_logger
 from torch import Tensor, nn
 
 import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.data.images import read_image_bgr
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.utils.io import atomic_write
@@ -73,6 +73,7 @@ from gridclip_tools.args import (
     add_config_file,
     add_config_overrides,
     config_overrides,
+    split_trailing_opts,
 )
 from gridclip_tools.measure import time_interleaved
 
@@ -480,7 +481,7 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_images(args, settings: Dict) -> List[np.ndarray]:
     """The --input images (BGR), or canvas-sized noise images when none are given."""
     if args.input:
-        return [utils.read_image(p, format="BGR") for p in args.input]
+        return [read_image_bgr(p) for p in args.input]  # the project's one image rule
     rng = np.random.RandomState(0)
     h, w = settings["canvas_hw"]
     return [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
@@ -492,6 +493,7 @@ def _importable(module: str) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
+    split_trailing_opts(args)
     if "onnx" in args.format:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
         if missing:

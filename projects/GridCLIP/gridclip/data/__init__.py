@@ -6,6 +6,7 @@ from .files import (
     parse_dataset_file_entry,
     register_dataset_file,
     register_datasets_from_cfg,
+    validate_detectron2_registrations,
 )
 from .lvis_ovd import (
     NoClassFrequenciesError,
@@ -31,6 +32,7 @@ __all__ = [
     "parse_dataset_file_entry",
     "register_dataset_file",
     "register_datasets_from_cfg",
+    "validate_detectron2_registrations",
     "NoClassFrequenciesError",
     "filter_novel_annotations",
     "has_class_frequencies",

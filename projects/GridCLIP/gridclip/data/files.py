@@ -10,10 +10,16 @@ Two ways in, no Python needed for the first:
 - Datasets registered with Detectron2's ``register_coco_instances`` / ``register_lvis_instances``:
   Detectron2 fills ``thing_classes`` only when the dataset is loaded; :func:`dataset_metadata`
   fills it on demand from the JSON (as ``load_coco_json`` would), so a model can be built before.
+  Their loaders (and those of Detectron2's built-in names: ``coco_2017_train``, ``lvis_v1_val``,
+  ...) get the project's checks (:mod:`.validation`) wrapped around them by
+  :func:`validate_detectron2_registrations`, which :func:`register_datasets_from_cfg` calls for
+  the config's ``DATASETS.TRAIN`` and ``DATASETS.TEST``: a bad file fails when the trainer
+  builds its loaders, before the first iteration, as the project's own registrations do.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import List, Tuple
@@ -22,7 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 
-from .lvis_ovd import register_lvis_format_dataset
+from .lvis_ovd import register_lvis_format_dataset, validate_dataset_dicts
 from .validation import (
     check_dataset_class_counts,
     check_loaded_dataset,
@@ -37,6 +43,7 @@ __all__ = [
     "parse_dataset_file_entry",
     "register_dataset_file",
     "register_datasets_from_cfg",
+    "validate_detectron2_registrations",
 ]
 
 
@@ -127,8 +134,55 @@ def register_datasets_from_cfg(cfg) -> List[str]:
         name, json_file, image_root = parse_dataset_file_entry(entry)
         register_dataset_file(name, json_file, image_root)
         names.append(name)
+    validate_detectron2_registrations(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     check_dataset_class_counts(cfg, dataset_metadata)
     return names
+
+
+def _loader_module(loader) -> str:
+    return getattr(getattr(loader, "func", loader), "__module__", None) or ""
+
+
+def _checked_detectron2_load(loader, name: str) -> List[dict]:
+    """A Detectron2 loader between the checks the project's own loaders run (see
+    :func:`validate_detectron2_registrations`)."""
+    metadata = MetadataCatalog.get(name)
+    json_file = metadata.get("json_file", None)
+    source = json_file or f"dataset {name!r}"
+    if json_file and os.path.isfile(json_file):
+        validate_annotation_file(json_file)  # malformed JSON, repeated image/annotation ids
+    dicts = loader()
+    classes = metadata.get("thing_classes", None)  # set by Detectron2's loader
+    if classes:
+        # category ids in range, finite and non-negative boxes; zero-size boxes counted
+        dicts = validate_dataset_dicts(dicts, len(classes), source)
+    return check_loaded_dataset(dicts, source)  # missing files, boxes outside, no instance
+
+
+def validate_detectron2_registrations(names) -> List[str]:
+    """Wrap the loader of each dataset in ``names`` that Detectron2 registered
+    (``register_coco_instances``, ``register_lvis_instances``, Detectron2's built-in names) with
+    the checks of the project's own registrations, run when the dataset is loaded (the trainer's
+    loaders, before the first iteration): malformed JSON and repeated image/annotation ids
+    (:func:`~.validation.validate_annotation_file`), category ids and box values
+    (:func:`~.lvis_ovd.validate_dataset_dicts`), missing image files, boxes outside their image
+    and a split with no usable instance (:func:`~.validation.check_loaded_dataset`). Each message
+    names the file. Loaders of the project and of users' own functions are left as they are;
+    unregistered names are skipped. Idempotent. Returns the names wrapped by this call.
+    """
+    wrapped = []
+    registered = set(DatasetCatalog.list())
+    for name in dict.fromkeys(names):
+        if name not in registered:
+            continue
+        loader = DatasetCatalog[name]
+        if not _loader_module(loader).startswith("detectron2."):
+            continue
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, functools.partial(_checked_detectron2_load, loader, name))
+        wrapped.append(name)
+        logger.info(f"Dataset {name!r} (registered by Detectron2): checked when loaded")
+    return wrapped
 
 
 def _fill_coco_metadata(name: str, categories: List[dict]) -> None:

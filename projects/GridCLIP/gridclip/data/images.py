@@ -1,7 +1,9 @@
 """Images of any kind made into the (H, W, 3) uint8 BGR image the models take, by one rule.
 
 The rule (docs/RELIABILITY.md, "Images"), for arrays given to
-:class:`~gridclip.engine.predictor.OpenVocabularyPredictor` and files read by ``tools/demo.py``:
+:class:`~gridclip.engine.predictor.OpenVocabularyPredictor` and files read by ``tools/demo.py``,
+``tools/export.py``, the teacher-cache tools and the training/test mapper
+(:class:`~gridclip.data.mapper.CheckedDatasetMapper`):
 
 - **channels**: (H, W) and (H, W, 1) gray is repeated into 3 channels; (H, W, 2) is gray + alpha,
   (H, W, 4) is BGR + alpha (OpenCV's order; RGBA for files): the alpha channel is dropped, as
@@ -27,7 +29,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageInputError", "pil_to_bgr_uint8", "read_image_bgr", "to_bgr_uint8"]
+__all__ = [
+    "ImageInputError",
+    "pil_to_bgr_uint8",
+    "read_image_bgr",
+    "read_image_rgb",
+    "to_bgr_uint8",
+]
 
 #: rows converted at a time (bounds the temporary float copies of a large image)
 _ROW_BAND = 256
@@ -150,3 +158,8 @@ def read_image_bgr(path: str) -> np.ndarray:
     except Exception as e:  # PIL raises several types for unreadable files
         raise ImageInputError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from e
     return pil_to_bgr_uint8(image, repr(path))
+
+
+def read_image_rgb(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 **RGB** of an image file by the module rule (:func:`read_image_bgr`)."""
+    return np.ascontiguousarray(read_image_bgr(path)[:, :, ::-1])

@@ -86,10 +86,11 @@ def validate_dataset_dicts(dataset_dicts: List[dict], num_classes: int, source: 
     dropped = 0
     for d in dataset_dicts:
         kept = []
-        for a in d.get("annotations", []):
+        for k, a in enumerate(d.get("annotations", [])):
+            # Detectron2's COCO loader drops annotation ids: then its place in the image's list
+            which = a["id"] if a.get("id") is not None else f"#{k + 1} of the image"
             where = (
-                f"{source}: image {d.get('image_id')} ({d.get('file_name')}), "
-                f"annotation {a.get('id')}"
+                f"{source}: image {d.get('image_id')} ({d.get('file_name')}), annotation {which}"
             )
             cid = a.get("category_id")
             if cid is None or not (0 <= cid < num_classes):

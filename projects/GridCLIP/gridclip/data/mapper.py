@@ -1,9 +1,15 @@
 """The project's ``DatasetMapper``s.
 
-- :class:`CheckedDatasetMapper`: Detectron2's ``read_image`` already converts grayscale/RGBA to
-  the configured format and applies EXIF orientation; this subclass only turns an unreadable or
-  truncated image into an error that says which file, instead of a bare PIL/IO error deep inside
-  a data-loader worker.
+- :class:`CheckedDatasetMapper`: Detectron2's ``DatasetMapper`` whose images follow the
+  project's one image rule (:mod:`.images`, docs/RELIABILITY.md "Images"): Detectron2's
+  ``read_image`` converts 8-bit files the same way (gray/palette/alpha to 3 channels, EXIF
+  orientation), but a 16-bit or float file (PIL modes ``I;16``, ``I``, ``F``) goes through PIL's
+  8-bit conversion, which clips every value above 255 to white, silently. Such a file (told by its
+  header, read without decoding) is read by :func:`~.images.read_image_bgr` instead, and its
+  pixels replace Detectron2's before the first augmentation (:class:`ImageOfTheRule`, the
+  mapper's first augmentation), so Detectron2's ``__call__`` is used as it is. An unreadable,
+  truncated or refused image is an error that says which file, instead of a bare PIL/IO error
+  deep inside a data-loader worker.
 - :class:`ViLDDatasetMapper`: also attaches ViLD's cached distillation proposals
   (:class:`gridclip.clip.teacher_cache.TeacherCache`). It applies the training augmentation
   (resize, flip) to the cached boxes, so they line up with the augmented image; the crop
@@ -15,34 +21,93 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
+from PIL import Image
 
 from ..clip.loading import clip_model_key, resolve_clip_weights
 from ..clip.teacher_cache import TeacherCache
+from .images import read_image_bgr
 
-__all__ = ["CheckedDatasetMapper", "ImageReadError", "ViLDDatasetMapper"]
+__all__ = [
+    "CheckedDatasetMapper",
+    "ImageOfTheRule",
+    "ImageReadError",
+    "ViLDDatasetMapper",
+    "read_image_by_the_rule",
+]
+
+#: PIL modes Detectron2's ``read_image`` converts wrongly (PIL's 8-bit conversion clips them)
+NOT_8BIT_MODES = frozenset(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"))
 
 
 class ImageReadError(RuntimeError):
     """An image of the dataset could not be decoded."""
 
 
+def read_image_by_the_rule(file_name: str, image_format: str) -> Optional[np.ndarray]:
+    """The image of ``file_name`` in ``image_format`` (``INPUT.FORMAT``) by the project's rule
+    when Detectron2's ``read_image`` would convert it wrongly (a 16-bit or float file); None for
+    every other file (Detectron2 reads those exactly as the rule does). Only the header is read
+    to tell."""
+    with open(file_name, "rb") as f:
+        mode = Image.open(f).mode  # lazy: the header only
+    if mode not in NOT_8BIT_MODES:
+        return None
+    rgb = read_image_bgr(file_name)[:, :, ::-1]
+    # Detectron2's own conversion from 8-bit RGB to the configured format (RGB, BGR, L, YUV).
+    return utils.convert_PIL_to_numpy(Image.fromarray(np.ascontiguousarray(rgb)), image_format)
+
+
+class ImageOfTheRule(T.Augmentation):
+    """The first augmentation of :class:`CheckedDatasetMapper`: puts the image the mapper read by
+    the project's rule (:func:`read_image_by_the_rule`, same size) in place of the one
+    Detectron2's ``read_image`` made, then changes nothing else (a no-op transform)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: Optional[np.ndarray] = None
+
+    def get_transform(self, image):
+        return T.NoOpTransform()
+
+    def __call__(self, aug_input):
+        if self.pending is not None:
+            aug_input.image, self.pending = self.pending, None
+        return T.NoOpTransform()
+
+
 class CheckedDatasetMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` with the project's image rule and named image errors."""
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations, **kwargs):
+        self.image_of_the_rule = ImageOfTheRule()
+        super().__init__(is_train, augmentations=[self.image_of_the_rule, *augmentations], **kwargs)
+
     def __call__(self, dataset_dict):
         try:
+            self.image_of_the_rule.pending = read_image_by_the_rule(
+                dataset_dict["file_name"], self.image_format
+            )
             return super().__call__(dataset_dict)
         except (OSError, SyntaxError, ValueError) as e:
             # PIL raises OSError for truncated data and UnidentifiedImageError (an OSError) for
-            # unknown formats; SyntaxError for some malformed headers.
+            # unknown formats; SyntaxError for some malformed headers; the image rule
+            # ImageInputError (a ValueError) for images it refuses.
             if isinstance(e, ImageReadError):
                 raise
             raise ImageReadError(
                 f"Cannot read image {dataset_dict.get('file_name')!r} "
                 f"(image_id {dataset_dict.get('image_id')}): {type(e).__name__}: {e}"
             ) from e
+        finally:
+            self.image_of_the_rule.pending = None
 
 
 class ViLDDatasetMapper(CheckedDatasetMapper):
