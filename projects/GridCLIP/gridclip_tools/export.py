@@ -151,7 +151,7 @@ class ExportableGridCLIP(nn.Module):
         features = [backbone_features[f] for f in m.head_in_features]
         grid_embeddings, box_deltas, anchor_offsets = m.predict(
             features, backbone_features.get("res5")
-        )
+        )[:3]
         boxes, scores, classes = [], [], []
         for level, anchors in enumerate(self._anchors()):
             level_rows = m.head.embedding_rows(grid_embeddings[level])[0]  # (HW, D)
