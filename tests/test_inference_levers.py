@@ -275,6 +275,34 @@ def test_objectness_ranker_loss_sends_no_gradient_into_the_detector(assets):
             assert p.grad is None or not bool(p.grad.any()), name
 
 
+def test_objectness_ranker_fitted_alone_onto_a_trained_detector(assets):
+    """TRAIN_OBJECTNESS_RANKER_ONLY: only the ranker's loss, only the ranker learns; every other
+    weight and buffer stays the checkpoint's, bit for bit."""
+    model, _ = _built(
+        assets,
+        "MODEL.GRIDCLIP.OBJECTNESS_RANKER", True,
+        "MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY", True,
+        "MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", 1.0,  # skipped too (no teacher forward)
+    )  # fmt: skip
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["head.objectness.weight", "head.objectness.bias"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        losses, _ = train_losses(model, make_inputs())
+        assert set(losses) == {"loss_objectness_ranker"}
+        losses["loss_objectness_ranker"].backward()
+        optimizer.step()
+    for name, value in model.state_dict().items():
+        if name.startswith("head.objectness."):
+            assert not torch.equal(value, before[name]), name
+        else:
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="OBJECTNESS_RANKER True"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY", True))
+
+
 def test_objectness_ranker_ranks_the_gate_and_is_exact_when_k_covers_every_location(assets):
     model = _ranker_model(assets, k=0, max_det=100, score_thresh=0.0)
     images, features = dense_inputs(model, n=2, size=(2, 80, 112), seed=3)

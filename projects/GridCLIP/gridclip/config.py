@@ -105,6 +105,10 @@ def add_gridclip_config(cfg: CN) -> CN:
     # offsets, ranks the locations for TEST_TOPK_LOCATIONS. Detached and built from a forked
     # random state: the detector trains exactly as without it (issue 13, docs/BENCHMARKS.md).
     _C.MODEL.GRIDCLIP.OBJECTNESS_RANKER = False
+    # Train the objectness ranker alone on a trained detector (MODEL.WEIGHTS; needs
+    # OBJECTNESS_RANKER): every other weight frozen, only ``loss_objectness_ranker`` computed
+    # (no image-alignment teacher). The same detector as joint training, in a fraction of its cost.
+    _C.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY = False
     # Inference: dtype of the text product, "float32", "bfloat16" (CPUs with AVX512-BF16, GPUs)
     # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
     # always computes it in float32.

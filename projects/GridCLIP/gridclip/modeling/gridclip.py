@@ -44,7 +44,10 @@ the box tower's features *detached*, ``loss_objectness_ranker``. No gradient of 
 detector and the conv is built from a forked random state, so the detector trains exactly as
 without it (same initialisation, same gradients: tests); only the ranking is learned. It then
 ranks the locations for step 2 instead of the anchor offsets (step 1 still uses the offsets:
-that bound is exact). It never enters the detection scores.
+that bound is exact). It never enters the detection scores. Because the detector does not
+depend on it, the ranker can also be fitted afterwards onto a trained detector
+(``MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY`` with ``MODEL.WEIGHTS``): every other weight
+frozen, only ``loss_objectness_ranker`` computed, the detector bit for bit the checkpoint's.
 
 Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
 covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
@@ -148,6 +151,7 @@ class GridCLIP(RetinaNet):
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
         pairs_alignment: Optional[PairsAlignment] = None,
+        train_objectness_ranker_only: bool = False,
         **kwargs,
     ):
         """
@@ -173,6 +177,9 @@ class GridCLIP(RetinaNet):
                 summed), as ViLD's region teacher.
             pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
                 ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
+            train_objectness_ranker_only: train the head's objectness ranker alone: every other
+                parameter frozen (``requires_grad`` off), training returns only
+                ``loss_objectness_ranker`` (module doc).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -224,6 +231,15 @@ class GridCLIP(RetinaNet):
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
         self.register_load_state_dict_post_hook(GridCLIP._sync_vocabulary_after_load)
+        self.train_objectness_ranker_only = bool(train_objectness_ranker_only)
+        if self.train_objectness_ranker_only:
+            if head.objectness is None:
+                raise ValueError(
+                    "MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY needs the ranker: set "
+                    "MODEL.GRIDCLIP.OBJECTNESS_RANKER True"
+                )
+            for name, param in self.named_parameters():
+                param.requires_grad_(name.startswith("head.objectness."))
 
     @classmethod
     def from_config(cls, cfg):
@@ -257,6 +273,7 @@ class GridCLIP(RetinaNet):
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "pairs_alignment": build_pairs_alignment(cfg),
+            "train_objectness_ranker_only": cfg.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -364,7 +381,7 @@ class GridCLIP(RetinaNet):
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             losses = self.forward_training(images, features, predictions, gt_instances)
-            if self.image_alignment is not None:
+            if self.image_alignment is not None and not self.train_objectness_ranker_only:
                 losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
             return losses
         results = self.forward_inference(images, features, predictions)
@@ -484,6 +501,15 @@ class GridCLIP(RetinaNet):
         if not bool(trained.all()):
             trained_indices = trained.nonzero().flatten()
             gt_labels = self._to_trained_labels(gt_labels, trained_indices)
+        num_trained = int(trained.sum())
+        losses = {}
+        if objectness is not None:
+            objectness = torch.cat([permute_to_N_HWA_K(x, 1) for x in objectness], dim=1)
+            losses["loss_objectness_ranker"] = self.objectness_loss(
+                objectness[..., 0], torch.stack(gt_labels), num_trained
+            )
+        if self.train_objectness_ranker_only:
+            return losses
 
         rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
         logits = self.head.logits(rows, trained_indices)  # (N, M, K'), M rows of G anchors
@@ -492,13 +518,10 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        losses = self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets)
-        if objectness is not None:
-            objectness = torch.cat([permute_to_N_HWA_K(x, 1) for x in objectness], dim=1)
-            losses["loss_objectness_ranker"] = self.objectness_loss(
-                objectness[..., 0], torch.stack(gt_labels), logits.shape[-1]
-            )
-        return losses
+        return {
+            **self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets),
+            **losses,
+        }
 
     def objectness_loss(self, objectness: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
         """Sigmoid focal loss (RetinaNet's alpha, gamma) of the per-location objectness logits.
