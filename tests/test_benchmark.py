@@ -3,6 +3,7 @@ the ratio logic and the targets recorded in docs/BENCHMARKS.md."""
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -287,6 +288,19 @@ def test_benchmark_batch_predict_equals_one_by_one(key):
         )
         torch.testing.assert_close(out.scores, single.scores, atol=1e-5, rtol=1e-4)
         assert torch.equal(out.pred_classes, single.pred_classes)
+
+
+def test_cli_logging_reaches_the_suites_progress_logger():
+    """The suites' and assets' loggers (``gridclip_tools.benchmark.*``) reach the console."""
+    cli.setup_logging()
+    for name in ("gridclip_tools.benchmark.suites", "gridclip_tools.benchmark.assets"):
+        lg = logging.getLogger(name)
+        assert lg.isEnabledFor(logging.INFO), name
+        handlers = []
+        while lg is not None:
+            handlers += [h for h in lg.handlers if type(h) is logging.StreamHandler]
+            lg = lg.parent if lg.propagate else None
+        assert handlers, f"{name}: no console handler"
 
 
 def test_bad_options_are_rejected():
