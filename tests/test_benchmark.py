@@ -265,7 +265,7 @@ def test_benchmark_models_are_seeded_whatever_was_built_before():
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("key", ["gridclip", "vild"])
+@pytest.mark.parametrize("key", ["gridclip", "vild", "gridclip_head128x2_objtop1000"])
 def test_benchmark_batch_predict_equals_one_by_one(key):
     """The throughput suite's batch forward gives each image the same detections as a
     batch of one (different images of one size: padding would change the border features)."""
@@ -276,6 +276,8 @@ def test_benchmark_batch_predict_equals_one_by_one(key):
         model = build_benchmark_model(cfg, settings.seed).eval()
     finally:
         assets.close()
+    if key.endswith("objtop1000"):  # the detached objectness ranker ranks the top-1000 gate
+        assert model.head.objectness is not None and model.test_topk_locations == 1000
     predictor = Predictor(model, cfg.INPUT.FORMAT, 96, 200)
     images = [synthetic_image(96, 146, seed=0), synthetic_image(96, 146, seed=1)]
     batched = predictor.predict(images)

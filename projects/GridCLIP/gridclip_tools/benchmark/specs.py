@@ -70,6 +70,9 @@ _HEAD_VARIANTS = {(256, 2): "head256x2", (128, 4): "head128x4", (128, 2): "head1
 # output that docs/BENCHMARKS.md's "obj" variants ranked with was removed: its model lost AP).
 _ALL_LOCATIONS = ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 0)
 _TOP1000 = ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 1000)
+# The same K ranked by the detached objectness ranker (MODEL.GRIDCLIP.OBJECTNESS_RANKER): the
+# accuracy-preserving gate (docs/BENCHMARKS.md); random weights here, the cost is the same.
+_OBJ_TOP1000 = ("MODEL.GRIDCLIP.OBJECTNESS_RANKER", True) + _TOP1000
 
 
 def _head_opts(channels: int, convs: int) -> Tuple:
@@ -132,6 +135,18 @@ INFERENCE_MODELS = {
             "GridCLIP (head 128 channels x 2 convs, top-1000 locations by the anchor offsets)",
             "gridclip",
             opts=_head_opts(128, 2) + _TOP1000,
+        ),
+        ModelSpec(
+            "gridclip_objtop1000",
+            "GridCLIP (per-location, top-1000 locations per level by the objectness ranker)",
+            "gridclip",
+            opts=_OBJ_TOP1000,
+        ),
+        ModelSpec(
+            "gridclip_head128x2_objtop1000",
+            "GridCLIP (head 128 channels x 2 convs, top-1000 locations by the objectness ranker)",
+            "gridclip",
+            opts=_head_opts(128, 2) + _OBJ_TOP1000,
         ),
         ModelSpec(
             "gridclip_bf16",
