@@ -3,6 +3,7 @@ the ratio logic and the targets recorded in docs/BENCHMARKS.md."""
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -264,7 +265,7 @@ def test_benchmark_models_are_seeded_whatever_was_built_before():
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("key", ["gridclip", "vild"])
+@pytest.mark.parametrize("key", ["gridclip", "vild", "gridclip_head128x2_objtop1000"])
 def test_benchmark_batch_predict_equals_one_by_one(key):
     """The throughput suite's batch forward gives each image the same detections as a
     batch of one (different images of one size: padding would change the border features)."""
@@ -275,6 +276,8 @@ def test_benchmark_batch_predict_equals_one_by_one(key):
         model = build_benchmark_model(cfg, settings.seed).eval()
     finally:
         assets.close()
+    if key.endswith("objtop1000"):  # the detached objectness ranker ranks the top-1000 gate
+        assert model.head.objectness is not None and model.test_topk_locations == 1000
     predictor = Predictor(model, cfg.INPUT.FORMAT, 96, 200)
     images = [synthetic_image(96, 146, seed=0), synthetic_image(96, 146, seed=1)]
     batched = predictor.predict(images)
@@ -287,6 +290,19 @@ def test_benchmark_batch_predict_equals_one_by_one(key):
         )
         torch.testing.assert_close(out.scores, single.scores, atol=1e-5, rtol=1e-4)
         assert torch.equal(out.pred_classes, single.pred_classes)
+
+
+def test_cli_logging_reaches_the_suites_progress_logger():
+    """The suites' and assets' loggers (``gridclip_tools.benchmark.*``) reach the console."""
+    cli.setup_logging()
+    for name in ("gridclip_tools.benchmark.suites", "gridclip_tools.benchmark.assets"):
+        lg = logging.getLogger(name)
+        assert lg.isEnabledFor(logging.INFO), name
+        handlers = []
+        while lg is not None:
+            handlers += [h for h in lg.handlers if type(h) is logging.StreamHandler]
+            lg = lg.parent if lg.propagate else None
+        assert handlers, f"{name}: no console handler"
 
 
 def test_bad_options_are_rejected():

@@ -60,6 +60,8 @@ def build(assets, root, *opts):
         model.head.bbox_pred.weight.normal_(0, 0.05)
         if model.head.anchor_offset is not None:
             model.head.anchor_offset.weight.normal_(0, 0.3)
+        if model.head.objectness is not None:
+            model.head.objectness.weight.normal_(0, 0.5)
     weights = str(root / "tiny_gridclip.pth")
     torch.save({"model": model.state_dict()}, weights)
     return export.build_exportable("Base-GridCLIP.yaml", weights, opts, vocabulary=VOCABULARY)
@@ -121,6 +123,8 @@ def test_wrapper_equals_eager_model(built):
     "opts",
     [
         ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 12),  # location gating by objectness
+        # ... ranked by the detached objectness ranker
+        ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 12, "MODEL.GRIDCLIP.OBJECTNESS_RANKER", True),
         ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),  # no offsets: A anchors share one score
     ],
 )

@@ -140,6 +140,8 @@ def test_configs_load_and_use_clip_preprocessing():
     assert r50.MODEL.CLIP.NAME == "RN50" and r50.MODEL.CLIP.EMBED_DIM == 1024
     assert r50.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
     assert r50.MODEL.RETINANET.SCORE_THRESH_TEST <= 1e-3
+    # issue 13: the top-1000 gate ranked by the detached objectness ranker
+    assert r50.MODEL.GRIDCLIP.OBJECTNESS_RANKER and r50.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS == 1000
 
 
 def test_build_tiny_model_and_parameter_count(assets):

@@ -95,10 +95,22 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT = 1.0
     # Inference: score (text product) at most this many locations per FPN level and image,
     # those of highest objectness (max of the location's anchor offsets, trained by the focal
-    # loss); 0 = every location. Locations that cannot reach SCORE_THRESH_TEST are skipped
-    # whatever this is (exact). Exact when K covers every location that can reach the
-    # detections; the vocabulary then costs K x classes per level (docs/BENCHMARKS.md).
+    # loss; the OBJECTNESS_RANKER's logit when that is on); 0 = every location. Locations
+    # that cannot reach SCORE_THRESH_TEST are skipped whatever this is (exact). Exact when K
+    # covers every location that can reach the detections; the vocabulary then costs
+    # K x classes per level (docs/BENCHMARKS.md).
     _C.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS = 0
+    # A ranking-only objectness output (one logit per location, 3x3 conv on the box tower's
+    # features *detached*), trained by its own focal loss (``loss_objectness_ranker``, target
+    # "a positive anchor of a trained class at this location"); when on it, not the anchor
+    # offsets, ranks the locations for TEST_TOPK_LOCATIONS. Detached and built from a forked
+    # random state: the detector trains exactly as without it (issue 13, docs/BENCHMARKS.md).
+    _C.MODEL.GRIDCLIP.OBJECTNESS_RANKER = False
+    # Train the objectness ranker alone on a trained detector (MODEL.WEIGHTS; needs
+    # OBJECTNESS_RANKER): every other weight frozen, only ``loss_objectness_ranker`` computed
+    # (no image-alignment teacher, no backward through the detector). The detector is the
+    # checkpoint's, as joint training would leave it (the ranker is detached).
+    _C.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY = False
     # Inference: dtype of the text product, "float32", "bfloat16" (CPUs with AVX512-BF16, GPUs)
     # or "float16" (GPUs); cosines within 4 units of its roundoff of fp32's (tests). Training
     # always computes it in float32.

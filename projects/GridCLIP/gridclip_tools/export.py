@@ -150,9 +150,9 @@ class ExportableGridCLIP(nn.Module):
         x = x * (rows & cols).to(x.dtype)  # Detectron2 pads the normalised image with zeros
         backbone_features = m.backbone(x[None])
         features = [backbone_features[f] for f in m.head_in_features]
-        grid_embeddings, box_deltas, anchor_offsets = m.predict(
-            features, backbone_features.get("res5")
-        )
+        predictions = m.predict(features, backbone_features.get("res5"))
+        grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
+        ranking = predictions[3] if len(predictions) > 3 else None  # the objectness ranker
         boxes, scores, classes = [], [], []
         for level, anchors in enumerate(self._anchors()):
             level_rows = m.head.embedding_rows(grid_embeddings[level])[0]  # (HW, D)
@@ -161,7 +161,8 @@ class ExportableGridCLIP(nn.Module):
             if anchor_offsets is not None:
                 a = anchor_offsets[level].shape[1]
                 offsets = anchor_offsets[level][0].permute(1, 2, 0).reshape(-1, a)  # (HW, A)
-            b, s, c = self._decode_level(anchors, level_rows, deltas, offsets)
+            level_ranking = None if ranking is None else ranking[level][0].reshape(-1)  # (HW,)
+            b, s, c = self._decode_level(anchors, level_rows, deltas, offsets, level_ranking)
             boxes.append(b)
             scores.append(s)
             classes.append(c)
@@ -183,22 +184,31 @@ class ExportableGridCLIP(nn.Module):
         nonempty = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
         return boxes[nonempty], scores[nonempty], classes[nonempty]
 
-    def _locations(self, offsets: Optional[Tensor], num_rows: int) -> Optional[Tensor]:
-        """``TEST_TOPK_LOCATIONS``: the K locations of highest objectness, ascending; None:
-        all (the eager model's exact pruning is not needed: see the module doc)."""
+    def _locations(
+        self, offsets: Optional[Tensor], num_rows: int, ranking: Optional[Tensor] = None
+    ) -> Optional[Tensor]:
+        """``TEST_TOPK_LOCATIONS``: the K locations of highest objectness (the objectness
+        ranker's logits when the model has one, else the maximum anchor offset), ascending;
+        None: all (the eager model's exact pruning is not needed: see the module doc)."""
         k = self.model.test_topk_locations
         if offsets is None or not 0 < k < num_rows:
             return None
-        return offsets.max(dim=1).values.topk(k).indices.sort().values
+        objectness = ranking if ranking is not None else offsets.max(dim=1).values
+        return objectness.topk(k).indices.sort().values
 
     def _decode_level(
-        self, anchors: Tensor, rows: Tensor, deltas: Tensor, offsets: Optional[Tensor]
+        self,
+        anchors: Tensor,
+        rows: Tensor,
+        deltas: Tensor,
+        offsets: Optional[Tensor],
+        ranking: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """One level: :meth:`GridCLIP._decode_level` with fixed-size top-k's and the threshold
         as a mask (the eager model's selection, ties aside)."""
         m = self.model
         group = deltas.shape[0] // rows.shape[0]
-        locations = self._locations(offsets, rows.shape[0])
+        locations = self._locations(offsets, rows.shape[0], ranking)
         if locations is not None:
             anchor_idxs = (locations[:, None] * group + torch.arange(group)).flatten()
             rows, offsets = rows[locations], offsets[locations]

@@ -38,6 +38,17 @@ class at this location", issue 13) ranked locations losslessly (K = 100 as K = 0
 detector trained with that loss was below the default in all 3 seeds (APr -2.4 / -1.3 / -3.7):
 removed; its numbers are in the README and docs/BENCHMARKS.md.
 
+``MODEL.GRIDCLIP.OBJECTNESS_RANKER`` keeps the ranking without that cost: the same kind of
+output (one logit per location, 3x3 conv on the box tower, the same focal loss and target) on
+the box tower's features *detached*, ``loss_objectness_ranker``. No gradient of it reaches the
+detector and the conv is built from a forked random state, so the detector trains exactly as
+without it (same initialisation, same gradients: tests); only the ranking is learned. It then
+ranks the locations for step 2 instead of the anchor offsets (step 1 still uses the offsets:
+that bound is exact). It never enters the detection scores. Because the detector does not
+depend on it, the ranker can also be fitted afterwards onto a trained detector
+(``MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY`` with ``MODEL.WEIGHTS``): every other weight
+frozen, only ``loss_objectness_ranker`` computed, the detector bit for bit the checkpoint's.
+
 Training on base classes only (``MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING``): the focal loss
 covers the columns of classes annotated in training (LVIS OVD: frequencies f and c); novel
 columns are left out of the loss, not treated as negatives. All classes are scored at test time.
@@ -73,6 +84,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
 
 from ..clip import build_clip_teacher_from_cfg
@@ -139,6 +151,7 @@ class GridCLIP(RetinaNet):
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
         pairs_alignment: Optional[PairsAlignment] = None,
+        train_objectness_ranker_only: bool = False,
         **kwargs,
     ):
         """
@@ -164,6 +177,9 @@ class GridCLIP(RetinaNet):
                 summed), as ViLD's region teacher.
             pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
                 ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
+            train_objectness_ranker_only: train the head's objectness ranker alone: every other
+                parameter frozen (``requires_grad`` off), training returns only
+                ``loss_objectness_ranker`` (module doc).
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -215,6 +231,15 @@ class GridCLIP(RetinaNet):
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
         self.register_load_state_dict_post_hook(GridCLIP._sync_vocabulary_after_load)
+        self.train_objectness_ranker_only = bool(train_objectness_ranker_only)
+        if self.train_objectness_ranker_only:
+            if head.objectness is None:
+                raise ValueError(
+                    "MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY needs the ranker: set "
+                    "MODEL.GRIDCLIP.OBJECTNESS_RANKER True"
+                )
+            for name, param in self.named_parameters():
+                param.requires_grad_(name.startswith("head.objectness."))
 
     @classmethod
     def from_config(cls, cfg):
@@ -248,6 +273,7 @@ class GridCLIP(RetinaNet):
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "pairs_alignment": build_pairs_alignment(cfg),
+            "train_objectness_ranker_only": cfg.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -355,7 +381,7 @@ class GridCLIP(RetinaNet):
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             losses = self.forward_training(images, features, predictions, gt_instances)
-            if self.image_alignment is not None:
+            if self.image_alignment is not None and not self.train_objectness_ranker_only:
                 losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
             return losses
         results = self.forward_inference(images, features, predictions)
@@ -400,8 +426,11 @@ class GridCLIP(RetinaNet):
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
         """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
         :meth:`GridCLIPHead.forward_embeddings`), the grid embeddings with the dense CLIP term
-        of ``res5`` (the backbone's trunk output) when it is on."""
+        of ``res5`` (the backbone's trunk output) when it is on; a fourth, the objectness
+        ranker's logits, only when the head has one."""
         predictions = list(self.head.forward_embeddings(features))
+        if predictions[3] is None:
+            predictions = predictions[:3]
         if self.dense_clip is not None:
             assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
             predictions[0] = self._add_dense_clip(predictions[0], res5)
@@ -456,11 +485,14 @@ class GridCLIP(RetinaNet):
     def forward_training(self, images, features, predictions, gt_instances):
         """
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
+            predictions: [grid_embeddings, box_deltas, anchor_offsets(, objectness)] from
+                :meth:`predict`.
         Returns:
-            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes.
+            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes, and
+            "loss_objectness_ranker" when the head has the (detached) objectness ranker.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
+        objectness = predictions[3] if len(predictions) > 3 else None
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
@@ -469,6 +501,15 @@ class GridCLIP(RetinaNet):
         if not bool(trained.all()):
             trained_indices = trained.nonzero().flatten()
             gt_labels = self._to_trained_labels(gt_labels, trained_indices)
+        num_trained = int(trained.sum())
+        losses = {}
+        if objectness is not None:
+            objectness = torch.cat([permute_to_N_HWA_K(x, 1) for x in objectness], dim=1)
+            losses["loss_objectness_ranker"] = self.objectness_loss(
+                objectness[..., 0], torch.stack(gt_labels), num_trained
+            )
+        if self.train_objectness_ranker_only:
+            return losses
 
         rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
         logits = self.head.logits(rows, trained_indices)  # (N, M, K'), M rows of G anchors
@@ -477,7 +518,38 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        return self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets)
+        return {
+            **self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets),
+            **losses,
+        }
+
+    def objectness_loss(self, objectness: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
+        """Sigmoid focal loss (RetinaNet's alpha, gamma) of the per-location objectness logits.
+
+        Args:
+            objectness: (N, M) logits, one per location (M = sum of Hi*Wi).
+            gt_labels: (N, M*A) anchor labels {-1 ignore, 0..K-1 class, K background} over the
+                trained classes, A anchors per location in anchor order.
+            num_classes: K.
+        Returns:
+            The loss summed over the locations with a target, divided by the number of positive
+            locations (at least 1). A location is positive when one of its anchors is, negative
+            when all are background, else (ignored anchors only, e.g. of novel classes when they
+            are left out of training) not in the loss.
+        """
+        n, m = objectness.shape
+        labels = gt_labels.view(n, m, -1)
+        positive = ((labels >= 0) & (labels < num_classes)).any(dim=2)
+        negative = (labels == num_classes).all(dim=2)
+        valid = positive | negative
+        loss = sigmoid_focal_loss_jit(
+            objectness[valid],
+            positive[valid].to(objectness.dtype),
+            alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+            reduction="sum",
+        )
+        return loss / max(int(positive.sum()), 1)
 
     def _to_trained_labels(self, gt_labels: List[Tensor], trained_indices: Tensor) -> List[Tensor]:
         """Anchor labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'} over the
@@ -544,9 +616,11 @@ class GridCLIP(RetinaNet):
         """Ranks (location, class) pairs, expands only the top ones to anchors (module doc).
 
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets] from :meth:`predict`.
+            predictions: [grid_embeddings, box_deltas, anchor_offsets(, objectness)] from
+                :meth:`predict`.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
+        objectness = predictions[3] if len(predictions) > 3 else None
         anchors = self.anchor_generator(features)
         # Per level (N, Hi*Wi, D) embedding rows, one per location.
         rows = [self.head.embedding_rows(x) for x in grid_embeddings]
@@ -554,13 +628,16 @@ class GridCLIP(RetinaNet):
         offsets = None
         if anchor_offsets is not None:
             offsets = [permute_to_N_HWA_K(x, self.head.num_anchors) for x in anchor_offsets]
+        if objectness is not None:
+            objectness = [permute_to_N_HWA_K(x, 1)[..., 0] for x in objectness]
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
             per_level = []
             for level, level_anchors in enumerate(anchors):
                 level_rows, level_deltas = rows[level][img_idx], deltas[level][img_idx]
                 level_offsets = offsets[level][img_idx] if offsets is not None else None
-                locations = self._scored_locations(level_offsets)
+                level_objectness = objectness[level][img_idx] if objectness is not None else None
+                locations = self._scored_locations(level_offsets, level_objectness)
                 if locations is not None and locations.numel() == 0:
                     continue  # no location of this level can reach the score threshold
                 if locations is not None:  # score a subset: gather its rows, anchors, deltas
@@ -595,11 +672,15 @@ class GridCLIP(RetinaNet):
             pred_classes=torch.zeros(0, dtype=torch.long, device=device),
         )
 
-    def _scored_locations(self, offsets: Optional[Tensor]) -> Optional[Tensor]:
+    def _scored_locations(
+        self, offsets: Optional[Tensor], ranking: Optional[Tensor] = None
+    ) -> Optional[Tensor]:
         """The locations of one level of one image whose classes are scored (module doc).
 
         Args:
             offsets: (Hi*Wi, A) anchor logit offsets, or None (ANCHOR_OFFSET off: no objectness).
+            ranking: (Hi*Wi,) the objectness ranker's logits, or None: then the top-K ranks by
+                the maximum anchor offset. (The exact pruning always uses the offsets.)
         Returns:
             Ascending location indices, or None for all of them (nothing pruned). Exact pruning
             (no class logit there can pass ``test_score_thresh``) is always applied; then at
@@ -625,6 +706,8 @@ class GridCLIP(RetinaNet):
         k = self.test_topk_locations
         num_left = objectness.numel() if keep is None else keep.numel()
         if 0 < k < num_left:
+            if ranking is not None:
+                objectness = ranking
             candidates = objectness if keep is None else objectness[keep]
             top = candidates.topk(k).indices
             keep = top if keep is None else keep[top]

@@ -32,7 +32,8 @@ class GridCLIPHead(RetinaNetHead):
 
     ``forward_embeddings(features)`` returns the raw outputs: grid embeddings (N, E, Hi, Wi) with
     E = D (one per location), box deltas (N, A*4, Hi, Wi), per-anchor logit
-    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None).
+    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None) and, with
+    ``objectness_ranker``, ranking-only objectness logits (N, 1, Hi, Wi) (else None).
     ``forward(features)`` keeps RetinaNet's contract and returns ``(logits (N, A*K, Hi, Wi), box
     deltas)``; GridCLIP's own training and inference avoid materialising those logits.
     """
@@ -53,6 +54,7 @@ class GridCLIPHead(RetinaNetHead):
         learn_logit_scale: bool = False,
         text_product_dtype: str = "float32",
         background_embedding: bool = False,
+        objectness_ranker: bool = False,
     ):
         """
         Args:
@@ -72,6 +74,11 @@ class GridCLIPHead(RetinaNetHead):
                 on average), so a grid embedding near it scores every class high at once;
                 ViLD's softmax with a learned background is blind to such a common offset, a
                 per-class sigmoid is not. b starts at the normalised mean text embedding.
+            objectness_ranker: one class-agnostic objectness logit per location, a 3x3 conv on
+                the box tower's features *detached* (no gradient reaches the detector), trained
+                by GridCLIP's ``loss_objectness_ranker`` to rank locations for
+                ``TEST_TOPK_LOCATIONS``. Built after every other layer from a forked random
+                state, so the detector's initialisation is the same with or without it.
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
         if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
@@ -114,6 +121,15 @@ class GridCLIPHead(RetinaNetHead):
         if background_embedding:
             mean = F.normalize(text_embeddings.float(), dim=-1).mean(dim=0)
             self.background = nn.Parameter(F.normalize(mean, dim=0))
+        self.objectness = None
+        if objectness_ranker:
+            # Fork the global random state: creating and initialising this conv must not shift
+            # the draws of anything built (or sampled: data-loader seeds) after the head.
+            with torch.random.fork_rng(devices=[]):
+                self.objectness = nn.Conv2d(conv_dims[-1], 1, kernel_size=3, padding=1)
+                nn.init.normal_(self.objectness.weight, mean=0, std=0.01)
+                # RetinaNet's prior: start at probability prior_prob
+                nn.init.constant_(self.objectness.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec], text_embeddings: Tensor):
@@ -127,6 +143,7 @@ class GridCLIPHead(RetinaNetHead):
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
             text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
             background_embedding=cfg.MODEL.GRIDCLIP.BACKGROUND_EMBEDDING,
+            objectness_ranker=cfg.MODEL.GRIDCLIP.OBJECTNESS_RANKER,
         )
         return ret
 
@@ -141,7 +158,7 @@ class GridCLIPHead(RetinaNetHead):
 
     def forward_embeddings(
         self, features: List[Tensor]
-    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]], Optional[List[Tensor]]]:
         """
         Args:
             features: FPN maps (N, C, Hi, Wi), high to low resolution.
@@ -149,20 +166,26 @@ class GridCLIPHead(RetinaNetHead):
             grid_embeddings: per level (N, D, Hi, Wi) (not normalised).
             box_deltas: per level (N, A*4, Hi, Wi).
             anchor_offsets: per level (N, A, Hi, Wi) logit offsets, or None.
+            objectness: per level (N, 1, Hi, Wi) ranking logits of the objectness ranker
+                (computed on the detached box tower), or None.
         """
         assert (
             len(features) == self._num_features
         ), f"head built for {self._num_features} levels, got {len(features)}"
-        grid_embeddings, box_deltas, anchor_offsets = [], [], []
+        grid_embeddings, box_deltas, anchor_offsets, objectness = [], [], [], []
         for feature in features:
             grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
             box_features = self.bbox_subnet(feature)
             box_deltas.append(self.bbox_pred(box_features))
             if self.anchor_offset is not None:
                 anchor_offsets.append(self.anchor_offset(box_features))
+            if self.objectness is not None:  # ranking only: the detector gets no gradient
+                objectness.append(self.objectness(box_features.detach()))
         if self.anchor_offset is None:
             anchor_offsets = None
-        return grid_embeddings, box_deltas, anchor_offsets
+        if self.objectness is None:
+            objectness = None
+        return grid_embeddings, box_deltas, anchor_offsets, objectness
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
         """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""
@@ -215,7 +238,7 @@ class GridCLIPHead(RetinaNetHead):
 
         Materialises per-anchor logits; GridCLIP's own training and inference do not use it.
         """
-        grid_embeddings, box_deltas, anchor_offsets = self.forward_embeddings(features)
+        grid_embeddings, box_deltas, anchor_offsets, _ = self.forward_embeddings(features)
         logits = []
         for i, x in enumerate(grid_embeddings):
             n, _, h, w = x.shape

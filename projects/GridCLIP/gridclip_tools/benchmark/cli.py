@@ -172,10 +172,17 @@ def settings_from_args(args):
     return type(settings)(**{**settings.__dict__, **overrides})
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def setup_logging() -> None:
+    """Console logging of the project's loggers: ``gridclip``, ``detectron2`` and this tool's
+    own modules (``gridclip_tools.benchmark.*``: the suites' progress, the assets)."""
     setup_logger(name="gridclip")
     setup_logger(name="detectron2", abbrev_name="d2")
+    setup_logger(name="gridclip_tools")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
     settings = settings_from_args(args)
     command = "python tools/benchmark.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)

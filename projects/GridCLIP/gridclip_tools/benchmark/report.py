@@ -99,6 +99,13 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         "inference_speedup_gridclip_head128x2_top1000_vs_vild": _ratio(
             t["vild"], t["gridclip_head128x2_top1000"]
         ),
+        # the same gates ranked by the detached objectness ranker (accuracy-preserving)
+        "inference_speedup_gridclip_objtop1000_vs_vild": _ratio(
+            t["vild"], t["gridclip_objtop1000"]
+        ),
+        "inference_speedup_gridclip_head128x2_objtop1000_vs_vild": _ratio(
+            t["vild"], t["gridclip_head128x2_objtop1000"]
+        ),
         # a reference row (its own input, 1024x1024), never the same-trunk comparison
         "inference_speedup_gridclip_vs_vild_published": _ratio(t["vild_published"], t["gridclip"]),
         "inference_gridclip_no_dense_clip_over_retinanet_80": _ratio(
