@@ -683,8 +683,9 @@ class GridCLIP(RetinaNet):
                 the maximum anchor offset. (The exact pruning always uses the offsets.)
         Returns:
             Ascending location indices, or None for all of them (nothing pruned). Exact pruning
-            (no class logit there can pass ``test_score_thresh``) is always applied; then at
-            most ``test_topk_locations`` (if > 0) of the highest objectness are kept.
+            (no class logit there can pass ``test_score_thresh``) is applied on a CPU (not on a
+            GPU: it never changes the detections); then at most ``test_topk_locations`` (if > 0)
+            of the highest objectness are kept.
         """
         if offsets is None:
             return None
