@@ -24,7 +24,7 @@ from gridclip.data.captions import (
 )
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
-from gridclip.engine.pairs import AlternatingLoader
+from gridclip.engine.pairs import JointLoader
 from gridclip.modeling.pairs_alignment import (
     PairsAlignment,
     pairs_contrastive_loss,
@@ -266,12 +266,21 @@ def test_pairs_alignment_module_builds_batch_vocabulary():
         module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
 
 
-def test_alternating_loader_order():
-    boxes, pairs = iter(f"b{i}" for i in range(100)), iter(f"p{i}" for i in range(100))
-    it = iter(AlternatingLoader(boxes, pairs, 3))
-    assert [next(it) for _ in range(7)] == ["b0", "b1", "p0", "b2", "b3", "p1", "b4"]
-    with pytest.raises(ValueError, match="PAIRS_PERIOD"):
-        AlternatingLoader([], [], 1)
+def test_joint_loader_adds_pairs_to_box_batches():
+    boxes = iter([[f"b{i}a", f"b{i}b"] for i in range(100)])
+    pairs = iter([[f"p{i}"] for i in range(100)])
+    it = iter(JointLoader(boxes, pairs, 2))
+    assert [next(it) for _ in range(4)] == [
+        ["b0a", "b0b", "p0"],
+        ["b1a", "b1b"],
+        ["b2a", "b2b", "p1"],
+        ["b3a", "b3b"],
+    ]
+    every = iter(JointLoader(iter([["b"]] * 3), iter([["p"]] * 3), 1))
+    assert [next(every) for _ in range(3)] == [["b", "p"]] * 3  # every box batch gets pairs
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="PAIRS_PERIOD"):
+            JointLoader([], [], bad)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -319,14 +328,16 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     assert model.pairs_alignment is not None
     # pair images are batched at the lower resolution
     pair_batch = next(iter(trainer.data_loader.pairs))
+    assert trainer.data_loader.period == 2
     assert len(pair_batch) == 3 and all(min(x["image"].shape[1:]) == 64 for x in pair_batch)
     assert all("phrases" in x and "instances" not in x for x in pair_batch)
     before = model.head.grid_embed.weight.detach().clone()
     record = _RecordLosses()
     trainer.register_hooks([record])
     trainer.train()
-    assert record.keys[0] == ["loss_box_reg", "loss_cls"]
-    assert record.keys[1] == ["pairs_loss"]
+    # pairs on top of the box batches: both losses at step 0, box losses alone at step 1
+    assert record.keys[0] == ["loss_box_reg", "loss_cls", "loss_pairs"]
+    assert record.keys[1] == ["loss_box_reg", "loss_cls"]
     assert not torch.equal(before, model.head.grid_embed.weight.detach())
     # the phrase embeddings are not saved in checkpoints
     assert not any("phrase_embeddings" in k for k in model.state_dict())

@@ -119,8 +119,9 @@ class GridCLIP(RetinaNet):
 
     Extra training loss: ``loss_image_align`` (image-level alignment with a CLIP teacher) when
     ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT > 0``. Use :meth:`set_vocabulary` to detect other classes.
-    A training batch of image-text pairs (inputs with ``phrases``, no ``instances``) trains only
-    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``).
+    Image-text pairs in a training batch (inputs with ``phrases``, no ``instances``) train
+    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``), the box
+    inputs of the same batch the box losses.
     """
 
     @configurable
@@ -339,17 +340,31 @@ class GridCLIP(RetinaNet):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``)."""
+        """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``).
+
+        In training, inputs with ``phrases`` and no ``instances`` are image-text pairs: a batch
+        may mix them with box inputs (:class:`gridclip.engine.pairs.JointLoader`); each group
+        gets its own forward pass (pair images have their own size) and the losses of both are
+        returned (box losses on the box inputs, ``loss_pairs`` on the pairs).
+        """
+        if self.training:
+            pairs = [x for x in batched_inputs if "instances" not in x and "phrases" in x]
+            if pairs:
+                boxes = [x for x in batched_inputs if "instances" in x or "phrases" not in x]
+                losses = self._forward_one(pairs, pairs_only=True)
+                if boxes:
+                    losses.update(self._forward_one(boxes))
+                return losses
+        return self._forward_one(batched_inputs)
+
+    def _forward_one(self, batched_inputs: List[Dict[str, Tensor]], pairs_only: bool = False):
+        """:meth:`forward` on inputs of one kind: image-text pairs (``pairs_only``) or not."""
         images = self.preprocess_image(batched_inputs)
         backbone_features = self.backbone(images.tensor)
         features = [backbone_features[f] for f in self.head_in_features]
         predictions = self.predict(features, backbone_features.get("res5"))
 
-        if (
-            self.training
-            and "instances" not in batched_inputs[0]
-            and "phrases" in batched_inputs[0]
-        ):
+        if pairs_only:
             return self.pairs_losses(images, predictions, batched_inputs)  # image-text pairs
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
@@ -421,7 +436,8 @@ class GridCLIP(RetinaNet):
     ) -> Dict[str, Tensor]:
         """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
         alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
-        pair images train no box, focal or image-alignment loss."""
+        pair images train no box, focal or image-alignment loss (the box inputs of the batch
+        do, in their own pass: :meth:`forward`)."""
         if self.pairs_alignment is None:
             raise ValueError(
                 "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
@@ -433,8 +449,6 @@ class GridCLIP(RetinaNet):
         losses = self.pairs_alignment(
             predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
         )
-        # Detectron2 logs a lone loss term only as total_loss: name it in the metrics too
-        get_event_storage().put_scalar("pairs_loss", float(losses["loss_pairs"]))
         return losses
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
