@@ -197,6 +197,9 @@ def test_match_phrases_on_hand_built_detections():
     instances.pred_classes = torch.tensor([0, 0, 0, 1, 0])
     match = match_phrases(parsed, instances, annotations, names, 0.5)
     assert [o["recovered"] for o in match["objects"]] == [False, True, True, False]
+    # ring 1 is hit by the phrase's third detection (beyond its two objects); no detection
+    # overlaps the heart
+    assert [o["miss"] for o in match["objects"]] == ["outranked", None, None, "no_box"]
     assert [o["phrase"] for o in match["objects"]] == [
         "blue rings",
         "blue rings",
@@ -212,6 +215,10 @@ def test_match_phrases_on_hand_built_detections():
     parsed = parse_prompt("a red star")
     match = match_phrases(parsed, instances, annotations, names, 0.5)
     assert [o["phrase"] for o in match["objects"]] == [None, None, "red star", None]
+    # the heart detected under another phrase: a wrong phrase, not a missing box
+    instances.pred_boxes.tensor[1] = torch.tensor([70.0, 0.0, 80.0, 10.0])
+    match = match_phrases(parse_prompt(caption), instances, annotations, names, 0.5)
+    assert match["objects"][3]["miss"] == "wrong_phrase"
 
 
 # ------------------------------------------------------------------- predictor, demo, eval
@@ -356,6 +363,7 @@ def test_grounding_eval_command(ci_demo, tmp_path):
     assert result["objects"] > 0 and result["unnamed_objects"] == 0
     assert 0.0 <= result["recovery_rate"] <= 1.0
     assert result["recovered"] == round(result["recovery_rate"] * result["objects"])
+    assert sum(result["misses"].values()) == result["objects"] - result["recovered"]
     saved = json.loads(report.read_text())
     assert saved["recovered"] == result["recovered"] and len(saved["records"]) == 3
     for record in saved["records"]:

@@ -30,6 +30,7 @@ from gridclip.modeling.pairs_alignment import (
     pairs_contrastive_loss,
     phrase_grid_scores,
 )
+from gridclip.modeling.prompts import parse_prompt
 
 TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
 
@@ -55,9 +56,35 @@ def test_phrase_key_drops_counts_and_plurals():
 def test_split_caption_phrases_spans():
     caption = "a photo of a red star beside two blue rings on a striped background."
     phrases = split_caption_phrases(caption)
-    assert [p["text"] for p in phrases] == ["a red star", "two blue rings", "a striped background"]
+    assert [p["text"] for p in phrases] == ["red star", "blue rings", "striped background"]
     for p in phrases:
         assert caption[p["span"][0] : p["span"][1]] == p["text"]
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a photo of a red star beside two blue rings on a striped background.",
+        "a picture showing three green crosses, an orange heart and a white square in the scene.",
+        "an image with a yellow triangle next to 2 purple circles.",
+        "Crème brûlée is on the table; a bow (weapon) and some berries",
+    ],
+)
+def test_one_phrase_rule_for_pairs_and_prompts(caption):
+    """Pairs (split_caption_phrases, phrase_key) and grounding prompts (parse_prompt) read a
+    caption the same way: same phrases, same spans, same embedded names."""
+    pairs = split_caption_phrases(caption)
+    prompt = parse_prompt(caption, "caption").phrases
+    assert [(p["text"], tuple(p["span"])) for p in pairs] == [(p.text, p.span) for p in prompt]
+    assert [phrase_key(p["text"]) for p in pairs] == [p.name.lower() for p in prompt]
+    assert not any(p.name.split()[-1] in ("photo", "picture", "image", "scene") for p in prompt)
+
+
+def test_phrase_key_keeps_inner_words_and_brackets():
+    assert phrase_key("a cup of coffee") == "cup of coffee"  # no splitting inside a given phrase
+    assert phrase_key("a bow (weapon)") == "bow (weapon)"
+    assert phrase_key("(two red stars)") == "red star"
+    assert phrase_key("the 3 ") == ""
 
 
 def test_compose_caption_spans_counts_and_drops():
@@ -106,7 +133,7 @@ def test_coco_captions_json_loads_with_given_and_parsed_phrases(tmp_path):
     assert a["phrases"][0] == {"text": "a red star", "span": [19, 29], "category_id": 4,
                                "caption_index": 0, "key": "red star"}  # fmt: skip
     assert a["phrases"][1]["key"] == "blue ring"
-    assert [p["text"] for p in b["phrases"]] == ["a green cross", "a white square"]
+    assert [p["text"] for p in b["phrases"]] == ["green cross", "white square"]
     assert pair_phrase_keys(dicts) == ["blue ring", "green cross", "red star", "white square"]
     name = register_coco_captions("test_pairs_user", path, "/imgs")
     assert register_coco_captions("test_pairs_user", path, "/imgs") == name  # idempotent
