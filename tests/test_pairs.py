@@ -10,6 +10,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
 
 import gridclip  # noqa: F401  (registers datasets)
 from gridclip.clip import loading as clip_loading
@@ -366,5 +367,16 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     assert record.keys[0] == ["loss_box_reg", "loss_cls", "loss_pairs"]
     assert record.keys[1] == ["loss_box_reg", "loss_cls"]
     assert not torch.equal(before, model.head.grid_embed.weight.detach())
+    # a mixed batch = a box pass on its box inputs + a pair pass on its pair inputs
+    box_batch = next(iter(trainer.data_loader.boxes))
+    model.train()
+    normalizer = model.loss_normalizer  # RetinaNet's running normaliser: same start for both
+    with torch.no_grad(), EventStorage(0):
+        mixed = model(list(box_batch) + list(pair_batch))
+        model.loss_normalizer = normalizer
+        alone = {**model(list(box_batch)), **model(list(pair_batch))}
+    assert sorted(mixed) == sorted(alone) and "loss_pairs" in mixed
+    for k in alone:
+        torch.testing.assert_close(mixed[k], alone[k])
     # the phrase embeddings are not saved in checkpoints
     assert not any("phrase_embeddings" in k for k in model.state_dict())
