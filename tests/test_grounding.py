@@ -301,6 +301,22 @@ def test_vild_prompt_keeps_base_classes_by_name(ci_demo, predictor_and_image):
     assert all("phrase" in d for d in predictor.detections_to_json(predictor(image)))
 
 
+def test_gridclip_prompt_weighs_novel_phrases_as_novel(ci_demo, predictor_and_image):
+    """GridCLIP's CLIP score ensemble weighs base and novel classes differently: in prompt
+    mode a phrase is base when its embedded name is a class boxed in training, so a novel
+    phrase gets the novel weight as it would in the world's evaluation."""
+    from gridclip.data.world import world_categories
+
+    predictor, image = predictor_and_image
+    predictor(image, prompt="two blue rings beside a white star and a Purple_Heart")
+    assert predictor.class_names == ["blue ring", "white star", "Purple_Heart"]
+    # blue_ring is a frequent class, white_star a rare (novel) one, purple_heart not in the world
+    assert predictor.model.trained_class_mask.tolist() == [True, False, False]
+    predictor.set_vocabulary("world")  # back to the world's classes: boxed = not rare
+    trained = [c["frequency"] != "r" for c in world_categories()]
+    assert predictor.model.trained_class_mask.tolist() == trained
+
+
 def test_demo_tool_prompt_writes_phrases_and_spans(ci_demo, predictor_and_image, tmp_path):
     from detectron2.data import DatasetCatalog
 

@@ -296,22 +296,25 @@ class GridCLIP(RetinaNet):
         # Not persistent: derived from the dataset's metadata, and reset with the vocabulary.
         self.register_buffer("trained_class_mask", mask.to(self.pixel_mean.device), False)
 
-    def set_vocabulary(self, vocabulary) -> None:
+    def set_vocabulary(self, vocabulary, trained_class_mask: Optional[Tensor] = None) -> None:
         """Detect another set of classes.
 
         Args:
             vocabulary: class names (embedded with this model's CLIP and prompts), a (C, D)
                 tensor/ndarray of text embeddings, or a path to a .npy/.pt of one.
+            trained_class_mask: (C,) bool, classes the model was trained on with boxes; the
+                others get the CLIP score ensemble's novel weight (and further training leaves
+                them out of the focal loss). Default: all (every class weighed as base).
 
         The text-embedding buffer is replaced (it stays a buffer: moved by ``.to()``, saved in
         checkpoints), ``num_classes`` becomes C, and every class is scored (and, if trained
-        further, trained).
+        further, trained unless novel).
         """
         text_embeddings, names = resolve_vocabulary(vocabulary, self._vocabulary_cfg)
         self.head.classifier.set_vocabulary(text_embeddings)
         self.num_classes = self.head.num_classes
         self.class_names = names
-        self._set_trained_class_mask(None)
+        self._set_trained_class_mask(trained_class_mask)
         logger.info(f"GridCLIP vocabulary set to {self.num_classes} classes")
 
     def vocabulary_state(self) -> Dict:
