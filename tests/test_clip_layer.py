@@ -43,13 +43,9 @@ from gridclip.clip import (
     load_text_embeddings,
 )
 from gridclip.clip import loading as clip_loading
-from gridclip.clip import (
-    modified_resnet_features,
-    resolve_clip_weights,
-    save_text_embeddings,
-    text_embeddings_from_cfg,
-    tokenize_for_model,
-)
+from gridclip.clip import modified_resnet_features, resolve_clip_weights, save_text_embeddings
+from gridclip.clip import text as clip_text
+from gridclip.clip import text_embeddings_from_cfg, tokenize_for_model
 from gridclip.utils.cache import load_cache
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -418,7 +414,8 @@ class CountingLoader:
         return self.model
 
 
-def test_text_embedding_cache_hit_miss_and_corruption(tiny, tmp_path, caplog):
+def test_text_embedding_cache_hit_miss_and_corruption(tiny, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(clip_text, "PER_NAME_CACHE_MAX_NAMES", 1)  # one file per vocabulary
     cache = tmp_path / "cache"
     loader = CountingLoader(tiny)
     names = ["red square", "blue ring", "bow (weapon)"]
@@ -460,6 +457,34 @@ def test_text_embedding_cache_hit_miss_and_corruption(tiny, tmp_path, caplog):
     get_text_embeddings(names, clip_loader=loader, **kw)
     assert loader.calls == 9
     assert torch.equal(load_text_embeddings(str(files[0])), first)  # rewritten correctly
+
+
+def test_small_vocabularies_are_cached_name_by_name(tiny, tmp_path):
+    """Grounding prompts make one small vocabulary per caption: the cache holds one file per
+    distinct name, not one per caption, and any caption over seen names needs no CLIP."""
+    cache = tmp_path / "cache"
+    loader = CountingLoader(tiny)
+    kw = dict(model_key="tiny0", prompts="single", cache_dir=str(cache), progress=False)
+    names = ["red star", "blue ring", "yellow heart"]
+    first = get_text_embeddings(names, clip_loader=loader, **kw)
+    assert loader.calls == 1 and len(list(cache.iterdir())) == 3
+    whole = encode_text_embeddings(tiny, names, load_prompts("single"), progress=False)
+    torch.testing.assert_close(first, whole)
+    # other captions over the same phrases, in any order, repeated: cache hits only
+    for vocabulary in (names[::-1], names[:2], ["blue ring", "red star", "blue ring"]):
+        emb = get_text_embeddings(vocabulary, clip_loader=loader, **kw)
+        torch.testing.assert_close(emb, torch.stack([first[names.index(n)] for n in vocabulary]))
+    assert loader.calls == 1 and len(list(cache.iterdir())) == 3
+    # a new phrase adds one file; only it is encoded
+    get_text_embeddings(["red star", "green cross"], clip_loader=loader, **kw)
+    assert loader.calls == 2 and len(list(cache.iterdir())) == 4
+    # a name's file is that of a one-name vocabulary
+    one = get_text_embeddings(["red star"], clip_loader=loader, **kw)
+    assert loader.calls == 2 and torch.equal(one[0], first[0])
+    # a vocabulary above the bound keeps one file
+    big = [f"class {i}" for i in range(clip_text.PER_NAME_CACHE_MAX_NAMES + 1)]
+    get_text_embeddings(big, clip_loader=loader, **kw)
+    assert len(list(cache.iterdir())) == 5
 
 
 def test_text_embeddings_without_model_or_loader_or_cache(tiny, tmp_path):
@@ -510,7 +535,7 @@ def test_text_embeddings_from_cfg_computes_and_caches(tiny, weights_dir, tmp_pat
         tiny, ["red square", "bow (weapon)"], ["a photo of a {}."], progress=False
     )
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
-    assert len(list((tmp_path / "text_cache").iterdir())) == 1
+    assert len(list((tmp_path / "text_cache").iterdir())) == 2  # a small vocabulary: per name
     clear_clip_memo()
 
 

@@ -197,6 +197,9 @@ def test_match_phrases_on_hand_built_detections():
     instances.pred_classes = torch.tensor([0, 0, 0, 1, 0])
     match = match_phrases(parsed, instances, annotations, names, 0.5)
     assert [o["recovered"] for o in match["objects"]] == [False, True, True, False]
+    # ring 1 is hit by the phrase's third detection (beyond its two objects); no detection
+    # overlaps the heart
+    assert [o["miss"] for o in match["objects"]] == ["outranked", None, None, "no_box"]
     assert [o["phrase"] for o in match["objects"]] == [
         "blue rings",
         "blue rings",
@@ -212,6 +215,10 @@ def test_match_phrases_on_hand_built_detections():
     parsed = parse_prompt("a red star")
     match = match_phrases(parsed, instances, annotations, names, 0.5)
     assert [o["phrase"] for o in match["objects"]] == [None, None, "red star", None]
+    # the heart detected under another phrase: a wrong phrase, not a missing box
+    instances.pred_boxes.tensor[1] = torch.tensor([70.0, 0.0, 80.0, 10.0])
+    match = match_phrases(parse_prompt(caption), instances, annotations, names, 0.5)
+    assert match["objects"][3]["miss"] == "wrong_phrase"
 
 
 # ------------------------------------------------------------------- predictor, demo, eval
@@ -294,6 +301,22 @@ def test_vild_prompt_keeps_base_classes_by_name(ci_demo, predictor_and_image):
     assert all("phrase" in d for d in predictor.detections_to_json(predictor(image)))
 
 
+def test_gridclip_prompt_weighs_novel_phrases_as_novel(ci_demo, predictor_and_image):
+    """GridCLIP's CLIP score ensemble weighs base and novel classes differently: in prompt
+    mode a phrase is base when its embedded name is a class boxed in training, so a novel
+    phrase gets the novel weight as it would in the world's evaluation."""
+    from gridclip.data.world import world_categories
+
+    predictor, image = predictor_and_image
+    predictor(image, prompt="two blue rings beside a white star and a Purple_Heart")
+    assert predictor.class_names == ["blue ring", "white star", "Purple_Heart"]
+    # blue_ring is a frequent class, white_star a rare (novel) one, purple_heart not in the world
+    assert predictor.model.trained_class_mask.tolist() == [True, False, False]
+    predictor.set_vocabulary("world")  # back to the world's classes: boxed = not rare
+    trained = [c["frequency"] != "r" for c in world_categories()]
+    assert predictor.model.trained_class_mask.tolist() == trained
+
+
 def test_demo_tool_prompt_writes_phrases_and_spans(ci_demo, predictor_and_image, tmp_path):
     from detectron2.data import DatasetCatalog
 
@@ -356,6 +379,7 @@ def test_grounding_eval_command(ci_demo, tmp_path):
     assert result["objects"] > 0 and result["unnamed_objects"] == 0
     assert 0.0 <= result["recovery_rate"] <= 1.0
     assert result["recovered"] == round(result["recovery_rate"] * result["objects"])
+    assert sum(result["misses"].values()) == result["objects"] - result["recovered"]
     saved = json.loads(report.read_text())
     assert saved["recovered"] == result["recovered"] and len(saved["records"]) == 3
     for record in saved["records"]:

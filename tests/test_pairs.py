@@ -10,6 +10,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
 
 import gridclip  # noqa: F401  (registers datasets)
 from gridclip.clip import loading as clip_loading
@@ -25,12 +26,13 @@ from gridclip.data.captions import (
 )
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
-from gridclip.engine.pairs import AlternatingLoader
+from gridclip.engine.pairs import JointLoader
 from gridclip.modeling.pairs_alignment import (
     PairsAlignment,
     pairs_contrastive_loss,
     phrase_grid_scores,
 )
+from gridclip.modeling.prompts import parse_prompt
 
 TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
 
@@ -56,9 +58,35 @@ def test_phrase_key_drops_counts_and_plurals():
 def test_split_caption_phrases_spans():
     caption = "a photo of a red star beside two blue rings on a striped background."
     phrases = split_caption_phrases(caption)
-    assert [p["text"] for p in phrases] == ["a red star", "two blue rings", "a striped background"]
+    assert [p["text"] for p in phrases] == ["red star", "blue rings", "striped background"]
     for p in phrases:
         assert caption[p["span"][0] : p["span"][1]] == p["text"]
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a photo of a red star beside two blue rings on a striped background.",
+        "a picture showing three green crosses, an orange heart and a white square in the scene.",
+        "an image with a yellow triangle next to 2 purple circles.",
+        "Crème brûlée is on the table; a bow (weapon) and some berries",
+    ],
+)
+def test_one_phrase_rule_for_pairs_and_prompts(caption):
+    """Pairs (split_caption_phrases, phrase_key) and grounding prompts (parse_prompt) read a
+    caption the same way: same phrases, same spans, same embedded names."""
+    pairs = split_caption_phrases(caption)
+    prompt = parse_prompt(caption, "caption").phrases
+    assert [(p["text"], tuple(p["span"])) for p in pairs] == [(p.text, p.span) for p in prompt]
+    assert [phrase_key(p["text"]) for p in pairs] == [p.name.lower() for p in prompt]
+    assert not any(p.name.split()[-1] in ("photo", "picture", "image", "scene") for p in prompt)
+
+
+def test_phrase_key_keeps_inner_words_and_brackets():
+    assert phrase_key("a cup of coffee") == "cup of coffee"  # no splitting inside a given phrase
+    assert phrase_key("a bow (weapon)") == "bow (weapon)"
+    assert phrase_key("(two red stars)") == "red star"
+    assert phrase_key("the 3 ") == ""
 
 
 def test_compose_caption_spans_counts_and_drops():
@@ -107,7 +135,7 @@ def test_coco_captions_json_loads_with_given_and_parsed_phrases(tmp_path):
     assert a["phrases"][0] == {"text": "a red star", "span": [19, 29], "category_id": 4,
                                "caption_index": 0, "key": "red star"}  # fmt: skip
     assert a["phrases"][1]["key"] == "blue ring"
-    assert [p["text"] for p in b["phrases"]] == ["a green cross", "a white square"]
+    assert [p["text"] for p in b["phrases"]] == ["green cross", "white square"]
     assert pair_phrase_keys(dicts) == ["blue ring", "green cross", "red star", "white square"]
     name = register_coco_captions("test_pairs_user", path, "/imgs")
     assert register_coco_captions("test_pairs_user", path, "/imgs") == name  # idempotent
@@ -267,12 +295,21 @@ def test_pairs_alignment_module_builds_batch_vocabulary():
         module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
 
 
-def test_alternating_loader_order():
-    boxes, pairs = iter(f"b{i}" for i in range(100)), iter(f"p{i}" for i in range(100))
-    it = iter(AlternatingLoader(boxes, pairs, 3))
-    assert [next(it) for _ in range(7)] == ["b0", "b1", "p0", "b2", "b3", "p1", "b4"]
-    with pytest.raises(ValueError, match="PAIRS_PERIOD"):
-        AlternatingLoader([], [], 1)
+def test_joint_loader_adds_pairs_to_box_batches():
+    boxes = iter([[f"b{i}a", f"b{i}b"] for i in range(100)])
+    pairs = iter([[f"p{i}"] for i in range(100)])
+    it = iter(JointLoader(boxes, pairs, 2))
+    assert [next(it) for _ in range(4)] == [
+        ["b0a", "b0b", "p0"],
+        ["b1a", "b1b"],
+        ["b2a", "b2b", "p1"],
+        ["b3a", "b3b"],
+    ]
+    every = iter(JointLoader(iter([["b"]] * 3), iter([["p"]] * 3), 1))
+    assert [next(every) for _ in range(3)] == [["b", "p"]] * 3  # every box batch gets pairs
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="PAIRS_PERIOD"):
+            JointLoader([], [], bad)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -320,15 +357,28 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     assert model.pairs_alignment is not None
     # pair images are batched at the lower resolution
     pair_batch = next(iter(trainer.data_loader.pairs))
+    assert trainer.data_loader.period == 2
     assert len(pair_batch) == 3 and all(min(x["image"].shape[1:]) == 64 for x in pair_batch)
     assert all("phrases" in x and "instances" not in x for x in pair_batch)
     before = model.head.grid_embed.weight.detach().clone()
     record = _RecordLosses()
     trainer.register_hooks([record])
     trainer.train()
-    assert record.keys[0] == ["loss_box_reg", "loss_cls"]
-    assert record.keys[1] == ["pairs_loss"]
+    # pairs on top of the box batches: both losses at step 0, box losses alone at step 1
+    assert record.keys[0] == ["loss_box_reg", "loss_cls", "loss_pairs"]
+    assert record.keys[1] == ["loss_box_reg", "loss_cls"]
     assert not torch.equal(before, model.head.grid_embed.weight.detach())
+    # a mixed batch = a box pass on its box inputs + a pair pass on its pair inputs
+    box_batch = next(iter(trainer.data_loader.boxes))
+    model.train()
+    normalizer = model.loss_normalizer  # RetinaNet's running normaliser: same start for both
+    with torch.no_grad(), EventStorage(0):
+        mixed = model(list(box_batch) + list(pair_batch))
+        model.loss_normalizer = normalizer
+        alone = {**model(list(box_batch)), **model(list(pair_batch))}
+    assert sorted(mixed) == sorted(alone) and "loss_pairs" in mixed
+    for k in alone:
+        torch.testing.assert_close(mixed[k], alone[k])
     # the phrase embeddings are not saved in checkpoints
     assert not any("phrase_embeddings" in k for k in model.state_dict())
 

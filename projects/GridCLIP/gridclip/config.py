@@ -143,9 +143,9 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Image-text pairs (captions, no boxes; gridclip/modeling/pairs_alignment.py): weight of the
     # phrase-to-grid alignment loss on DATASETS.PAIRS_TRAIN batches. 0 = off (no pair batches).
     _C.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT = 0.0
-    # Every PAIRS_PERIOD-th iteration trains on a batch of pairs instead of boxes (2: alternate,
-    # as DetCLIPv2 does); a pair iteration counts as an iteration of SOLVER.MAX_ITER.
-    _C.MODEL.GRIDCLIP.PAIRS_PERIOD = 2
+    # Every PAIRS_PERIOD-th iteration (1: every one) adds a batch of pairs to its box batch (both
+    # losses, one step: pairs on top of the box iterations, same schedule; engine/pairs.py).
+    _C.MODEL.GRIDCLIP.PAIRS_PERIOD = 1
     # Images per pair batch (all GPUs together); 0 = SOLVER.IMS_PER_BATCH.
     _C.MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH = 0
     # Shorter side of pair images in training (DetCLIPv2 trains pairs at a lower resolution);

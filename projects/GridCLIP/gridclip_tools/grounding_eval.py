@@ -18,8 +18,11 @@ For every image of ``--dataset`` (default the config's ``DATASETS.TEST[0]``):
    IoU >= ``--iou`` (0.5); an object is recovered when one of them matches it.
 
 Reported: the recovery rate over all named objects, per class frequency (``f``/``c``/``r`` =
-novel) when the dataset has them, and the phrase recall@1 (the phrase's top detection overlaps
-one of its boxes), on stdout and in ``--output`` (JSON).
+novel) when the dataset has them, why the others were missed (``outranked``: a detection of
+the object's phrase overlaps it but is not among the phrase's *n* best; ``wrong_phrase``: only
+other phrases' detections overlap it; ``no_box``: no detection overlaps it), and the phrase
+recall@1 (the phrase's top detection overlaps one of its boxes),
+on stdout and in ``--output`` (JSON).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def match_phrases(
         class_names: the dataset's names, indexed by ``category_id``.
 
     Returns:
-        ``{"objects": [{"category_id", "phrase" (None: unnamed), "recovered"}, ...],
+        ``{"objects": [{"category_id", "phrase" (None: unnamed), "recovered", "miss"}, ...],
         "phrases": [{"phrase", "span", "objects", "top1_hit"}, ...]}``.
     """
     instances = instances.to("cpu")
@@ -112,7 +115,9 @@ def match_phrases(
     by_class: Dict[int, List[int]] = {}
     for i, a in enumerate(annotations):
         k = parsed.class_of(class_names[a["category_id"]])
-        objects.append({"category_id": int(a["category_id"]), "phrase": None, "recovered": False})
+        objects.append(
+            {"category_id": int(a["category_id"]), "phrase": None, "recovered": False, "miss": None}
+        )
         if k is not None:
             objects[-1]["phrase"] = parsed.class_labels[k]
             by_class.setdefault(k, []).append(i)
@@ -133,6 +138,11 @@ def match_phrases(
                 if row[j] >= iou_threshold:
                     taken[j] = True
                     objects[members[j]]["recovered"] = True
+        for i in members:
+            if not objects[i]["recovered"]:
+                objects[i]["miss"] = _miss_reason(
+                    annotations[i], k, pred_boxes, pred_classes, iou_threshold
+                )
         phrase = parsed.class_phrases[k][0]
         phrases.append(
             {
@@ -143,6 +153,25 @@ def match_phrases(
             }
         )
     return {"objects": objects, "phrases": phrases}
+
+
+#: Why a named object was not recovered (:func:`match_phrases`, checked in this order).
+MISS_REASONS = ("outranked", "wrong_phrase", "no_box")
+
+
+def _miss_reason(annotation: Dict, k: int, pred_boxes, pred_classes, iou_threshold: float) -> str:
+    """``outranked``: a detection of the object's phrase overlaps it (IoU >= threshold) but is
+    not among the phrase's n best; ``wrong_phrase``: only detections of other phrases overlap
+    it; ``no_box``: no detection at all overlaps it."""
+    if not len(pred_boxes):
+        return "no_box"
+    iou = pairwise_iou(
+        Boxes(pred_boxes), Boxes(torch.tensor([_xyxy(annotation)], dtype=torch.float32))
+    )[:, 0]
+    hit = iou >= iou_threshold
+    if bool((hit & (pred_classes == k)).any()):
+        return "outranked"
+    return "wrong_phrase" if bool(hit.any()) else "no_box"
 
 
 def _rate(hits: int, total: int) -> Optional[float]:
@@ -208,6 +237,7 @@ def main(argv=None) -> Dict:
         "unnamed_objects": len(objects) - len(named),
         "recovered": sum(o["recovered"] for o in named),
         "recovery_rate": _rate(sum(o["recovered"] for o in named), len(named)),
+        "misses": {r: sum(o["miss"] == r for o in named) for r in MISS_REASONS},
         "phrase_recall_at_1": _rate(sum(p["top1_hit"] for p in phrases), len(phrases)),
         "seconds": round(elapsed, 1),
     }
@@ -230,6 +260,7 @@ def main(argv=None) -> Dict:
             " (" + ", ".join(f"{f} {100 * v:.1f}%" for f, v in by.items() if v is not None) + ")"
         )
     line += f"; phrase recall@1 {100 * (result['phrase_recall_at_1'] or 0):.1f}%"
+    line += "; misses: " + ", ".join(f"{r} {n}" for r, n in result["misses"].items())
     print(line)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

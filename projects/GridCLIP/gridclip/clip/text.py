@@ -43,6 +43,7 @@ __all__ = [
     "save_text_embeddings",
     "text_embeddings_provenance",
     "TEXT_EMBEDDINGS_KIND",
+    "PER_NAME_CACHE_MAX_NAMES",
 ]
 
 #: ``kind`` of text-embedding caches and ``.safetensors`` files (:mod:`gridclip.utils.cache`).
@@ -301,6 +302,40 @@ def _validate(emb, num_classes: int, embed_dim: Optional[int]) -> Optional[str]:
     return None
 
 
+#: Vocabularies of at most this many names are cached name by name (each name's file is the
+#: one of a one-name vocabulary): grounding prompts make one small vocabulary per caption, and
+#: whole-vocabulary files would leave one cache file per caption; per name, the cache holds at
+#: most one file per distinct phrase. Larger vocabularies (class lists) keep one file.
+PER_NAME_CACHE_MAX_NAMES = 8
+
+
+def _read_cached(
+    path: str, provenance: Dict[str, object], num_names: int, embed_dim: Optional[int]
+) -> Optional[torch.Tensor]:
+    """The embeddings cached at ``path`` when usable, else None (a corrupt one is warned of)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        tensors, _ = load_cache(path, TEXT_EMBEDDINGS_KIND, provenance)
+        emb = tensors["text_embeddings"].numpy()
+        reason = _validate(emb, num_names, embed_dim)
+    except (CacheError, KeyError) as e:  # truncated, foreign, or of another vocabulary
+        reason = f"unusable ({type(e).__name__}: {e})"
+    if reason is None:
+        logger.info("Text embeddings (%d x %d) from cache %s", *emb.shape, path)
+        return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+    logger.warning("Ignoring corrupt text-embedding cache %s (%s); recomputing", path, reason)
+    return None
+
+
+def _write_cached(path: str, emb: torch.Tensor, provenance: Dict[str, object]) -> None:
+    try:
+        save_text_embeddings(path, emb, provenance)
+        logger.info("Cached text embeddings (%d x %d) at %s", *emb.shape, path)
+    except OSError as e:
+        logger.warning("Could not write the text-embedding cache %s: %s", path, e)
+
+
 def get_text_embeddings(
     names: Sequence[str],
     clip_model=None,
@@ -319,7 +354,9 @@ def get_text_embeddings(
             then called only on a cache miss (a hit needs no CLIP at all).
         model_key: id of the CLIP weights (:func:`clip_model_key`), part of the cache key.
         prompts: a template-set key, a template file, or a list of templates.
-        cache_dir: cache directory; empty/None disables caching.
+        cache_dir: cache directory; empty/None disables caching. A vocabulary of at most
+            :data:`PER_NAME_CACHE_MAX_NAMES` names is cached name by name, a larger one as one
+            file.
     Returns:
         (C, D) float32 CPU tensor of unit rows.
     """
@@ -331,40 +368,44 @@ def get_text_embeddings(
         if isinstance(prompts, str)
         else _check_templates(list(prompts), "prompt list")
     )
-    path = None
     expected_dim = clip_embed_dim(clip_model) if clip_model is not None else None
-    provenance = text_embeddings_provenance(model_key, names, templates)
-    if cache_dir:
-        key = text_embeddings_cache_key(model_key, names, templates)
-        path = os.path.join(os.path.expanduser(cache_dir), key + ".safetensors")
-        if os.path.isfile(path):
-            try:
-                tensors, _ = load_cache(path, TEXT_EMBEDDINGS_KIND, provenance)
-                emb = tensors["text_embeddings"].numpy()
-                reason = _validate(emb, len(names), expected_dim)
-            except (CacheError, KeyError) as e:  # truncated, foreign, or of another vocabulary
-                reason = f"unusable ({type(e).__name__}: {e})"
-            if reason is None:
-                logger.info("Text embeddings (%d x %d) from cache %s", *emb.shape, path)
-                return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
-            logger.warning(
-                "Ignoring corrupt text-embedding cache %s (%s); recomputing", path, reason
-            )
-    if clip_model is None:
-        if clip_loader is None:
-            raise ValueError(
-                "get_text_embeddings: the cache has no entry for this vocabulary and neither "
-                "clip_model nor clip_loader was given"
-            )
-        clip_model = clip_loader()
-    emb = encode_text_embeddings(clip_model, names, templates, progress=progress)
-    if path is not None:
-        try:
-            save_text_embeddings(path, emb, provenance)
-            logger.info("Cached text embeddings (%d x %d) at %s", *emb.shape, path)
-        except OSError as e:
-            logger.warning("Could not write the text-embedding cache %s: %s", path, e)
-    return emb
+    # the cache entries: one for the vocabulary, or one per distinct name of a small one
+    groups = [names]
+    if cache_dir and 1 < len(names) <= PER_NAME_CACHE_MAX_NAMES:
+        groups = [[n] for n in dict.fromkeys(names)]
+    paths, found = [], {}
+    for i, group in enumerate(groups):
+        path = None
+        if cache_dir:
+            key = text_embeddings_cache_key(model_key, group, templates)
+            path = os.path.join(os.path.expanduser(cache_dir), key + ".safetensors")
+            provenance = text_embeddings_provenance(model_key, group, templates)
+            emb = _read_cached(path, provenance, len(group), expected_dim)
+            if emb is not None:
+                found[i] = emb
+        paths.append(path)
+    missing = [i for i in range(len(groups)) if i not in found]
+    if missing:
+        if clip_model is None:
+            if clip_loader is None:
+                raise ValueError(
+                    "get_text_embeddings: the cache has no entry for this vocabulary and "
+                    "neither clip_model nor clip_loader was given"
+                )
+            clip_model = clip_loader()
+        todo = [n for i in missing for n in groups[i]]
+        emb = encode_text_embeddings(clip_model, todo, templates, progress=progress)
+        row = 0
+        for i in missing:
+            found[i] = emb[row : row + len(groups[i])]
+            row += len(groups[i])
+            if paths[i] is not None:
+                provenance = text_embeddings_provenance(model_key, groups[i], templates)
+                _write_cached(paths[i], found[i], provenance)
+    if len(groups) == 1:
+        return found[0]
+    by_name = {group[0]: found[i][0] for i, group in enumerate(groups)}
+    return torch.stack([by_name[n] for n in names])
 
 
 def save_text_embeddings(path: str, emb, provenance: Optional[Dict[str, object]] = None) -> str:

@@ -12,8 +12,8 @@ rings."). GridCLIP learns from them with a phrase-to-grid alignment loss
 
 ``phrases`` is optional; each phrase needs ``text`` (found in the caption when ``span`` is
 missing) and may carry ``category_id`` (kept for evaluation only; training never reads it).
-Without ``phrases`` a caption is split by :func:`split_caption_phrases` (a documented rule, no
-NLP dependency).
+Without ``phrases`` a caption is split by :func:`split_caption_phrases` (the documented rule
+of :mod:`gridclip.data.phrases`, shared with grounding prompts; no NLP dependency).
 
 **Dataset dicts** (one per image with at least one caption): ``file_name``, ``image_id``,
 ``height``/``width`` when given, ``caption`` (the first), ``captions`` (all), ``phrases``: list
@@ -27,11 +27,12 @@ import functools
 import json
 import logging
 import os
-import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .phrases import caption_phrases, phrase_key, pluralize
 
 logger = logging.getLogger(__name__)
 
@@ -44,73 +45,19 @@ __all__ = [
     "pair_phrase_keys",
 ]
 
-_DETERMINERS = {
-    "a", "an", "the", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    "ten", "some", "several", "many", "few", "various", "multiple", "numerous",
-}  # fmt: skip
 _NUMBER_WORDS = ["a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-# Words that frame a caption rather than name something in the image ("a photo of ...").
-_FRAME_WORDS = {"photo", "picture", "image", "scene", "rendering", "drawing", "view", "close-up"}
-# split_caption_phrases: separators between noun phrases (words matched whole).
-_SEPARATORS = re.compile(
-    r"[,;:.!?]|\b(?:and|with|beside|next to|near|on|in|of|at|above|below|under|behind|over|"
-    r"among|between|around|by)\b",
-    re.IGNORECASE,
-)
-
-
-# -------------------------------------------------------------------------------- phrase text
-def _singular(word: str) -> str:
-    """A plain English plural rule: crosses -> cross, berries -> berry, rings -> ring."""
-    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
-        return word[:-2]
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def phrase_key(text: str) -> str:
-    """What a phrase is embedded as: lower case, spaces collapsed, edge punctuation removed,
-    a leading determiner or count word dropped ("two blue rings" -> "blue rings") and the last
-    word made singular ("blue ring"), so that phrases name things as class names do (the CLIP
-    text encoder then sees the same text as for a class name; a small CLIP knows few plurals).
-    """
-    words = re.sub(r"\s+", " ", str(text).strip().lower()).strip(" .,;:!?\"'()").split(" ")
-    words = [w for w in words if w]
-    if len(words) > 1 and (words[0] in _DETERMINERS or words[0].isdigit()):
-        words = words[1:]
-    if words:
-        words[-1] = _singular(words[-1])
-    return " ".join(words)
 
 
 def split_caption_phrases(caption: str) -> List[Dict]:
-    """Split a free caption into noun phrases with character spans (no NLP library).
-
-    Rule: cut at punctuation and at the words and, with, beside, next to, near, on, in, of, at,
-    above, below, under, behind, over, among, between, around, by; strip each piece; drop pieces
-    whose :func:`phrase_key` is empty or ends in a framing word (photo, picture, image, scene,
-    rendering, drawing, view). "a photo of a red star beside two blue rings on a striped
-    background." -> "a red star", "two blue rings", "a striped background".
+    """Split a free caption into phrases with character spans, by the project's one caption
+    rule (:mod:`gridclip.data.phrases`, shared with grounding prompts): "a photo of a red star
+    beside two blue rings on a striped background." -> "red star", "blue rings", "striped
+    background".
 
     Returns:
         list of ``{"text", "span": [start, end]}`` with ``caption[start:end] == text``.
     """
-    phrases, start = [], 0
-    cuts = [(m.start(), m.end()) for m in _SEPARATORS.finditer(caption)] + [(len(caption),) * 2]
-    for cut_start, cut_end in cuts:
-        piece = caption[start:cut_start]
-        lead = len(piece) - len(piece.lstrip())
-        text = piece.strip()
-        s = start + lead
-        start = cut_end
-        key = phrase_key(text)
-        if not key or key.split(" ")[-1] in _FRAME_WORDS:
-            continue
-        phrases.append({"text": text, "span": [s, s + len(text)]})
-    return phrases
+    return [{"text": text, "span": [s, e]} for text, (s, e), _ in caption_phrases(caption)]
 
 
 def compose_caption(
@@ -138,10 +85,8 @@ def compose_caption(
         if count == 1:
             text = ("an " if name[0] in "aeiou" else "a ") + name
         else:
-            words = name.split(" ")
-            plural = words[-1] + ("es" if words[-1].endswith(("s", "x", "ch", "sh")) else "s")
             number = _NUMBER_WORDS[count - 1] if count <= len(_NUMBER_WORDS) else "many"
-            text = " ".join([number] + words[:-1] + [plural])
+            text = f"{number} {pluralize(name)}"
         texts.append((text, category_id))
     # connectors: a list ("A, B and C"), or "A beside/next to/with B ..."
     style = int(rng.integers(4))

@@ -251,9 +251,13 @@ class OpenVocabularyPredictor(DefaultPredictor):
     # ------------------------------------------------------------------------- vocabulary
     def _base_names(self) -> Optional[set]:
         """Lower-cased names of the classes the model was trained on with boxes (ViLD keeps a
-        per-class novel mask for its ensemble weights); None when unknown."""
+        per-class novel mask for its ensemble weights, GridCLIP its trained-class mask for its
+        CLIP score ensemble); None when unknown."""
         predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
         novel = getattr(predictor, "novel_class_mask", None)
+        trained = getattr(self.model, "trained_class_mask", None)
+        if novel is None and isinstance(trained, torch.Tensor):
+            novel = ~trained
         if novel is None or len(novel) != len(self.class_names):
             return None
         names = zip(self.class_names, novel.tolist())
@@ -272,15 +276,16 @@ class OpenVocabularyPredictor(DefaultPredictor):
         """
         names, description = parse_vocabulary(vocabulary)
         kwargs = {}
-        # ViLD weighs its ensemble per class by base/novel: base = boxed in the model's training,
-        # judged by name against the vocabulary it was built with (not the previous swap's).
-        if (
-            self._trained_base_names is not None
-            and "novel_class_mask" in inspect.signature(self.model.set_vocabulary).parameters
-        ):
-            kwargs["novel_class_mask"] = torch.tensor(
-                [_name_key(n) not in self._trained_base_names for n in names], dtype=torch.bool
-            )
+        # ViLD and GridCLIP weigh their ensembles per class by base/novel: base = boxed in the
+        # model's training, judged by name against the vocabulary it was built with (not the
+        # previous swap's): a prompt's phrase naming a novel class gets the novel weight.
+        parameters = inspect.signature(self.model.set_vocabulary).parameters
+        if self._trained_base_names is not None:
+            base = [_name_key(n) in self._trained_base_names for n in names]
+            if "novel_class_mask" in parameters:  # ViLD
+                kwargs["novel_class_mask"] = ~torch.tensor(base, dtype=torch.bool)
+            elif "trained_class_mask" in parameters:  # GridCLIP
+                kwargs["trained_class_mask"] = torch.tensor(base, dtype=torch.bool)
         self.model.set_vocabulary(names, **kwargs)
         assert self.model.num_classes == len(names), (
             f"{type(self.model).__name__}.set_vocabulary left {self.model.num_classes} classes for "

@@ -20,7 +20,7 @@ from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
 from ..evaluation import FixedAPLVISEvaluator, NovelBaseCOCOEvaluator
 from ..utils.io import atomic_write
 from .checkpoint import make_atomic, project_checkpointer
-from .pairs import AlternatingLoader, build_pairs_train_loader, pairs_enabled
+from .pairs import JointLoader, build_pairs_train_loader, pairs_enabled
 from .run_guard import lock_output_dir
 from .vocabulary import evaluation_vocabulary
 
@@ -170,9 +170,9 @@ class Trainer(DefaultTrainer):
             mapper = CheckedDatasetMapper(cfg, True)
         register_datasets_from_cfg(cfg)
         loader = build_detection_train_loader(cfg, mapper=mapper)
-        if pairs_enabled(cfg):  # image-text pairs every PAIRS_PERIOD-th iteration (pairs.py)
+        if pairs_enabled(cfg):  # a pair batch on top of every PAIRS_PERIOD-th box batch (pairs.py)
             pairs = build_pairs_train_loader(cfg)
-            return AlternatingLoader(loader, pairs, cfg.MODEL.GRIDCLIP.PAIRS_PERIOD)
+            return JointLoader(loader, pairs, cfg.MODEL.GRIDCLIP.PAIRS_PERIOD)
         return loader
 
     @classmethod

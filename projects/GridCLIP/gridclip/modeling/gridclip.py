@@ -131,8 +131,9 @@ class GridCLIP(RetinaNet):
 
     Extra training loss: ``loss_image_align`` (image-level alignment with a CLIP teacher) when
     ``MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT > 0``. Use :meth:`set_vocabulary` to detect other classes.
-    A training batch of image-text pairs (inputs with ``phrases``, no ``instances``) trains only
-    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``).
+    Image-text pairs in a training batch (inputs with ``phrases``, no ``instances``) train
+    ``loss_pairs`` (:meth:`pairs_losses`, ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``), the box
+    inputs of the same batch the box losses.
     """
 
     @configurable
@@ -321,22 +322,25 @@ class GridCLIP(RetinaNet):
         # Not persistent: derived from the dataset's metadata, and reset with the vocabulary.
         self.register_buffer("trained_class_mask", mask.to(self.pixel_mean.device), False)
 
-    def set_vocabulary(self, vocabulary) -> None:
+    def set_vocabulary(self, vocabulary, trained_class_mask: Optional[Tensor] = None) -> None:
         """Detect another set of classes.
 
         Args:
             vocabulary: class names (embedded with this model's CLIP and prompts), a (C, D)
                 tensor/ndarray of text embeddings, or a path to a .npy/.pt of one.
+            trained_class_mask: (C,) bool, classes the model was trained on with boxes; the
+                others get the CLIP score ensemble's novel weight (and further training leaves
+                them out of the focal loss). Default: all (every class weighed as base).
 
         The text-embedding buffer is replaced (it stays a buffer: moved by ``.to()``, saved in
         checkpoints), ``num_classes`` becomes C, and every class is scored (and, if trained
-        further, trained).
+        further, trained unless novel).
         """
         text_embeddings, names = resolve_vocabulary(vocabulary, self._vocabulary_cfg)
         self.head.classifier.set_vocabulary(text_embeddings)
         self.num_classes = self.head.num_classes
         self.class_names = names
-        self._set_trained_class_mask(None)
+        self._set_trained_class_mask(trained_class_mask)
         logger.info(f"GridCLIP vocabulary set to {self.num_classes} classes")
 
     def vocabulary_state(self) -> Dict:
@@ -365,17 +369,31 @@ class GridCLIP(RetinaNet):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``)."""
+        """Same inputs and outputs as :class:`RetinaNet` (losses include ``loss_image_align``).
+
+        In training, inputs with ``phrases`` and no ``instances`` are image-text pairs: a batch
+        may mix them with box inputs (:class:`gridclip.engine.pairs.JointLoader`); each group
+        gets its own forward pass (pair images have their own size) and the losses of both are
+        returned (box losses on the box inputs, ``loss_pairs`` on the pairs).
+        """
+        if self.training:
+            pairs = [x for x in batched_inputs if "instances" not in x and "phrases" in x]
+            if pairs:
+                boxes = [x for x in batched_inputs if "instances" in x or "phrases" not in x]
+                losses = self._forward_one(pairs, pairs_only=True)
+                if boxes:
+                    losses.update(self._forward_one(boxes))
+                return losses
+        return self._forward_one(batched_inputs)
+
+    def _forward_one(self, batched_inputs: List[Dict[str, Tensor]], pairs_only: bool = False):
+        """:meth:`forward` on inputs of one kind: image-text pairs (``pairs_only``) or not."""
         images = self.preprocess_image(batched_inputs)
         backbone_features = self.backbone(images.tensor)
         features = [backbone_features[f] for f in self.head_in_features]
         predictions = self.predict(features, backbone_features.get("res5"))
 
-        if (
-            self.training
-            and "instances" not in batched_inputs[0]
-            and "phrases" in batched_inputs[0]
-        ):
+        if pairs_only:
             return self.pairs_losses(images, predictions, batched_inputs)  # image-text pairs
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
@@ -450,7 +468,8 @@ class GridCLIP(RetinaNet):
     ) -> Dict[str, Tensor]:
         """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
         alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
-        pair images train no box, focal or image-alignment loss."""
+        pair images train no box, focal or image-alignment loss (the box inputs of the batch
+        do, in their own pass: :meth:`forward`)."""
         if self.pairs_alignment is None:
             raise ValueError(
                 "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
@@ -462,8 +481,6 @@ class GridCLIP(RetinaNet):
         losses = self.pairs_alignment(
             predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
         )
-        # Detectron2 logs a lone loss term only as total_loss: name it in the metrics too
-        get_event_storage().put_scalar("pairs_loss", float(losses["loss_pairs"]))
         return losses
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
