@@ -6,6 +6,8 @@ import os
 import pathlib
 import shutil
 
+import pytest
+
 from gridclip_tools import embedded_demo as demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -146,3 +148,46 @@ def test_demo_run_key_follows_the_resolved_config(tmp_path):
     assert demo._run_key(str(leaf), ["MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", "3"]) != key
     (tmp_path / "base.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 8\n')
     assert demo._run_key(str(leaf), []) != key
+
+
+def test_demo_rows_follow_the_schedule_and_vild_teacher_options():
+    """``--iters`` stretches every row's schedule (steps at 73% / 90%); the ViLD teacher's
+    overrides reach the ViLD row only; the command line's overrides come last (they win)."""
+    names = list(demo.MODELS)
+    default = demo.plan_rows(names, demo.PRESETS["demo"])
+    expected = demo.PRESETS["demo"]["iters"] or 300  # None: the configs' 300 iterations
+    assert all(run[5] == expected for run in default)
+    teacher = ["MODEL.VILD.TEACHER", "cache", "MODEL.VILD.TEACHER_CACHE", "/tmp/c"]
+    runs = demo.plan_rows(
+        names, demo.PRESETS["demo"], 600, teacher, ["SOLVER.MAX_ITER", "7"], "out"
+    )
+    for name, _, config, opts, out_dir, max_iter in runs:
+        assert out_dir == os.path.join("out", name)
+        assert max_iter == 7  # the command line's override wins
+        assert opts[opts.index("SOLVER.STEPS") + 1] == "(440, 540)"
+        assert ("MODEL.VILD.TEACHER_CACHE" in opts) == (name == "vild")
+    cfg = demo.get_gridclip_cfg(runs[-1][2], runs[-1][3])
+    assert cfg.MODEL.VILD.TEACHER == "cache" and tuple(cfg.SOLVER.STEPS) == (440, 540)
+
+
+@pytest.mark.slow
+def test_demo_with_cached_vild_teacher_builds_the_cache_once(tmp_path, capsys):
+    """``--vild-teacher cache``: the cache is built before training (one entry per training
+    image), ViLD trains from it, a second run reuses both."""
+    out = str(tmp_path / "demo")
+    argv = ["--preset", "ci", "--output-dir", out, "--models", "vild", "--iters", "10"]
+    argv += ["--vild-teacher", "cache", "--timing-images", "1", "--num-vis", "1", "--jobs", "1"]
+    summary = demo.main(argv)
+    cache = os.path.join(out, "vild_teacher")
+    entries = [f for f in os.listdir(cache) if f != "meta.safetensors"]
+    assert entries and summary["vild_teacher"] == "cache"
+    assert summary["vild_teacher_cache_wall_s"] > 0 and summary["iters"] == 10
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(out, "vild", "config.yaml")))
+    assert cfg["MODEL"]["VILD"]["TEACHER"] == "cache"
+    assert cfg["MODEL"]["VILD"]["TEACHER_CACHE"] == os.path.abspath(cache)
+    assert cfg["SOLVER"]["MAX_ITER"] == 10
+    capsys.readouterr()
+    demo.main(argv)
+    assert "reusing" in capsys.readouterr().out

@@ -44,6 +44,7 @@ from gridclip.data.world import generate_world, register_world
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import non_negative_int, positive_int
 
+from .cache_vild_teacher import main as build_vild_cache
 from .measure import load_images, time_inference, train_seconds_per_iter
 
 logger = logging.getLogger("gridclip.demo")
@@ -88,18 +89,45 @@ MODELS: Dict[str, DemoModel] = {
 }
 
 
+def schedule_opts(iters: int | None) -> List[str]:
+    """Overrides that stretch the configs' 300-iteration schedule to ``iters`` (learning-rate
+    steps at 73% and 90%, as 220 and 270 of 300; a checkpoint every third)."""
+    if iters is None:
+        return []
+    steps = (int(round(iters * 220 / 300)), int(round(iters * 270 / 300)))
+    return [
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        f"({steps[0]}, {steps[1]})",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(max(1, iters // 3)),
+    ]
+
+
 def dataset_opts(prefix: str, model: DemoModel) -> List[str]:
     """``DATASETS.TRAIN`` / ``DATASETS.TEST`` overrides of one row on the world ``prefix``."""
     train, val = f"{prefix}_{model.train_split}", f"{prefix}_val"
     return ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]
 
 
-#: preset -> world generation kwargs, dataset prefix, overrides for every model
+#: preset -> world generation kwargs, dataset prefix, overrides for every model, training
+#: iterations of every row (None: the configs' 300) and ViLD's teacher (``online``: CLIP on the
+#: RPN's proposal crops every iteration; ``cache``: crops of sliding windows embedded once per
+#: training image by ``cache_vild_teacher.py`` before training, its time counted in the demo's)
 PRESETS = {
-    "demo": {"world": {"preset": "demo"}, "prefix": "gridclip_world", "opts": []},
+    "demo": {
+        "world": {"preset": "demo"},
+        "prefix": "gridclip_world",
+        "opts": [],
+        "iters": None,
+        "vild_teacher": "online",
+    },
     "ci": {
         "world": {"preset": "ci"},
         "prefix": "gridclip_world_ci",
+        "iters": None,
+        "vild_teacher": "online",
         "opts": [
             "SOLVER.MAX_ITER",
             "20",
@@ -134,6 +162,20 @@ def parse_args(argv=None):
         "--num-vis", type=non_negative_int, default=4, help="val images visualised per model"
     )
     p.add_argument("--force", action="store_true", help="retrain even if results exist")
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=None,
+        help="training iterations of every row, learning-rate steps at 73%% and 90%% "
+        "(default: the preset's)",
+    )
+    p.add_argument(
+        "--vild-teacher",
+        choices=["online", "cache"],
+        default=None,
+        help="ViLD's CLIP teacher: online proposal crops, or a cache of sliding-window crops "
+        "built once before training, under <output-dir>/vild_teacher (default: the preset's)",
+    )
     p.add_argument(
         "--jobs",
         type=positive_int,
@@ -279,6 +321,23 @@ def train_all(runs, force, jobs, threads, poll_s=15.0, stage="2/4 train + evalua
             print(f"    [{time.strftime('%H:%M:%S')}] training: {status}", flush=True)
 
 
+def plan_rows(names, preset, iters=None, vild_opts=(), extra_opts=(), output_dir="output/demo"):
+    """The demo's runs, in ``train_all``'s format (name, label, config, opts, out_dir, max_iter):
+    each row's world splits, the preset's overrides, the row's own, the schedule of ``iters``
+    iterations, ``vild_opts`` (ViLD's row only: its teacher) and ``extra_opts`` (last: the
+    command line wins)."""
+    runs = []
+    for name in names:
+        model = MODELS[name]
+        opts = dataset_opts(preset["prefix"], model) + list(preset["opts"]) + list(model.opts)
+        opts += schedule_opts(iters) + (list(vild_opts) if name == "vild" else [])
+        opts += list(extra_opts)
+        out_dir = os.path.join(output_dir, name)
+        max_iter = get_gridclip_cfg(model.config, opts).SOLVER.MAX_ITER
+        runs.append((name, model.label, model.config, opts, out_dir, max_iter))
+    return runs
+
+
 def build_predictor(config, opts, out_dir):
     """Detectron2's DefaultPredictor on the trained weights (BGR in; resize, model, postprocess)."""
     weights = os.path.join(out_dir, "model_final.pth")
@@ -411,18 +470,32 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
 
+    iters = args.iters if args.iters is not None else preset["iters"]
+    vild_teacher = args.vild_teacher or preset["vild_teacher"]
+    vild_opts: List[str] = []
+    cache_wall_s = None
+    if vild_teacher == "cache" and "vild" in names:
+        cache_dir = os.path.abspath(os.path.join(args.output_dir, "vild_teacher"))
+        _stage(f"1b/4 ViLD teacher cache: {cache_dir} (reused when done)")
+        t0 = time.perf_counter()
+        build_vild_cache(
+            [
+                "--config-file",
+                MODELS["vild"].config,
+                "--dataset",
+                f"{preset['prefix']}_{MODELS['vild'].train_split}",
+                "--output",
+                cache_dir,
+            ]
+            + list(args.opts)
+        )
+        cache_wall_s = time.perf_counter() - t0
+        vild_opts = ["MODEL.VILD.TEACHER", "cache", "MODEL.VILD.TEACHER_CACHE", cache_dir]
+
     cores = max(1, os.cpu_count() or 1)
     jobs = max(1, min(args.jobs or (2 if cores >= 2 else 1), len(names)))
     train_threads = args.threads or max(1, cores // jobs)
-    runs = []
-    for name in names:
-        model = MODELS[name]
-        label, config = model.label, model.config
-        opts = dataset_opts(preset["prefix"], model) + preset["opts"] + list(model.opts)
-        opts += list(args.opts)
-        out_dir = os.path.join(args.output_dir, name)
-        max_iter = get_gridclip_cfg(config, opts).SOLVER.MAX_ITER
-        runs.append((name, label, config, opts, out_dir, max_iter))
+    runs = plan_rows(names, preset, iters, vild_opts, args.opts, args.output_dir)
     print(f"    {len(runs)} models, {jobs} at a time, {train_threads} thread(s) each", flush=True)
     train_all(runs, args.force, jobs, train_threads)
 
@@ -465,6 +538,9 @@ def main(argv=None) -> dict:
         "threads": args.threads or os.cpu_count(),
         "train_jobs": jobs,
         "train_threads": train_threads,
+        "iters": iters,
+        "vild_teacher": vild_teacher if "vild" in names else None,
+        "vild_teacher_cache_wall_s": cache_wall_s,
         "headline": headline_comparisons(rows),
     }
     write_outputs(summary, args.output_dir)

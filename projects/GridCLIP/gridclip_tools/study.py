@@ -45,7 +45,7 @@ from gridclip.data.world import (
 from gridclip.utils.io import atomic_write
 
 from .args import DEFAULT_CONFIG
-from .embedded_demo import MODELS, DemoModel, dataset_opts, train_all
+from .embedded_demo import MODELS, DemoModel, dataset_opts, schedule_opts, train_all
 
 METRICS = ("AP", "APr", "APc", "APf", "AP50", "APs", "APm", "APl")
 
@@ -121,21 +121,6 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--splits {bad}: train_net.py registers splits {sorted(allowed)} only")
     return args
-
-
-def schedule_opts(iters: int | None) -> List[str]:
-    """Overrides that stretch the configs' 300-iteration schedule to ``iters``."""
-    if iters is None:
-        return []
-    steps = (int(round(iters * 220 / 300)), int(round(iters * 270 / 300)))
-    return [
-        "SOLVER.MAX_ITER",
-        str(iters),
-        "SOLVER.STEPS",
-        f"({steps[0]}, {steps[1]})",
-        "SOLVER.CHECKPOINT_PERIOD",
-        str(max(1, iters // 3)),
-    ]
 
 
 def plan_runs(
