@@ -247,6 +247,29 @@ def test_evaluation_vocabulary_is_restored_and_checkpoint_vocabulary_dropped_who
     assert drop_checkpoint_vocabulary(model, dict(state)) == []  # same vocabulary: loaded
 
 
+def test_evaluation_vocabulary_marks_base_and_novel_classes_for_the_ensembles(
+    assets, tiny_lvis_json
+):
+    """GridCLIP's CLIP score ensemble (and ViLD's) weighs base and novel classes differently: on
+    another dataset's vocabulary, base = the classes the model was trained on with boxes, by
+    name (a COCO-format set), or the set's own non-rare classes (an LVIS-format set)."""
+    MetadataCatalog.get("ensemble_vocabulary").set(thing_classes=["cat", "dog", "car", "tree"])
+    cfg = get_gridclip_cfg("Base-GridCLIP.yaml", model_opts("GridCLIP", assets, 4))
+    cfg.DATASETS.TEST = ("ensemble_vocabulary",)
+    model = build_model(cfg)
+    model._set_trained_class_mask(torch.tensor([True, True, False, True]))  # "car": novel
+    MetadataCatalog.get("coco_like_transfer").set(
+        thing_classes=["Car", "cat", "zebra", "tree"], evaluator_type="coco"
+    )
+    with evaluation_vocabulary(model, "coco_like_transfer"):
+        assert model.trained_class_mask.tolist() == [False, True, False, True]
+    assert model.trained_class_mask.tolist() == [True, True, False, True]  # restored
+    lvis_json, _ = tiny_lvis_json
+    register_dataset_file("ensemble_shapes", lvis_json)
+    with evaluation_vocabulary(model, "ensemble_shapes"):  # its frequencies: 'r' is novel
+        assert model.trained_class_mask.tolist() == [True, False]
+
+
 # ------------------------------------------------------------------------------- fixed AP
 def test_top_detections_per_class():
     dets = [{"category_id": c, "score": s} for c, s in [(1, 0.1), (1, 0.9), (2, 0.5), (1, 0.5)]]

@@ -27,7 +27,6 @@ label the phrase. ``set_vocabulary`` ends prompt mode.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -41,12 +40,12 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from ..clip import clean_class_name
 from ..config import get_gridclip_cfg
 from ..data.images import to_bgr_uint8
 from ..modeling.prompts import ParsedPrompt, parse_prompt
 from ..modeling.vocabulary import BUILTIN_VOCABULARIES, builtin_vocabulary, parse_vocabulary
 from .checkpoint import project_checkpointer
+from .vocabulary import base_novel_masks, trained_name_keys
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +66,6 @@ MIN_DRAWING_SIDE = 640
 MAX_DRAWING_SIDE = 1600
 
 Vocabulary = Union[str, os.PathLike, Sequence[str]]
-
-
-def _name_key(name: str) -> str:
-    """Names compared for base/novel: ``red_star``, ``Red star`` and ``red  star`` are one."""
-    return " ".join(clean_class_name(name).lower().split())
 
 
 def vocabulary_metadata(class_names: Sequence[str], prefix: str = "gridclip_vocabulary"):
@@ -186,7 +180,9 @@ class OpenVocabularyPredictor(DefaultPredictor):
         self.description = f"trained vocabulary, {len(names)} classes"
         self.metadata = vocabulary_metadata(self.class_names)
         self.prompt: Optional[ParsedPrompt] = None  # set by set_prompt
-        self._trained_base_names = self._base_names()
+        # base = boxed in the model's training, judged by name against the vocabulary it was
+        # built with (not a later swap's): a prompt's phrase naming a novel class is novel
+        self._trained_base_names = trained_name_keys(self.model, self.class_names)
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
 
@@ -249,20 +245,6 @@ class OpenVocabularyPredictor(DefaultPredictor):
             return self.model(inputs)
 
     # ------------------------------------------------------------------------- vocabulary
-    def _base_names(self) -> Optional[set]:
-        """Lower-cased names of the classes the model was trained on with boxes (ViLD keeps a
-        per-class novel mask for its ensemble weights, GridCLIP its trained-class mask for its
-        CLIP score ensemble); None when unknown."""
-        predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
-        novel = getattr(predictor, "novel_class_mask", None)
-        trained = getattr(self.model, "trained_class_mask", None)
-        if novel is None and isinstance(trained, torch.Tensor):
-            novel = ~trained
-        if novel is None or len(novel) != len(self.class_names):
-            return None
-        names = zip(self.class_names, novel.tolist())
-        return {_name_key(n) for n, is_novel in names if not is_novel}
-
     def set_vocabulary(self, vocabulary: Vocabulary) -> List[str]:
         """Detect another vocabulary from now on.
 
@@ -275,17 +257,8 @@ class OpenVocabularyPredictor(DefaultPredictor):
             The class names (also ``self.class_names``; ``self.metadata`` is their catalog entry).
         """
         names, description = parse_vocabulary(vocabulary)
-        kwargs = {}
-        # ViLD and GridCLIP weigh their ensembles per class by base/novel: base = boxed in the
-        # model's training, judged by name against the vocabulary it was built with (not the
-        # previous swap's): a prompt's phrase naming a novel class gets the novel weight.
-        parameters = inspect.signature(self.model.set_vocabulary).parameters
-        if self._trained_base_names is not None:
-            base = [_name_key(n) in self._trained_base_names for n in names]
-            if "novel_class_mask" in parameters:  # ViLD
-                kwargs["novel_class_mask"] = ~torch.tensor(base, dtype=torch.bool)
-            elif "trained_class_mask" in parameters:  # GridCLIP
-                kwargs["trained_class_mask"] = torch.tensor(base, dtype=torch.bool)
+        # ViLD and GridCLIP weigh their ensembles per class by base/novel
+        kwargs = base_novel_masks(self.model, names, self._trained_base_names)
         self.model.set_vocabulary(names, **kwargs)
         assert self.model.num_classes == len(names), (
             f"{type(self.model).__name__}.set_vocabulary left {self.model.num_classes} classes for "
