@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -35,7 +33,7 @@ from PIL import Image
 
 from gridclip.data.lvis_ovd import datasets_root
 from gridclip.data.world_scene import render_scene, world_categories
-from gridclip.utils.io import current_umask
+from gridclip.utils.io import built_in_place_of
 from gridclip_tools.args import positive_int
 
 __all__ = [
@@ -174,28 +172,13 @@ def make_transfer_set(
             f"{root} exists and is not a transfer set (no manifest.json); refusing to replace "
             "it. Remove it or pass another --root."
         )
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=os.path.dirname(root))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    with built_in_place_of(root) as tmp:
         data = _render(params, tmp, progress)
         os.makedirs(os.path.join(tmp, "annotations"))
         with open(os.path.join(tmp, "annotations", "val.json"), "w") as f:
             json.dump(data, f, separators=(",", ":"))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"params": params}, f, indent=2)
-        if os.path.exists(root):
-            old = tempfile.mkdtemp(
-                prefix=os.path.basename(root) + ".old-", dir=os.path.dirname(root)
-            )
-            os.replace(root, os.path.join(old, "set"))
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return paths
 
 

@@ -27,20 +27,17 @@ re-exported here). :func:`generate_world` writes a world (atomic, cached by its 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ..utils.io import current_umask
+from ..utils.io import built_in_place_of
 from .captions import compose_caption, load_coco_captions_json
 from .lvis_ovd import datasets_root, register_lvis_format_dataset
 from .world_scene import (
@@ -258,7 +255,7 @@ def generate_world(
             f"{root} exists and is not a generated world (no manifest.json); refusing to replace "
             "it. Remove it or pass another --root."
         )
-    with _built_in_place_of(root) as tmp:
+    with built_in_place_of(root) as tmp:
         train, _ = _split_json("train", params, progress, tmp)
         val, _ = _split_json("val", params, progress, tmp)
         categories = _with_counts(world_categories(split_seed), train)
@@ -292,29 +289,6 @@ def _with_counts(categories: List[Dict], train: Dict) -> List[Dict]:
         }
         for c in categories
     ]
-
-
-@contextlib.contextmanager
-def _built_in_place_of(dst: str) -> Iterator[str]:
-    """A fresh folder beside ``dst`` (mode from the umask) to build into; on success it replaces
-    ``dst`` (an existing ``dst`` is swapped out first, then deleted), on any error it is removed
-    and ``dst`` is left as it was: a killed or failed generation never leaves a partial folder."""
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would become the folder's mode
-    try:
-        yield tmp
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
-            os.replace(dst, os.path.join(old, "previous"))
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------- registration
@@ -488,7 +462,7 @@ def generate_world_pairs(
         return manifest
     categories = world_categories()
     names = [c["name"].replace("_", " ") for c in categories]
-    with _built_in_place_of(out) as tmp:
+    with built_in_place_of(out) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
         images, annotations = [], []
         iterator = range(pairs_params["num_pairs"])

@@ -1,4 +1,4 @@
-"""The one atomic file writer of the project.
+"""The one atomic file writer of the project, and its folder counterpart.
 
 A reader never sees a half-written file: :func:`atomic_write` writes to a temporary file in the
 target's folder, flushes and fsyncs it, and ``os.replace``-s it over the target only when the
@@ -8,16 +8,19 @@ is left as it was). The published file gets the mode an ordinary ``open`` would 
 read checkpoints and caches.
 
 Hand-written because no library in the environment fits: ``atomicwrites`` is unmaintained and
-does not apply the umask; this is ~60 lines.
+does not apply the umask; this is ~60 lines. :func:`built_in_place_of` does the same for a
+whole folder (a generated dataset): built beside its target, swapped in only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from typing import IO, Optional
+from typing import IO, Iterator, Optional
 
-__all__ = ["atomic_write", "TEMP_SUFFIX", "current_umask"]
+__all__ = ["atomic_write", "built_in_place_of", "TEMP_SUFFIX", "current_umask"]
 
 #: Suffix of the temporary files (``.<name>.<random>.tmp``); a killed writer may leave one.
 TEMP_SUFFIX = ".tmp"
@@ -92,3 +95,26 @@ class atomic_write:  # noqa: N801  (used like a function: ``with atomic_write(pa
             if self._tmp is not None and os.path.exists(self._tmp):
                 os.remove(self._tmp)
         return False
+
+
+@contextlib.contextmanager
+def built_in_place_of(dst: str) -> Iterator[str]:
+    """A fresh folder beside ``dst`` (mode from the umask) to build into; on success it replaces
+    ``dst`` (an existing ``dst`` is swapped out first, then deleted), on any error it is removed
+    and ``dst`` is left as it was: a killed or failed generation never leaves a partial folder."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would become the folder's mode
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+            os.replace(dst, os.path.join(old, "previous"))
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
