@@ -51,6 +51,27 @@ def _gated_model(assets, k, *opts, max_det=10, score_thresh=0.05, offset_std=0.3
     return model
 
 
+def _smallest_exact_k(model, features, predictions, ungated, ranks):
+    """The smallest K whose gate keeps every location that feeds an ungated detection: the
+    largest rank (under ``ranks``, per level (N, Hi*Wi)) of such a location, + 1."""
+    num_anchors = model.head.num_anchors
+    anchors = model.anchor_generator(features)
+    needed = 0
+    for img, det in enumerate(ungated):
+        assert len(det) == model.max_detections_per_image  # the cap binds (module argument)
+        for box in det.pred_boxes.tensor:
+            for level, deltas in enumerate(predictions[1]):
+                deltas = permute_to_N_HWA_K(deltas, 4)[img]
+                decoded = model.box2box_transform.apply_deltas(deltas, anchors[level].tensor)
+                hit = (decoded == box).all(dim=1).nonzero().flatten()
+                if hit.numel():
+                    needed = max(needed, int(ranks[level][img, hit[0] // num_anchors]) + 1)
+                    break
+            else:
+                raise AssertionError("a detection matched no decoded anchor")
+    return needed
+
+
 def _infer(model, images, features, predictions, k=None):
     """forward_inference with test_topk_locations = k (None: the model's), and the number of
     rows of every text product (per image and level)."""
@@ -94,23 +115,8 @@ def test_gating_is_exact_when_k_covers_the_detections(assets):
     with torch.no_grad():
         predictions = list(model.head.forward_embeddings(features))
     ungated, rows_all = _infer(model, images, features, predictions, k=0)
-    num_anchors = model.head.num_anchors
-    anchors = model.anchor_generator(features)
-    ranks = _objectness_ranks(predictions, num_anchors)
-    needed = 0
-    for img, det in enumerate(ungated):
-        assert len(det) == model.max_detections_per_image  # the cap binds (module argument)
-        for box in det.pred_boxes.tensor:
-            found = False
-            for level, deltas in enumerate(predictions[1]):
-                deltas = permute_to_N_HWA_K(deltas, 4)[img]
-                decoded = model.box2box_transform.apply_deltas(deltas, anchors[level].tensor)
-                hit = (decoded == box).all(dim=1).nonzero().flatten()
-                if hit.numel():
-                    needed = max(needed, int(ranks[level][img, hit[0] // num_anchors]) + 1)
-                    found = True
-                    break
-            assert found, "a detection matched no decoded anchor"
+    ranks = _objectness_ranks(predictions, model.head.num_anchors)
+    needed = _smallest_exact_k(model, features, predictions, ungated, ranks)
     largest_level = max(rows_all)
     assert needed < largest_level, "K would cover a whole level: the test checks nothing"
     gated, rows_gated = _infer(model, images, features, predictions, k=needed)
@@ -388,22 +394,8 @@ def test_objectness_ranker_gate_is_exact_when_k_covers_the_detections(assets):
     with torch.no_grad():
         predictions = model.predict(features)
     ungated, rows_all = _infer(model, images, features, predictions, k=0)
-    num_anchors = model.head.num_anchors
-    anchors = model.anchor_generator(features)
     ranks = _ranker_ranks(predictions)
-    needed = 0
-    for img, det in enumerate(ungated):
-        assert len(det) == model.max_detections_per_image
-        for box in det.pred_boxes.tensor:
-            for level, deltas in enumerate(predictions[1]):
-                deltas = permute_to_N_HWA_K(deltas, 4)[img]
-                decoded = model.box2box_transform.apply_deltas(deltas, anchors[level].tensor)
-                hit = (decoded == box).all(dim=1).nonzero().flatten()
-                if hit.numel():
-                    needed = max(needed, int(ranks[level][img, hit[0] // num_anchors]) + 1)
-                    break
-            else:
-                raise AssertionError("a detection matched no decoded anchor")
+    needed = _smallest_exact_k(model, features, predictions, ungated, ranks)
     assert needed < max(rows_all), "K would cover a whole level: the test checks nothing"
     gated, rows_gated = _infer(model, images, features, predictions, k=needed)
     assert max(rows_gated) <= needed
