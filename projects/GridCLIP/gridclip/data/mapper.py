@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..clip.loading import clip_model_key, resolve_clip_weights
 from ..clip.teacher_cache import TeacherCache
-from .images import read_image_bgr
+from .images import read_image_rgb
 
 __all__ = [
     "CheckedDatasetMapper",
@@ -59,9 +59,8 @@ def read_image_by_the_rule(file_name: str, image_format: str) -> Optional[np.nda
         mode = Image.open(f).mode  # lazy: the header only
     if mode not in NOT_8BIT_MODES:
         return None
-    rgb = read_image_bgr(file_name)[:, :, ::-1]
     # Detectron2's own conversion from 8-bit RGB to the configured format (RGB, BGR, L, YUV).
-    return utils.convert_PIL_to_numpy(Image.fromarray(np.ascontiguousarray(rgb)), image_format)
+    return utils.convert_PIL_to_numpy(Image.fromarray(read_image_rgb(file_name)), image_format)
 
 
 class ImageOfTheRule(T.Augmentation):
