@@ -79,6 +79,8 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     assert set(main) == set(INFERENCE_MODELS)
     assert main["retinanet_80"]["num_classes"] == 80 and main["gridclip"]["num_classes"] == 20
     for r in results["inference"]:
+        if r["suite"] == "export" and r["runtime"] == "onnx" and _onnx_missing():
+            continue  # the optional extras: test_quick_mode_times_the_exported_model
         assert "skipped" not in r, r
         iters = s["batch_iters"] if r["suite"] == "batch" else s["iters"]
         assert _positive_finite(r["median_ms"]) and _positive_finite(r["mean_ms"]), r
@@ -128,6 +130,9 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     assert train["gridclip_cache"]["teacher_crops_per_image"] == 0
 
     for key, value in results["ratios"].items():
+        if key == "inference_gridclip_onnx_over_eager" and _onnx_missing():
+            assert value is None
+            continue
         assert _positive_finite(value), (key, value)
         assert _positive_finite(results["ratios_cpu"][key]), (key, results["ratios_cpu"])
     # the 1x1 variant is built from the config key, not patched; the dense CLIP term (on in
@@ -135,6 +140,47 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
     assert costs["gridclip_1x1"]["params"] == costs["gridclip"]["params"]  # the configs' 1x1
     assert costs["gridclip_1x1"]["params"] < costs["gridclip_3x3"]["params"]
     assert costs["gridclip_no_dense_clip"]["params"] < costs["gridclip"]["params"]
+
+
+def _onnx_missing():
+    from gridclip_tools.export import missing_onnx_extras
+
+    return bool(missing_onnx_extras())
+
+
+def test_quick_mode_times_the_exported_model(quick_run):
+    """The export suite: tools/export.py's graph of the configs' GridCLIP, timed against the
+    same model run eagerly, with the exported detections checked against the eager ones."""
+    out, results = quick_run
+    rows = {r["runtime"]: r for r in results["inference"] if r["suite"] == "export"}
+    assert set(rows) == {"eager", "pt2", "onnx"}
+    assert {r["model"] for r in rows.values()} == {"gridclip"}
+    formats = ["pt2"] if _onnx_missing() else ["pt2", "onnx"]
+    if _onnx_missing():
+        assert "setup_env.sh --export" in rows["onnx"]["skipped"]
+    for name in ["eager"] + formats:
+        r = rows[name]
+        assert _positive_finite(r["median_ms"]) and _positive_finite(r["cpu_median_ms"]), r
+        assert len(r["times_ms"]) == results["settings"]["iters"], r
+    for fmt in formats:
+        r = rows[fmt]
+        assert _positive_finite(r["export_s"]) and _positive_finite(r["file_mib"]), r
+        assert r["num_detections"] == rows["eager"]["num_detections"] > 0
+        diff = r["vs_eager"]  # the bounds of tests/test_export.py
+        assert diff["count_diff"] == 0 and diff["class_mismatches"] == 0, diff
+        assert diff["max_box_diff"] < 1e-3 and diff["max_score_diff"] < 1e-4, diff
+        ratio = results["ratios"][f"inference_gridclip_{fmt}_over_eager"]
+        assert ratio == pytest.approx(r["median_ms"] / rows["eager"]["median_ms"])
+    md = (out / "results.md").read_text()
+    assert "## Export (the configs' GridCLIP" in md and "| pt2 |" in md
+
+
+def test_export_suite_formats_from_the_command_line():
+    args = cli.parse_args(["--quick", "--export-formats", "pt2"])
+    assert cli.settings_from_args(args).export_formats == ["pt2"]
+    args = cli.parse_args(["--quick", "--export-formats"])
+    assert cli.settings_from_args(args).export_formats == []
+    assert cli.settings_from_args(cli.parse_args(["--quick"])).export_formats == ("pt2", "onnx")
 
 
 def test_quick_mode_profiles_inference_by_part(quick_run):

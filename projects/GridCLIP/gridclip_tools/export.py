@@ -89,6 +89,7 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "main",
+    "missing_onnx_extras",
     "preprocess",
     "run_onnx",
     "run_pt2",
@@ -501,11 +502,16 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def missing_onnx_extras() -> List[str]:
+    """The optional packages the ONNX path needs and this environment lacks."""
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
     split_trailing_opts(args)
     if "onnx" in args.format:
-        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+        missing = missing_onnx_extras()
         if missing:
             raise SystemExit(
                 f"ONNX export needs {', '.join(missing)} (optional extras): install them with "

@@ -16,6 +16,8 @@ Examples::
     python tools/benchmark.py --profile gridclip retinanet_80 --no-train --vocab-sizes --sizes
     python tools/benchmark.py --no-inference --train-models gridclip_online vild_online \\
         --profile-train gridclip_online
+    python tools/benchmark.py --models gridclip --no-train --vocab-sizes --sizes \\
+        --batch-sizes --export-formats pt2 onnx        # exported vs eager GridCLIP
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--batch-iters", type=positive_int, help="timed runs per batch size (throughput)"
     )
+    p.add_argument(
+        "--export-formats",
+        nargs="*",
+        choices=["pt2", "onnx"],
+        help="export suite: the configs' GridCLIP exported (tools/export.py) in these formats and "
+        "timed against eager inference (default: pt2 onnx; empty: none; CPU only)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument(
         "--profile",
@@ -138,6 +147,7 @@ def settings_from_args(args):
         ("batch_sizes", args.batch_sizes),
         ("batch_models", args.batch_models),
         ("batch_iters", args.batch_iters),
+        ("export_formats", args.export_formats),
     ):
         if value is not None:
             overrides[name] = value

@@ -214,11 +214,19 @@ class InferenceJob:
             "cpu_times_ms": [1000.0 * t for t in timing["cpu_times_s"]],
             "iters": timing["num_runs"],
             "warmup": warmup,
-            "num_detections": len(self.output["instances"]) if self.output else None,
+            "num_detections": _num_detections(self.output),
             "peak_memory_mib": self.peak_mib,
             "memory_method": self.memory_method,
             **batch,
         }
+
+
+def _num_detections(output) -> Optional[int]:
+    """Detections in a predictor's output: Detectron2's ``{"instances": ...}`` or an exported
+    model's arrays (``{"scores": ...}``)."""
+    if not output:
+        return None
+    return len(output["instances"]) if "instances" in output else len(output["scores"])
 
 
 def inference_job(

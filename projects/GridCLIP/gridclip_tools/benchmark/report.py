@@ -148,6 +148,11 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
                 _point(inf, m, mk, list(hi), "resolution", field),
                 _point(inf, m, mk, list(lo), "resolution", field),
             )
+    exported = {r["runtime"]: r.get(field) for r in inf if r["suite"] == "export"}
+    for fmt in s.get("export_formats") or ():
+        ratios[f"inference_gridclip_{fmt}_over_eager"] = _ratio(
+            exported.get(fmt), exported.get("eager")
+        )
     tr = {r["model"]: r.get(train_field) for r in train}
     ratios.update(
         {
@@ -256,6 +261,7 @@ def markdown_report(results: Dict) -> str:
                 f"{_fmt(r.get('cpu_images_per_s'), 3)} | {_fmt(r.get('cpu_ms_per_image'))} | "
                 f"{_fmt(r.get('peak_memory_mib'), 0)} |"
             )
+    lines += _export_table(results)
     lines += _scaling_table(
         results, "vocab", "num_classes", "Vocabulary scaling (wall ms/img (CPU ms/img))"
     )
@@ -301,6 +307,40 @@ def markdown_report(results: Dict) -> str:
     if mem:
         lines += ["", f"Peak memory: {mem}."]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _export_table(results) -> List[str]:
+    """The export suite: eager vs exported GridCLIP, with each export's cost and fidelity."""
+    rows = [r for r in results["inference"] if r["suite"] == "export"]
+    if not rows:
+        return []
+    eager = next((r.get("median_ms") for r in rows if r["runtime"] == "eager"), None)
+    lines = [
+        "",
+        "## Export (the configs' GridCLIP: tools/export.py's graph vs eager, interleaved)",
+        "",
+        "| runtime | ms/img (median) | CPU ms/img | vs eager (wall) | peak mem MiB | export s "
+        "| file MiB | detections | max box / score diff to eager, class mismatches |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['runtime']} | {r['skipped']} | | | | | | | |")
+            continue
+        diff = r.get("vs_eager")
+        fidelity = (
+            f"{diff['max_box_diff']:.2g} px / {diff['max_score_diff']:.2g}, "
+            f"{diff['class_mismatches']} (count diff {diff['count_diff']})"
+            if diff
+            else "–"
+        )
+        lines.append(
+            f"| {r['runtime']} | {_fmt(r['median_ms'])} | {_fmt(r.get('cpu_median_ms'))} | "
+            f"{_fmt(_ratio(r['median_ms'], eager), 2)} | {_fmt(r.get('peak_memory_mib'), 0)} | "
+            f"{_fmt(r.get('export_s'))} | {_fmt(r.get('file_mib'))} | "
+            f"{_fmt(r.get('num_detections'))} | {fidelity} |"
+        )
+    return lines
 
 
 def _scaling_table(results, suite, axis, title) -> List[str]:

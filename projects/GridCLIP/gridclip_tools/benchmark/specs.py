@@ -237,6 +237,10 @@ class BenchmarkSettings:
     batch_sizes: Sequence[int] = (1, 8)
     batch_models: Sequence[str] = ("gridclip", "vild")
     batch_iters: int = 1
+    # Export suite (issue 15): the configs' GridCLIP exported by tools/export.py's code in these
+    # formats, timed against the same model run eagerly (interleaved, main image, CPU); empty:
+    # none. ONNX needs the optional extras (tools/setup_env.sh --export), else it is skipped.
+    export_formats: Sequence[str] = ("pt2", "onnx")
 
 
 QUICK_OPTS = (

@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -18,9 +20,11 @@ import detectron2
 import torch
 from detectron2.utils.events import EventStorage
 
+from .. import export as exporting  # tools/export.py's code: what users export is timed
 from ..measure import time_interleaved
 from .assets import BenchmarkAssets, random_text_embeddings, synthetic_image
 from .measure import (
+    InferenceJob,
     Predictor,
     available_memory_bytes,
     count_parameters,
@@ -169,6 +173,8 @@ def run_inference_suites(
     checkpoint()
     records += _batch_suite(built, main_image, settings, progress)
     checkpoint()
+    records += _export_suite(built, main_image, settings, progress)
+    checkpoint()
 
     for key in [k for k in built if k in settings.models]:
         spec, cfg, model = built[key]
@@ -236,6 +242,83 @@ def _batch_suite(built: Dict, image, settings, progress) -> List[Dict]:
         _record("batch", built[key][0], settings.num_classes, size, **jobs[(key, b)].record(t, 0))
         for (key, b), t in timings.items()
     ]
+
+
+def _export_suite(built: Dict, image, settings, progress) -> List[Dict]:
+    """The configs' GridCLIP exported with ``tools/export.py``'s code (``torch.export`` and
+    ONNX in ``onnxruntime``; the benchmark's vocabulary baked in, the canvas = the main image's
+    padded size), timed against the same model run eagerly, interleaved, preprocessing to
+    detections. Each record also has the export's duration, the file size and the largest
+    difference of its detections from the eager ones on the main image. CPU only (the exported
+    graph is run on the CPU here, onnxruntime with its CPU provider and torch's thread count)."""
+    if "gridclip" not in built or not settings.export_formats:
+        return []
+    spec, cfg, model = built["gridclip"]
+    k, size = settings.num_classes, tuple(image.shape[:2])
+    device = next(model.parameters()).device
+    unknown = [f for f in settings.export_formats if f not in exporting.FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export formats {unknown}; choose from {exporting.FORMATS}")
+    if device.type != "cpu":
+        reason = f"skipped: the export suite runs on the CPU (models on {device})"
+        return [_record("export", spec, k, size, runtime="eager", skipped=reason)]
+    records, runners, export_info = [], {}, {}
+    min_size = min(size)
+    resize = exporting.resize_transform(min_size, settings.max_size).get_transform(image)
+    div = max(1, int(model.backbone.size_divisibility))
+    canvas = [-(-int(v) // div) * div for v in (resize.new_h, resize.new_w)]
+    export_settings = {"canvas_hw": canvas, "min_size_test": min_size}
+    export_settings["max_size_test"] = settings.max_size
+    wrapper = exporting.ExportableGridCLIP(model, canvas)
+    missing = exporting.missing_onnx_extras()
+    with tempfile.TemporaryDirectory(prefix="gridclip-benchmark-export-") as tmp:
+        for fmt in settings.export_formats:
+            if fmt == "onnx" and missing:
+                reason = (
+                    f"skipped: ONNX needs {', '.join(missing)} (optional: tools/setup_env.sh "
+                    "--export)"
+                )
+                records.append(_record("export", spec, k, size, runtime=fmt, skipped=reason))
+                continue
+            progress(f"export {spec.label} to {fmt} (canvas {canvas[0]}x{canvas[1]})")
+            path = os.path.join(tmp, f"gridclip.{fmt}")
+            start = time.perf_counter()
+            if fmt == "pt2":
+                exporting.export_pt2(wrapper, export_settings, path)
+                module = exporting.load_pt2(path)
+                runners[fmt] = functools.partial(
+                    exporting.run_pt2, module, settings=export_settings
+                )
+            else:
+                exporting.export_onnx(wrapper, export_settings, path)
+                session = exporting.onnx_session(path, threads=torch.get_num_threads())
+                runners[fmt] = functools.partial(
+                    exporting.run_onnx, session, settings=export_settings
+                )
+            export_info[fmt] = {
+                "export_s": time.perf_counter() - start,
+                "file_mib": os.path.getsize(path) / 2**20,
+            }
+        if not runners:
+            return records
+        jobs = {"eager": inference_job(model, cfg, image, settings.max_size)}
+        for fmt, run in runners.items():
+            jobs[fmt] = InferenceJob(run, image, device)
+        progress(f"exported vs eager {spec.label}: {list(jobs)}")
+        timed = measure_interleaved(jobs, settings, progress)
+    eager = timed.pop("eager")
+    instances = jobs["eager"].output["instances"].to("cpu")
+    reference = {
+        "boxes": instances.pred_boxes.tensor.numpy(),
+        "scores": instances.scores.numpy(),
+        "classes": instances.pred_classes.numpy(),
+    }
+    records.append(_record("export", spec, k, size, runtime="eager", **eager))
+    for fmt, rec in timed.items():
+        diff = exporting.compare_detections(reference, jobs[fmt].output)
+        fields = {**rec, **export_info[fmt], "vs_eager": diff, "canvas_hw": canvas}
+        records.append(_record("export", spec, k, size, runtime=fmt, **fields))
+    return records
 
 
 def _resolution_sweep(spec, cfg, model, settings, progress) -> List[Dict]:
