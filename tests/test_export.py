@@ -173,7 +173,7 @@ def test_command_exports_both_formats_and_onnx_equals_eager(built, assets):
     assert sorted(report["files"]) == ["onnx", "pt2"]
     for name in ("pt2", "onnx"):
         check = report["check"][name]
-        assert check["count_diff"] == 0 and check["class_mismatches"] == 0, check
+        assert check["count_diff"] == 0 and check["unmatched"] == 0, check
         assert check["max_box_diff"] <= BOX_TOL and check["max_score_diff"] <= SCORE_TOL, check
         assert report["ms_per_image"][name]["cpu_ms"] > 0
     settings = json.loads((out / "export.json").read_text())
@@ -181,6 +181,40 @@ def test_command_exports_both_formats_and_onnx_equals_eager(built, assets):
     session = export.onnx_session(str(out / "gridclip.onnx"), threads=1)
     for image in images():
         assert_same(export.run_eager(predictor, image), export.run_onnx(session, image, settings))
+
+
+def test_compare_detections_matches_tied_detections_in_any_order():
+    """Equal scores may come out in either order (NMS and top-k pick among ties as each
+    implementation likes): matched one to one by class and IoU, not by position; a moved box,
+    a changed class or score, and a missing detection are each counted."""
+    ref = {
+        "boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 0, 50, 10]], np.float32),
+        "scores": np.array([0.9, 0.5, 0.5], np.float32),
+        "classes": np.array([1, 2, 3]),
+    }
+    swapped = {k: v[[0, 2, 1]] for k, v in ref.items()}  # the two tied detections swapped
+    same = export.compare_detections(ref, swapped)
+    assert same == {
+        "count_diff": 0,
+        "max_sorted_score_diff": 0.0,
+        "unmatched": 0,
+        "max_box_diff": 0.0,
+        "max_score_diff": 0.0,
+    }
+    moved = {k: v.copy() for k, v in swapped.items()}
+    moved["boxes"][1] += 0.01  # IoU ~0.998: still the same detection, its box diff reported
+    moved["scores"][0] = 0.8999
+    diff = export.compare_detections(ref, moved)
+    assert diff["unmatched"] == 0 and diff["max_box_diff"] == pytest.approx(0.01, abs=1e-6)
+    assert diff["max_score_diff"] == pytest.approx(1e-4, abs=1e-6)
+    relabelled = {k: v.copy() for k, v in swapped.items()}
+    relabelled["classes"][1] = 7  # another class at the same place: not a match
+    assert export.compare_detections(ref, relabelled)["unmatched"] == 1
+    fewer = {k: v[:2] for k, v in swapped.items()}
+    diff = export.compare_detections(ref, fewer)
+    assert diff["count_diff"] == 1 and diff["unmatched"] == 0
+    empty = {k: v[:0] for k, v in ref.items()}
+    assert export.compare_detections(ref, empty)["count_diff"] == 3
 
 
 def test_vocabulary_is_baked_in(built):

@@ -431,18 +431,48 @@ def run_eager(predictor: OpenVocabularyPredictor, image_bgr: np.ndarray) -> Dict
     }
 
 
-def compare_detections(reference: Dict, other: Dict) -> Dict[str, float]:
-    """How far ``other`` is from ``reference`` (both from :func:`run_eager` / ``run_*``):
-    ``count_diff``, and over the common leading detections ``max_box_diff`` (px),
-    ``max_score_diff`` and ``class_mismatches``."""
-    n = min(len(reference["scores"]), len(other["scores"]))
-    diff = {"count_diff": abs(len(reference["scores"]) - len(other["scores"]))}
-    if n == 0:
-        return {**diff, "max_box_diff": 0.0, "max_score_diff": 0.0, "class_mismatches": 0}
-    diff["max_box_diff"] = float(np.abs(reference["boxes"][:n] - other["boxes"][:n]).max())
-    diff["max_score_diff"] = float(np.abs(reference["scores"][:n] - other["scores"][:n]).max())
-    diff["class_mismatches"] = int((reference["classes"][:n] != other["classes"][:n]).sum())
-    return diff
+def compare_detections(reference: Dict, other: Dict, min_iou: float = 0.99) -> Dict[str, float]:
+    """How far ``other``'s detections are from ``reference``'s (both as :func:`run_eager` /
+    ``run_*`` return them), independent of the order among equal scores.
+
+    Equal scores are common (the anchors of one location share a score when the head has no
+    anchor offsets; random weights tie more), and which of two tied boxes NMS keeps, or which
+    tied candidate a top-k takes, is each implementation's own choice. So the detections are
+    matched one to one, best first: same class, IoU >= ``min_iou``, the closest score.
+
+    Returns ``count_diff``; ``unmatched``: detections of ``other`` without a match; over the
+    matched pairs ``max_box_diff`` (px) and ``max_score_diff``; ``max_sorted_score_diff``: the
+    largest difference between the two score lists, each sorted (order-free).
+    """
+    n_ref, n_other = len(reference["scores"]), len(other["scores"])
+    diff = {"count_diff": abs(n_ref - n_other)}
+    n = min(n_ref, n_other)
+    sorted_ref = np.sort(np.asarray(reference["scores"], dtype=np.float64))[::-1][:n]
+    sorted_other = np.sort(np.asarray(other["scores"], dtype=np.float64))[::-1][:n]
+    diff["max_sorted_score_diff"] = float(np.abs(sorted_ref - sorted_other).max()) if n else 0.0
+    if n_ref == 0 or n_other == 0:
+        return {**diff, "unmatched": n_other, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    ref_boxes = torch.as_tensor(np.asarray(reference["boxes"], dtype=np.float64))
+    other_boxes = torch.as_tensor(np.asarray(other["boxes"], dtype=np.float64))
+    iou = torchvision.ops.box_iou(other_boxes, ref_boxes).numpy()
+    same_class = np.asarray(other["classes"])[:, None] == np.asarray(reference["classes"])[None]
+    score_gap = np.abs(
+        np.asarray(other["scores"], np.float64)[:, None]
+        - np.asarray(reference["scores"], np.float64)[None]
+    )
+    candidates = same_class & (iou >= min_iou)
+    used = np.zeros(n_ref, dtype=bool)
+    unmatched, box_diff, score_diff = 0, 0.0, 0.0
+    for i in range(n_other):
+        options = np.flatnonzero(candidates[i] & ~used)
+        if options.size == 0:
+            unmatched += 1
+            continue
+        j = options[np.argmin(score_gap[i, options])]
+        used[j] = True
+        box_diff = max(box_diff, float(np.abs(other_boxes[i] - ref_boxes[j]).max()))
+        score_diff = max(score_diff, float(score_gap[i, j]))
+    return {**diff, "unmatched": unmatched, "max_box_diff": box_diff, "max_score_diff": score_diff}
 
 
 # ---------------------------------------------------------------------------- command line

@@ -320,7 +320,7 @@ def _export_table(results) -> List[str]:
         "## Export (the configs' GridCLIP: tools/export.py's graph vs eager, interleaved)",
         "",
         "| runtime | ms/img (median) | CPU ms/img | vs eager (wall) | peak mem MiB | export s "
-        "| file MiB | detections | max box / score diff to eager, class mismatches |",
+        "| file MiB | detections | vs eager: unmatched, max box / score diff (matched) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -329,8 +329,8 @@ def _export_table(results) -> List[str]:
             continue
         diff = r.get("vs_eager")
         fidelity = (
-            f"{diff['max_box_diff']:.2g} px / {diff['max_score_diff']:.2g}, "
-            f"{diff['class_mismatches']} (count diff {diff['count_diff']})"
+            f"{diff['unmatched']}, {diff['max_box_diff']:.2g} px / {diff['max_score_diff']:.2g}"
+            f" (count diff {diff['count_diff']})"
             if diff
             else "–"
         )
