@@ -254,7 +254,7 @@ def test_trailing_config_overrides_after_input_are_not_taken_as_images(monkeypat
     they now reach the config, as in tools/demo.py (one helper, gridclip_tools.args)."""
     seen = {}
 
-    def fake_build(config_file, weights, opts, vocabulary=None, canvas_hw=None):
+    def fake_build(config_file, weights, opts, vocabulary=None, canvas_hw=None, dynamic=False):
         seen["opts"] = list(opts)
         raise _Built
 
@@ -284,3 +284,63 @@ def test_input_images_follow_the_project_image_rule(tmp_path):
     assert image.shape == (48, 64, 3) and image.dtype == np.uint8
     expected = (gray.astype(np.uint32) * 255 + 32767) // 65535
     np.testing.assert_array_equal(image[:, :, 0], expected)
+
+
+@pytest.mark.slow  # torch.export with dynamic shapes of the tiny model: about a minute
+def test_dynamic_pt2_equals_eager_model_at_every_size(assets, tmp_path):
+    """``--dynamic``: one .pt2 graph for any input size; each image padded only as Detectron2
+    pads it gets the eager detections, at sizes other than the one the export was traced at."""
+    opts = ("INPUT.MIN_SIZE_TEST", 192, "INPUT.MAX_SIZE_TEST", 320)
+    build(assets, tmp_path, *opts)  # writes the tiny checkpoint
+    opts = model_opts(assets) + list(opts)
+    weights = str(tmp_path / "tiny_gridclip.pth")
+    predictor, wrapper, settings = export.build_exportable(
+        "Base-GridCLIP.yaml", weights, opts, vocabulary=VOCABULARY, dynamic=True
+    )
+    assert settings["dynamic"] and settings["canvas_hw"] == [320, 320]  # MAX_SIZE_TEST
+    assert settings["min_canvas_hw"] == [160, 160]  # coarsest stride 128 + 1, rounded up to 32
+    path = export.export_pt2(wrapper, settings, str(tmp_path / "gridclip.pt2"))
+    module = export.load_pt2(path)
+    rng = np.random.RandomState(2)
+    canvases = set()
+    for shape in ((192, 192), (192, 288), (300, 200), (96, 200), (640, 400)):
+        image = rng.randint(0, 256, (*shape, 3), dtype=np.uint8)
+        inputs = export.preprocess(image, settings)
+        canvases.add(inputs[0].shape[:2])
+        reference = export.run_eager(predictor, image)
+        assert len(reference["scores"])
+        assert_same(reference, export.run_pt2(module, image, settings))
+    # 96 x 200 -> 154 x 320 (the max size binds): padded to 160 x 320, as Detectron2 pads it
+    assert canvases == {(192, 192), (192, 288), (288, 192), (160, 320), (320, 192)}
+
+
+def test_dynamic_export_refuses_onnx_and_small_canvases(assets, tmp_path):
+    opts = ("INPUT.MIN_SIZE_TEST", 192, "INPUT.MAX_SIZE_TEST", 320)
+    predictor, wrapper, settings = build(assets, tmp_path, *opts)
+    dynamic = export.ExportableGridCLIP(predictor.model, (192, 256), dynamic=True)
+    with pytest.raises(ValueError, match="ONNX export takes one canvas size"):
+        export.export_onnx(dynamic, settings, str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match=r"largest canvas 128x256 is below its smallest input 160"):
+        export.ExportableGridCLIP(predictor.model, (128, 256), dynamic=True)
+    with pytest.raises(SystemExit, match="--dynamic exports the .pt2 format only"):
+        export.main(["--output", str(tmp_path), "--dynamic", "--format", "onnx"])
+
+
+def test_clip_score_ensemble_is_left_out_and_said(assets, tmp_path, caplog):
+    """The frozen-CLIP rescoring is not in the graph: a warning says so, export.json records
+    it, and the eager model the export is checked against scores without it too."""
+    build(assets, tmp_path)  # writes the tiny checkpoint
+    opts = model_opts(assets) + ["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", True]
+    with caplog.at_level("WARNING", logger="gridclip.export"):
+        predictor, wrapper, settings = export.build_exportable(
+            "Base-GridCLIP.yaml", str(tmp_path / "tiny_gridclip.pth"), opts, vocabulary=VOCABULARY
+        )
+    assert "TEST_CLIP_ENSEMBLE True): the exported graph does not" in caplog.text
+    assert predictor.model.clip_ensemble is None and settings["clip_score_ensemble"] is False
+    image = images()[0]
+    inputs = [torch.from_numpy(x) for x in export.preprocess(image, settings)]
+    with torch.no_grad():
+        boxes, scores, classes = wrapper(*inputs)
+    assert_same(
+        export.run_eager(predictor, image), {"boxes": boxes, "scores": scores, "classes": classes}
+    )

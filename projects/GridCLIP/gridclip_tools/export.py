@@ -42,10 +42,20 @@ locations in the padding differ slightly from a single-image eager run. The eage
 exact pruning of hopeless locations is not in the graph (every location is scored: the same
 detections, since pruned locations cannot pass the threshold); ``TEST_TOPK_LOCATIONS`` is.
 
+**Any input size** (``--dynamic``, ``.pt2`` only): one graph for every canvas whose sides are
+multiples of the size divisibility between the coarsest stride + 1 px (rounded up) and
+``--canvas`` (default ``INPUT.MAX_SIZE_TEST`` square); the anchors are computed in the graph and
+:func:`preprocess` pads each image only as Detectron2 does (to the divisibility), so every image
+of at least that minimum gets the eager model's detections, whatever its size. ONNX stays one
+canvas size: its dynamic-size graph of this model indexes out of range in onnxruntime.
+
 **Not exported**: ViLD (two stages, ROI pooling of data-dependent proposals; use the eager
 model), training, changing the vocabulary after export (re-export per vocabulary: the text
 embeddings are constants), the text encoder (names are embedded at export time with the
-config's CLIP and prompts) and the reduced-precision text product (the graph computes in fp32).
+config's CLIP and prompts), the reduced-precision text product (the graph computes in fp32),
+the frozen-CLIP score ensemble (``MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE``, on in the embedded
+world's config: a warning says so, the graph outputs the detector's own scores and is checked
+against the eager model with the ensemble off) and a dynamic-size ONNX graph.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from detectron2.utils.logger import setup_logger
 from torch import Tensor, nn
 
 import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.config import get_gridclip_cfg
 from gridclip.data.images import read_image_bgr
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.gridclip import GridCLIP
@@ -101,8 +112,9 @@ class ExportableGridCLIP(nn.Module):
     control flow (see the module doc for the boundary). Wraps a trained :class:`GridCLIP` in
     eval mode; its text embeddings (the vocabulary) become constants of an exported graph."""
 
-    def __init__(self, model: GridCLIP, canvas_hw: Tuple[int, int]):
+    def __init__(self, model: GridCLIP, canvas_hw: Tuple[int, int], dynamic: bool = False):
         super().__init__()
+        self.dynamic = bool(dynamic)
         if not isinstance(model, GridCLIP):
             raise TypeError(
                 f"only GridCLIP exports (got {type(model).__name__}); ViLD's two stages are not "
@@ -117,7 +129,18 @@ class ExportableGridCLIP(nn.Module):
                 f"size divisibility {div}"
             )
         self.canvas_hw = (h, w)
+        self.size_divisibility = div
         self.input_format = model.input_format
+        # A dynamic graph must not see a feature map of side 1 (torch.export specialises sizes 0
+        # and 1): inputs are at least one coarsest stride + 1 px, rounded up to the divisibility.
+        max_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
+        side = -(-(max_stride + 1) // div) * div
+        self.min_canvas_hw = (side, side)
+        if self.dynamic and (h < side or w < side):
+            raise ValueError(
+                f"a dynamic export's largest canvas {h}x{w} is below its smallest input "
+                f"{side}x{side} (the coarsest stride {max_stride} + 1 px): give a larger --canvas"
+            )
         # The anchors of a fixed canvas are constants: computed once here, not in the graph.
         with torch.no_grad():
             probe = torch.zeros(1, 3, h, w, device=model.device)
@@ -145,17 +168,21 @@ class ExportableGridCLIP(nn.Module):
         if self.input_format == "RGB":
             x = x.flip(0)
         x = (x - m.pixel_mean) / m.pixel_std
-        h, w = self.canvas_hw
+        h, w = image.shape[0], image.shape[1]
         rows = torch.arange(h, device=x.device)[:, None] < resized_hw[0]
         cols = torch.arange(w, device=x.device)[None, :] < resized_hw[1]
         x = x * (rows & cols).to(x.dtype)  # Detectron2 pads the normalised image with zeros
         backbone_features = m.backbone(x[None])
         features = [backbone_features[f] for f in m.head_in_features]
+        if self.dynamic:  # the anchors of this input's size, in the graph
+            anchors = [a.tensor for a in m.anchor_generator(features)]
+        else:
+            anchors = self._anchors()
         predictions = m.predict(features, backbone_features.get("res5"))
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         ranking = predictions[3] if len(predictions) > 3 else None  # the objectness ranker
         boxes, scores, classes = [], [], []
-        for level, anchors in enumerate(self._anchors()):
+        for level, level_anchors in enumerate(anchors):
             level_rows = m.head.embedding_rows(grid_embeddings[level])[0]  # (HW, D)
             deltas = box_deltas[level][0].permute(1, 2, 0).reshape(-1, 4)  # (HW*A, 4)
             offsets = None
@@ -163,7 +190,7 @@ class ExportableGridCLIP(nn.Module):
                 a = anchor_offsets[level].shape[1]
                 offsets = anchor_offsets[level][0].permute(1, 2, 0).reshape(-1, a)  # (HW, A)
             level_ranking = None if ranking is None else ranking[level][0].reshape(-1)  # (HW,)
-            b, s, c = self._decode_level(anchors, level_rows, deltas, offsets, level_ranking)
+            b, s, c = self._decode_level(level_anchors, level_rows, deltas, offsets, level_ranking)
             boxes.append(b)
             scores.append(s)
             classes.append(c)
@@ -271,6 +298,10 @@ def preprocess(image_bgr: np.ndarray, settings: Dict) -> Tuple[np.ndarray, np.nd
     resized = resize.get_transform(image_bgr).apply_image(image_bgr)
     ch, cw = settings["canvas_hw"]
     rh, rw = resized.shape[:2]
+    if settings.get("dynamic"):  # the resized image padded as Detectron2 pads it, or to the minimum
+        div = settings["size_divisibility"]
+        min_h, min_w = settings["min_canvas_hw"]
+        ch, cw = min(ch, max(min_h, -(-rh // div) * div)), min(cw, max(min_w, -(-rw // div) * div))
     if rh > ch or rw > cw:
         raise ValueError(
             f"a {height}x{width} image is resized to {rh}x{rw}, larger than the exported canvas "
@@ -282,18 +313,33 @@ def preprocess(image_bgr: np.ndarray, settings: Dict) -> Tuple[np.ndarray, np.nd
     return canvas, np.array([rh, rw], dtype=np.int64), np.array([height, width], dtype=np.int64)
 
 
-def export_settings(predictor: OpenVocabularyPredictor, canvas_hw: Sequence[int]) -> Dict:
-    """What a deployment needs beside the graph (written as ``export.json``)."""
+def export_settings(
+    predictor: OpenVocabularyPredictor,
+    canvas_hw: Sequence[int],
+    wrapper: Optional[ExportableGridCLIP] = None,
+) -> Dict:
+    """What a deployment needs beside the graph (written as ``export.json``). With a dynamic
+    ``wrapper``: ``dynamic``, ``size_divisibility`` and ``min_canvas_hw`` too (``canvas_hw`` is
+    then the largest input)."""
     cfg, model = predictor.cfg, predictor.model
+    dynamic = {}
+    if wrapper is not None and wrapper.dynamic:
+        dynamic = {
+            "dynamic": True,
+            "size_divisibility": wrapper.size_divisibility,
+            "min_canvas_hw": list(wrapper.min_canvas_hw),
+        }
     return {
         "format_version": 1,
         "class_names": list(predictor.class_names),
         "canvas_hw": [int(v) for v in canvas_hw],
+        **dynamic,
         "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
         "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
         "input_format": "BGR",
         "model_input_format": cfg.INPUT.FORMAT,
         "score_thresh_test": float(model.test_score_thresh),
+        "clip_score_ensemble": False,  # never in the graph (build_exportable says so)
         "nms_thresh_test": float(model.test_nms_thresh),
         "topk_candidates_test": int(model.test_topk_candidates),
         "detections_per_image": int(model.max_detections_per_image),
@@ -303,10 +349,12 @@ def export_settings(predictor: OpenVocabularyPredictor, canvas_hw: Sequence[int]
     }
 
 
-def default_canvas(cfg, divisibility: int) -> Tuple[int, int]:
-    """A square canvas of side ``INPUT.MIN_SIZE_TEST`` rounded up to the size divisibility."""
+def default_canvas(cfg, divisibility: int, dynamic: bool = False) -> Tuple[int, int]:
+    """A square canvas of side ``INPUT.MIN_SIZE_TEST`` (dynamic: ``INPUT.MAX_SIZE_TEST``, the
+    largest input the resize makes) rounded up to the size divisibility."""
     div = max(1, int(divisibility))
-    side = -(-int(cfg.INPUT.MIN_SIZE_TEST) // div) * div
+    size = cfg.INPUT.MAX_SIZE_TEST if dynamic else cfg.INPUT.MIN_SIZE_TEST
+    side = -(-int(size) // div) * div
     return side, side
 
 
@@ -316,6 +364,7 @@ def build_exportable(
     opts: Sequence[str] = (),
     vocabulary=None,
     canvas_hw: Optional[Sequence[int]] = None,
+    dynamic: bool = False,
 ) -> Tuple[OpenVocabularyPredictor, ExportableGridCLIP, Dict]:
     """The eager predictor (CPU), its exportable wrapper and the export settings.
 
@@ -323,9 +372,24 @@ def build_exportable(
         config_file, weights, opts: as :meth:`OpenVocabularyPredictor.from_config_file`
             (``weights`` may be empty: the config's ``MODEL.WEIGHTS``).
         vocabulary: anything ``set_vocabulary`` takes; None: the model's own classes.
-        canvas_hw: (H, W) of the exported input; default :func:`default_canvas`.
+        canvas_hw: (H, W) of the exported input (dynamic: the largest); default
+            :func:`default_canvas`.
+        dynamic: any input size (multiples of the size divisibility between the wrapper's
+            ``min_canvas_hw`` and ``canvas_hw``), anchors computed in the graph; ``.pt2`` only.
     """
     opts = list(opts) + ["MODEL.DEVICE", "cpu"]
+    probe = get_gridclip_cfg(config_file, opts)
+    if probe.MODEL.META_ARCHITECTURE == "GridCLIP" and probe.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE:
+        # The frozen CLIP's rescoring of the final detections runs a second network on crops
+        # of data-dependent boxes: not in the graph. The eager model the export is checked
+        # against must then score as the graph does.
+        logger.warning(
+            f"{config_file} rescores detections with the frozen CLIP "
+            "(MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE True): the exported graph does not; it outputs "
+            "the detector's own scores (export.json: clip_score_ensemble false) and is checked "
+            "against the eager model with the ensemble off. Its AP is the ensemble-off AP."
+        )
+        opts += ["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", False]
     predictor = OpenVocabularyPredictor.from_config_file(
         config_file, weights=weights or None, opts=opts, vocabulary=vocabulary
     )
@@ -336,9 +400,9 @@ def build_exportable(
             "two stages with data-dependent proposals are run eagerly)"
         )
     if canvas_hw is None:
-        canvas_hw = default_canvas(predictor.cfg, model.backbone.size_divisibility)
-    wrapper = ExportableGridCLIP(model, canvas_hw)
-    return predictor, wrapper, export_settings(predictor, canvas_hw)
+        canvas_hw = default_canvas(predictor.cfg, model.backbone.size_divisibility, dynamic)
+    wrapper = ExportableGridCLIP(model, canvas_hw, dynamic=dynamic)
+    return predictor, wrapper, export_settings(predictor, canvas_hw, wrapper)
 
 
 def example_inputs(settings: Dict) -> Tuple[Tensor, Tensor, Tensor]:
@@ -363,16 +427,35 @@ def _replace_when_written(path: str, write) -> str:
     return path
 
 
+def dynamic_shapes(wrapper: ExportableGridCLIP) -> Dict:
+    """``torch.export``'s ``dynamic_shapes`` of a dynamic wrapper: the image's height and width,
+    each a multiple of the size divisibility from ``min_canvas_hw`` to ``canvas_hw``."""
+    div = wrapper.size_divisibility
+    dims = [
+        torch.export.Dim(name, min=lo // div, max=hi // div)
+        for name, lo, hi in zip(("height", "width"), wrapper.min_canvas_hw, wrapper.canvas_hw)
+    ]
+    return {"image": {0: div * dims[0], 1: div * dims[1]}, "resized_hw": None, "original_hw": None}
+
+
 def export_pt2(wrapper: ExportableGridCLIP, settings: Dict, path: str) -> str:
-    """``torch.export`` the wrapper; saved with ``torch.export.save`` (load: ``torch.export.load
-    (path).module()``)."""
+    """``torch.export`` the wrapper (a dynamic one: any input size in its range); saved with
+    ``torch.export.save`` (load: ``torch.export.load(path).module()``)."""
+    shapes = dynamic_shapes(wrapper) if wrapper.dynamic else None
     with torch.no_grad():
-        program = torch.export.export(wrapper, example_inputs(settings))
+        program = torch.export.export(wrapper, example_inputs(settings), dynamic_shapes=shapes)
     return _replace_when_written(path, lambda p: torch.export.save(program, p))
 
 
 def export_onnx(wrapper: ExportableGridCLIP, settings: Dict, path: str) -> str:
-    """``torch.onnx.export`` (the dynamo exporter) of the wrapper, weights inside the file."""
+    """``torch.onnx.export`` (the dynamo exporter) of the wrapper, weights inside the file.
+    One canvas size only: exported with dynamic sizes, the graph indexes out of range in
+    onnxruntime at any other size (torch 2.14's exporter, onnxruntime 1.2x), so it is refused."""
+    if wrapper.dynamic:
+        raise ValueError(
+            "ONNX export takes one canvas size (a dynamic-size ONNX graph of this model fails in "
+            "onnxruntime): export ONNX without --dynamic, or use the .pt2 format"
+        )
 
     def write(p):
         with torch.no_grad():
@@ -452,9 +535,10 @@ def compare_detections(reference: Dict, other: Dict, min_iou: float = 0.99) -> D
     diff["max_sorted_score_diff"] = float(np.abs(sorted_ref - sorted_other).max()) if n else 0.0
     if n_ref == 0 or n_other == 0:
         return {**diff, "unmatched": n_other, "max_box_diff": 0.0, "max_score_diff": 0.0}
-    ref_boxes = torch.as_tensor(np.asarray(reference["boxes"], dtype=np.float64))
-    other_boxes = torch.as_tensor(np.asarray(other["boxes"], dtype=np.float64))
-    iou = torchvision.ops.box_iou(other_boxes, ref_boxes).numpy()
+    ref_boxes = np.asarray(reference["boxes"], dtype=np.float64)
+    other_boxes = np.asarray(other["boxes"], dtype=np.float64)
+    iou = torchvision.ops.box_iou(torch.from_numpy(other_boxes), torch.from_numpy(ref_boxes))
+    iou = iou.numpy()
     same_class = np.asarray(other["classes"])[:, None] == np.asarray(reference["classes"])[None]
     score_gap = np.abs(
         np.asarray(other["scores"], np.float64)[:, None]
@@ -505,6 +589,12 @@ def get_parser() -> argparse.ArgumentParser:
         "to the size divisibility)",
     )
     p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="pt2 only: one graph for any input size (multiples of the size divisibility, up to "
+        "--canvas, default INPUT.MAX_SIZE_TEST square); images padded only as Detectron2 pads them",
+    )
+    p.add_argument(
         "--benchmark",
         type=int,
         nargs="?",
@@ -525,7 +615,8 @@ def _check_images(args, settings: Dict) -> List[np.ndarray]:
         return [read_image_bgr(p) for p in args.input]  # the project's one image rule
     rng = np.random.RandomState(0)
     h, w = settings["canvas_hw"]
-    return [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
+    shapes = [(h, w), (h // 2, w), (h, w * 2 // 3)] if settings.get("dynamic") else [(h, w)] * 3
+    return [rng.randint(0, 256, (sh, sw, 3), dtype=np.uint8) for sh, sw in shapes]
 
 
 def _importable(module: str) -> bool:
@@ -540,6 +631,14 @@ def missing_onnx_extras() -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
     split_trailing_opts(args)
+    if args.dynamic:
+        if args.format == list(FORMATS):  # the default: both
+            args.format = ["pt2"]
+        if "onnx" in args.format:
+            raise SystemExit(
+                "--dynamic exports the .pt2 format only (a dynamic-size ONNX graph of this model "
+                "fails in onnxruntime): use --format pt2, or export ONNX at one --canvas"
+            )
     if "onnx" in args.format:
         missing = missing_onnx_extras()
         if missing:
@@ -557,6 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         config_overrides(args),
         vocabulary=args.vocabulary,
         canvas_hw=args.canvas,
+        dynamic=args.dynamic,
     )
     if not predictor.cfg.MODEL.WEIGHTS:
         logger.warning(
