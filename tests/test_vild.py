@@ -372,6 +372,45 @@ def test_ensemble_model_inference_on_and_off(assets, teacher):
     assert not torch.allclose(on.scores[:5], off.scores[:5])
 
 
+def test_clip_rescoring_is_gridclips_rule_on_the_same_detections(assets, teacher):
+    """MODEL.VILD.TEST_CLIP_ENSEMBLE: the final detections (same boxes and classes) rescored by
+    the frozen CLIP with GridCLIP's function, base/novel weights by the novel-class mask, in the
+    input image's coordinates (before the resize back to height x width)."""
+    from gridclip.modeling.clip_rescoring import clip_rescored_scores
+
+    plain = build(assets, teacher).eval()
+    rescoring = build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE", "True").eval()
+    rescoring.load_state_dict(plain.state_dict())
+    image = make_input(89, 75)["image"]
+    with torch.no_grad():
+        raw = plain.inference([{"image": image}], do_postprocess=False)[0]
+        a = plain([{"image": image, "height": 178, "width": 150}])[0]["instances"]
+        b = rescoring([{"image": image, "height": 178, "width": 150}])[0]["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)  # both resized back x2
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    novel = rescoring.roi_heads.box_predictor.novel_class_mask
+    expected = clip_rescored_scores(
+        raw.scores,
+        raw.pred_boxes.tensor,  # the crops are taken in the input image
+        raw.pred_classes,
+        rescoring.teacher_image(image),
+        teacher,
+        rescoring.text_embeddings,
+        ~novel,
+        (0.35, 0.65),
+        (1.0, 1.5),
+    )
+    torch.testing.assert_close(b.scores, expected)
+    assert not torch.allclose(a.scores, b.scores)
+    rescoring.test_clip_ensemble_weights = (0.0, 0.0)
+    with torch.no_grad():
+        same = rescoring([{"image": image, "height": 178, "width": 150}])[0]["instances"]
+    torch.testing.assert_close(same.scores, a.scores)
+    with pytest.raises(ValueError, match="MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS"):
+        build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS", "[0.5, 2.0]")
+
+
 # --------------------------------------------------------------------------------- inference
 def test_inference_outputs_and_inf_nan(model):
     model.eval()

@@ -177,6 +177,12 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.VILD.ENSEMBLE_IMAGE_WEIGHT_NOVEL = 0.6666666667
     # Mask novel (frequency 'r') classes out of the training softmax (ViLD's protocol).
     _C.MODEL.VILD.IGNORE_NOVEL_IN_TRAINING = True
+    # Inference: the final detections rescored with the frozen CLIP exactly as GridCLIP's
+    # MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE does (F-VLM's p_det^(1 - w) p_clip^w; w per base/novel
+    # class; crops at MODEL.VILD.CROP_SCALES), so that both detectors can be compared with the
+    # same rescoring (gridclip/modeling/clip_rescoring.py). Not ViLD's own ENSEMBLE above.
+    _C.MODEL.VILD.TEST_CLIP_ENSEMBLE = False
+    _C.MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
 
     # ----------------------------------------------------------- datasets named by their files
     # COCO- or LVIS-format datasets registered from the config, no Python needed: entries

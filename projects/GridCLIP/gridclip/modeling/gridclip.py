@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from ..clip import build_clip_teacher_from_cfg
 from ..data import novel_class_mask
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
+from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
@@ -214,20 +215,13 @@ class GridCLIP(RetinaNet):
                 "needs the per-location head with MODEL.GRIDCLIP.ANCHOR_OFFSET (and A > 1 anchors)"
             )
         self.test_topk_locations = int(test_topk_locations)
-        weights = tuple(float(w) for w in clip_ensemble_weights)
-        if len(weights) != 2 or not all(0.0 <= w <= 1.0 for w in weights):
-            raise ValueError(
-                "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS must be two exponents in [0, 1] "
-                f"(base, novel), got {list(clip_ensemble_weights)}"
-            )
-        if not clip_ensemble_crop_scales or min(clip_ensemble_crop_scales) <= 0:
-            raise ValueError(
-                "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES must be positive factors, got "
-                f"{list(clip_ensemble_crop_scales)}"
-            )
         self.clip_ensemble = clip_ensemble
-        self.clip_ensemble_weights = weights
-        self.clip_ensemble_crop_scales = tuple(float(s) for s in clip_ensemble_crop_scales)
+        self.clip_ensemble_weights, self.clip_ensemble_crop_scales = check_rescoring_settings(
+            clip_ensemble_weights,
+            clip_ensemble_crop_scales,
+            "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS",
+            "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES",
+        )
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -421,25 +415,20 @@ class GridCLIP(RetinaNet):
             detections: one image's detections, boxes in the coordinates of ``image``.
             image: that image as given to the model: (3, H, W), 0-255, ``INPUT.FORMAT``.
         """
-        scores = detections.scores
-        if len(detections) == 0:
-            return scores
-        teacher = self.clip_ensemble.on(self.device)
         rgb = image.to(self.device, torch.float32)
         if self.input_format == "BGR":
             rgb = rgb.flip(0)
-        crops = teacher.embed_boxes(
-            rgb, detections.pred_boxes.tensor, scales=self.clip_ensemble_crop_scales
+        return clip_rescored_scores(
+            detections.scores,
+            detections.pred_boxes.tensor,
+            detections.pred_classes,
+            rgb,
+            self.clip_ensemble.on(self.device),
+            self.text_embeddings,
+            self.trained_class_mask,
+            self.clip_ensemble_weights,
+            self.clip_ensemble_crop_scales,
         )
-        text = F.normalize(self.text_embeddings.float(), dim=-1).to(crops.device)
-        probs = torch.softmax(teacher.logit_scale * crops @ text.t(), dim=1)
-        classes = detections.pred_classes.to(probs.device)
-        p_clip = probs.gather(1, classes[:, None]).squeeze(1).to(scores.device)
-        w_base, w_novel = self.clip_ensemble_weights
-        trained = self.trained_class_mask[detections.pred_classes]
-        w = torch.where(trained, torch.full_like(scores, w_base), torch.full_like(scores, w_novel))
-        tiny = torch.finfo(scores.dtype).tiny
-        return scores.clamp_min(tiny).pow(1.0 - w) * p_clip.clamp_min(tiny).pow(w)
 
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
         """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
 from .clip_backbone import build_clip_resnet_rcnn_fpn_backbone
+from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .fast_rcnn_topk import fast_rcnn_inference_topk
 from .teacher_holder import TeacherHolder
 from .text_classifier import check_text_embeddings
@@ -93,6 +94,8 @@ class ViLD(GeneralizedRCNN):
         crop_scales: Sequence[float] = (1.0, 1.5),
         vocabulary_cfg=None,
         class_names: Optional[Sequence[str]] = None,
+        test_clip_ensemble: bool = False,
+        test_clip_ensemble_weights: Sequence[float] = (0.35, 0.65),
         **kwargs,
     ):
         """
@@ -105,6 +108,10 @@ class ViLD(GeneralizedRCNN):
             crop_scales: teacher crop scales (ViLD: 1x and 1.5x, embeddings summed).
             vocabulary_cfg: config used to embed class names in :meth:`set_vocabulary`.
             class_names: names of the K classes (informative; None when unknown).
+            test_clip_ensemble: rescore the final detections with the frozen CLIP teacher
+                (F-VLM's rule, :func:`~gridclip.modeling.clip_rescoring.clip_rescored_scores`,
+                the same as GridCLIP's; crops at ``crop_scales``).
+            test_clip_ensemble_weights: its (w_base, w_novel); novel = the novel-class mask.
             kwargs: ``GeneralizedRCNN`` arguments; ``roi_heads`` must be :class:`ViLDROIHeads`.
         """
         super().__init__(**kwargs)
@@ -121,7 +128,13 @@ class ViLD(GeneralizedRCNN):
             raise ValueError(f"ViLD: INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
         self.teacher_source = teacher_source
         self.num_distill_proposals = int(num_distill_proposals)
-        self.crop_scales = tuple(float(s) for s in crop_scales)
+        self.test_clip_ensemble = bool(test_clip_ensemble)
+        self.test_clip_ensemble_weights, self.crop_scales = check_rescoring_settings(
+            test_clip_ensemble_weights,
+            crop_scales,
+            "MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS",
+            "MODEL.VILD.CROP_SCALES",
+        )
         # A plain object, not a submodule: the teacher is never in state_dict / checkpoints.
         self.teacher_holder = TeacherHolder(
             clip_teacher,
@@ -152,6 +165,8 @@ class ViLD(GeneralizedRCNN):
                 "num_distill_proposals": v.NUM_DISTILL_PROPOSALS,
                 "crop_scales": v.CROP_SCALES,
                 "vocabulary_cfg": cfg.clone(),
+                "test_clip_ensemble": v.TEST_CLIP_ENSEMBLE,
+                "test_clip_ensemble_weights": v.TEST_CLIP_ENSEMBLE_WEIGHTS,
             }
         )
         ret["class_names"] = dataset_class_names(cfg)
@@ -254,6 +269,31 @@ class ViLD(GeneralizedRCNN):
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, proposals)
         return {**detector_losses, **proposal_losses}
+
+    def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
+        """GeneralizedRCNN's inference; with ``test_clip_ensemble`` the detections (in the input
+        images' coordinates) are rescored by the frozen CLIP before the postprocessing."""
+        if not self.test_clip_ensemble:
+            return super().inference(batched_inputs, detected_instances, do_postprocess)
+        results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
+        teacher = self.teacher_holder.on(self.device)
+        trained = ~self.roi_heads.box_predictor.novel_class_mask
+        for inst, inputs in zip(results, batched_inputs):
+            inst.scores = clip_rescored_scores(
+                inst.scores,
+                inst.pred_boxes.tensor,
+                inst.pred_classes,
+                self.teacher_image(inputs["image"]),
+                teacher,
+                self.text_embeddings,
+                trained,
+                self.test_clip_ensemble_weights,
+                self.crop_scales,
+            )
+        if not do_postprocess:
+            return results
+        images = self.preprocess_image(batched_inputs)
+        return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
 
     def teacher_image(self, image: torch.Tensor) -> torch.Tensor:
         """A model input image (3, H, W) in INPUT.FORMAT -> float RGB 0-255 on the device."""
