@@ -142,6 +142,14 @@ def test_configs_load_and_use_clip_preprocessing():
     assert r50.MODEL.RETINANET.SCORE_THRESH_TEST <= 1e-3
     # issue 13: the top-1000 gate ranked by the detached objectness ranker
     assert r50.MODEL.GRIDCLIP.OBJECTNESS_RANKER and r50.MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS == 1000
+    # the light recipe: GridCLIP_R50.yaml but for the head (128 channels, 2 convs per tower)
+    light = get_gridclip_cfg("GridCLIP_R50_light.yaml")
+    assert (light.MODEL.FPN.OUT_CHANNELS, light.MODEL.RETINANET.NUM_CONVS) == (128, 2)
+    assert (r50.MODEL.FPN.OUT_CHANNELS, r50.MODEL.RETINANET.NUM_CONVS) == (256, 4)
+    light.defrost()
+    light.MODEL.FPN.OUT_CHANNELS, light.MODEL.RETINANET.NUM_CONVS = 256, 4
+    light.OUTPUT_DIR = r50.OUTPUT_DIR
+    assert light.dump() == r50.dump()
 
 
 def test_build_tiny_model_and_parameter_count(assets):
