@@ -124,9 +124,6 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE = False
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
-    # Score classes relative to a learned background embedding (initialised at the mean text
-    # embedding): logit = scale * (cos(x, text) - cos(x, background)) + bias. See GridCLIPHead.
-    _C.MODEL.GRIDCLIP.BACKGROUND_EMBEDDING = False
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

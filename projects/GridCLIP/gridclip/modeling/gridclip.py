@@ -705,7 +705,6 @@ class GridCLIP(RetinaNet):
             # logit <= scale * cos + bias + offset, cos <= 1 (+ the text product's rounding)
             cos_bound = 1.0 + classifier.product_error_bound
             best_class_logit = float(classifier.logit_scale) * cos_bound + float(classifier.bias)
-            best_class_logit += self.head.max_background_shift  # - scale * cos(x, b) <= scale
             thresh = math.log(self.test_score_thresh / (1.0 - self.test_score_thresh))
             passing = objectness + best_class_logit > thresh
             if not bool(passing.all()):

@@ -12,7 +12,6 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
@@ -53,7 +52,6 @@ class GridCLIPHead(RetinaNetHead):
         logit_scale: float = 20.0,
         learn_logit_scale: bool = False,
         text_product_dtype: str = "float32",
-        background_embedding: bool = False,
         objectness_ranker: bool = False,
     ):
         """
@@ -68,12 +66,6 @@ class GridCLIPHead(RetinaNetHead):
                 [1, 100], with ``learn_logit_scale``).
             text_product_dtype: dtype of the text product at inference
                 (:meth:`TextEmbeddingClassifier.set_product_dtype`).
-            background_embedding: score classes *relative to* a learned background embedding
-                b: logit_k = scale * (cos(x, t_k) - cos(x, b)) + bias. CLIP's text embeddings
-                share a large common direction (the embedded small CLIP's: pairwise cosine 0.56
-                on average), so a grid embedding near it scores every class high at once;
-                ViLD's softmax with a learned background is blind to such a common offset, a
-                per-class sigmoid is not. b starts at the normalised mean text embedding.
             objectness_ranker: one class-agnostic objectness logit per location, a 3x3 conv on
                 the box tower's features *detached* (no gradient reaches the detector), trained
                 by GridCLIP's ``loss_objectness_ranker`` to rank locations for
@@ -117,10 +109,6 @@ class GridCLIPHead(RetinaNetHead):
             learn_bias=True,
         )
         self.classifier.set_product_dtype(text_product_dtype)
-        self.background = None
-        if background_embedding:
-            mean = F.normalize(text_embeddings.float(), dim=-1).mean(dim=0)
-            self.background = nn.Parameter(F.normalize(mean, dim=0))
         self.objectness = None
         if objectness_ranker:
             # Fork the global random state: creating and initialising this conv must not shift
@@ -142,7 +130,6 @@ class GridCLIPHead(RetinaNetHead):
             logit_scale=cfg.MODEL.GRIDCLIP.LOGIT_SCALE,
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
             text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
-            background_embedding=cfg.MODEL.GRIDCLIP.BACKGROUND_EMBEDDING,
             objectness_ranker=cfg.MODEL.GRIDCLIP.OBJECTNESS_RANKER,
         )
         return ret
@@ -196,17 +183,7 @@ class GridCLIPHead(RetinaNetHead):
         text = None
         if class_indices is not None:
             text = self.classifier.text_embeddings[class_indices]
-        logits = self.classifier(rows, text)
-        if self.background is not None:
-            scale = self.classifier.logit_scale
-            cos_bg = F.normalize(rows.float(), dim=-1) @ F.normalize(self.background, dim=0)
-            logits = logits - (scale * cos_bg)[..., None].to(logits.dtype)
-        return logits
-
-    @property
-    def max_background_shift(self) -> float:
-        """The most the background term can add to a logit (``scale * 1``; 0 without it)."""
-        return 0.0 if self.background is None else float(self.classifier.logit_scale)
+        return self.classifier(rows, text)
 
     def anchor_logits(
         self,
