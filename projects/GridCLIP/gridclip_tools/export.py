@@ -97,14 +97,21 @@ OUTPUT_NAMES = ["boxes", "scores", "classes"]
 __all__ = [
     "ExportableGridCLIP",
     "build_exportable",
+    "detection_arrays",
     "export_onnx",
     "export_pt2",
     "main",
     "missing_onnx_extras",
     "preprocess",
+    "round_up",
     "run_onnx",
     "run_pt2",
 ]
+
+
+def round_up(value: int, divisor: int) -> int:
+    """``value`` rounded up to a multiple of ``divisor`` (how Detectron2 pads image sides)."""
+    return -(-int(value) // divisor) * divisor
 
 
 class ExportableGridCLIP(nn.Module):
@@ -134,7 +141,7 @@ class ExportableGridCLIP(nn.Module):
         # A dynamic graph must not see a feature map of side 1 (torch.export specialises sizes 0
         # and 1): inputs are at least one coarsest stride + 1 px, rounded up to the divisibility.
         max_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
-        side = -(-(max_stride + 1) // div) * div
+        side = round_up(max_stride + 1, div)
         self.min_canvas_hw = (side, side)
         if self.dynamic and (h < side or w < side):
             raise ValueError(
@@ -301,7 +308,7 @@ def preprocess(image_bgr: np.ndarray, settings: Dict) -> Tuple[np.ndarray, np.nd
     if settings.get("dynamic"):  # the resized image padded as Detectron2 pads it, or to the minimum
         div = settings["size_divisibility"]
         min_h, min_w = settings["min_canvas_hw"]
-        ch, cw = min(ch, max(min_h, -(-rh // div) * div)), min(cw, max(min_w, -(-rw // div) * div))
+        ch, cw = min(ch, max(min_h, round_up(rh, div))), min(cw, max(min_w, round_up(rw, div)))
     if rh > ch or rw > cw:
         raise ValueError(
             f"a {height}x{width} image is resized to {rh}x{rw}, larger than the exported canvas "
@@ -354,7 +361,7 @@ def default_canvas(cfg, divisibility: int, dynamic: bool = False) -> Tuple[int, 
     largest input the resize makes) rounded up to the size divisibility."""
     div = max(1, int(divisibility))
     size = cfg.INPUT.MAX_SIZE_TEST if dynamic else cfg.INPUT.MIN_SIZE_TEST
-    side = -(-int(size) // div) * div
+    side = round_up(size, div)
     return side, side
 
 
@@ -504,14 +511,19 @@ def run_onnx(session, image_bgr: np.ndarray, settings: Dict) -> Dict[str, np.nda
     return dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, feeds)))
 
 
-def run_eager(predictor: OpenVocabularyPredictor, image_bgr: np.ndarray) -> Dict[str, np.ndarray]:
-    """The eager model's detections of one BGR image, as :func:`run_pt2` returns them."""
-    instances = predictor(image_bgr)["instances"].to("cpu")
+def detection_arrays(instances) -> Dict[str, np.ndarray]:
+    """Detectron2 ``Instances`` of detections as the arrays :func:`run_pt2` returns."""
+    instances = instances.to("cpu")
     return {
         "boxes": instances.pred_boxes.tensor.numpy(),
         "scores": instances.scores.numpy(),
         "classes": instances.pred_classes.numpy(),
     }
+
+
+def run_eager(predictor: OpenVocabularyPredictor, image_bgr: np.ndarray) -> Dict[str, np.ndarray]:
+    """The eager model's detections of one BGR image, as :func:`run_pt2` returns them."""
+    return detection_arrays(predictor(image_bgr)["instances"])
 
 
 def compare_detections(reference: Dict, other: Dict, min_iou: float = 0.99) -> Dict[str, float]:

@@ -292,8 +292,8 @@ class ViLD(GeneralizedRCNN):
             )
         if not do_postprocess:
             return results
-        images = self.preprocess_image(batched_inputs)
-        return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+        sizes = [inst.image_size for inst in results]  # the padded batch's per-image sizes
+        return GeneralizedRCNN._postprocess(results, batched_inputs, sizes)
 
     def teacher_image(self, image: torch.Tensor) -> torch.Tensor:
         """A model input image (3, H, W) in INPUT.FORMAT -> float RGB 0-255 on the device."""

@@ -266,7 +266,7 @@ def _export_suite(built: Dict, image, settings, progress) -> List[Dict]:
     min_size = min(size)
     resize = exporting.resize_transform(min_size, settings.max_size).get_transform(image)
     div = max(1, int(model.backbone.size_divisibility))
-    canvas = [-(-int(v) // div) * div for v in (resize.new_h, resize.new_w)]
+    canvas = [exporting.round_up(v, div) for v in (resize.new_h, resize.new_w)]
     export_settings = {"canvas_hw": canvas, "min_size_test": min_size}
     export_settings["max_size_test"] = settings.max_size
     wrapper = exporting.ExportableGridCLIP(model, canvas)
@@ -307,12 +307,7 @@ def _export_suite(built: Dict, image, settings, progress) -> List[Dict]:
         progress(f"exported vs eager {spec.label}: {list(jobs)}")
         timed = measure_interleaved(jobs, settings, progress)
     eager = timed.pop("eager")
-    instances = jobs["eager"].output["instances"].to("cpu")
-    reference = {
-        "boxes": instances.pred_boxes.tensor.numpy(),
-        "scores": instances.scores.numpy(),
-        "classes": instances.pred_classes.numpy(),
-    }
+    reference = exporting.detection_arrays(jobs["eager"].output["instances"])
     records.append(_record("export", spec, k, size, runtime="eager", **eager))
     for fmt, rec in timed.items():
         diff = exporting.compare_detections(reference, jobs[fmt].output)
