@@ -33,6 +33,7 @@ from gridclip_tools.benchmark.specs import (
     quick_settings,
 )
 from gridclip_tools.benchmark.suites import _ordered, _skip_reason
+from gridclip_tools.export import missing_onnx_extras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,8 +144,6 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
 
 
 def _onnx_missing():
-    from gridclip_tools.export import missing_onnx_extras
-
     return bool(missing_onnx_extras())
 
 

@@ -29,6 +29,7 @@ from gridclip.clip.teacher_cache import (
 )
 from gridclip.data import register_lvis_format_dataset
 from gridclip.data.mapper import ViLDDatasetMapper
+from gridclip.modeling.clip_rescoring import clip_rescored_scores
 from gridclip.modeling.vild import (
     ViLD,
     ViLDOutputLayers,
@@ -376,8 +377,6 @@ def test_clip_rescoring_is_gridclips_rule_on_the_same_detections(assets, teacher
     """MODEL.VILD.TEST_CLIP_ENSEMBLE: the final detections (same boxes and classes) rescored by
     the frozen CLIP with GridCLIP's function, base/novel weights by the novel-class mask, in the
     input image's coordinates (before the resize back to height x width)."""
-    from gridclip.modeling.clip_rescoring import clip_rescored_scores
-
     plain = build(assets, teacher).eval()
     rescoring = build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE", "True").eval()
     rescoring.load_state_dict(plain.state_dict())
