@@ -197,6 +197,28 @@ def test_gpu_decoding_path_gives_the_cpu_detections(assets):
         assert_same_detections(a, b)
 
 
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_row_block_scoring_gives_the_whole_level_detections(assets, with_offsets):
+    """The text product in blocks of rows (bounded memory at 21,000 classes), each block keeping
+    its own top candidates, gives the detections of one product over every location; the blocks
+    really are smaller than the largest level."""
+    model = _gated_model(assets, 0, max_det=50, score_thresh=0.05)
+    images, features = dense_inputs(model, n=2, size=(2, 96, 112), seed=21)
+    with torch.no_grad():
+        predictions = list(model.head.forward_embeddings(features))
+    if not with_offsets:
+        predictions[2] = None
+    whole, rows_whole = _infer(model, images, features, predictions)
+    block = 7  # rows per block: K classes x 7 logits at most
+    with mock.patch.object(model, "SCORE_BLOCK_ELEMENTS", block * K):
+        blocked, rows_blocked = _infer(model, images, features, predictions)
+    assert max(rows_whole) > 3 * block and max(rows_blocked) == block
+    assert sum(rows_blocked) == sum(rows_whole)  # every location scored once
+    for a, b in zip(whole, blocked):
+        assert len(a) > 0
+        assert_same_detections(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_detections_equal_cpu(assets):
     model = _gated_model(assets, 0, max_det=50, score_thresh=0.05)

@@ -654,10 +654,9 @@ class GridCLIP(RetinaNet):
                     level_rows, level_offsets = level_rows[locations], level_offsets[locations]
                     level_deltas = level_deltas[anchor_idxs]
                     level_anchors = level_anchors[anchor_idxs]
-                logits = self.head.logits(level_rows)  # the text product: (rows, K)
                 per_level.append(
-                    self._decode_level(
-                        level_anchors, logits, level_deltas, level_offsets, image_size
+                    self._score_level(
+                        level_anchors, level_rows, level_deltas, level_offsets, image_size
                     )
                 )
             if not per_level:
@@ -778,6 +777,49 @@ class GridCLIP(RetinaNet):
             idxs = values.flatten().topk(k).indices
         rows = candidate_rows[torch.div(idxs, num_classes, rounding_mode="floor")]
         return rows, idxs % num_classes
+
+    #: The text product of one level is computed in blocks of rows of at most this many
+    #: (row, class) logits (128 MiB in fp32): at 21,000 classes every P3 location of an
+    #: 800x1216 image would otherwise be one 1.3 GB matrix (with its top-k temporaries, more).
+    SCORE_BLOCK_ELEMENTS = 32 * 2**20
+
+    def _score_level(
+        self,
+        anchors: Boxes,
+        rows: Tensor,
+        deltas: Tensor,
+        offsets: Optional[Tensor],
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """The text product of one level's (M, D) embedding rows and its decoding
+        (:meth:`_decode_level`), in blocks of rows when M x K exceeds
+        :attr:`SCORE_BLOCK_ELEMENTS`: each block keeps its own top candidates and the best
+        ``TOPK_CANDIDATES_TEST`` of their union are those of the whole level (every candidate
+        of the level's top-k is in its block's top-k), ties aside."""
+        num_rows = rows.shape[0]
+        block = max(1, self.SCORE_BLOCK_ELEMENTS // max(1, self.head.num_classes))
+        if num_rows <= block:
+            return self._decode_level(anchors, self.head.logits(rows), deltas, offsets, image_size)
+        group = deltas.shape[0] // num_rows
+        parts = []
+        for start in range(0, num_rows, block):
+            stop = min(start + block, num_rows)
+            parts.append(
+                self._decode_level(
+                    anchors[start * group : stop * group],
+                    self.head.logits(rows[start:stop]),
+                    deltas[start * group : stop * group],
+                    offsets[start:stop] if offsets is not None else None,
+                    image_size,
+                )
+            )
+        merged = Instances.cat(parts)
+        if len(merged) > self.test_topk_candidates:
+            # stable: the anchors of one location (one score without offsets) keep their order,
+            # which decides the one NMS keeps among equal scores
+            order = merged.scores.sort(descending=True, stable=True).indices
+            merged = merged[order[: self.test_topk_candidates]]
+        return merged
 
     def _decode_level(
         self,
