@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from gridclip.config import get_gridclip_cfg
 from gridclip_tools import embedded_demo as demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -148,6 +149,81 @@ def test_demo_run_key_follows_the_resolved_config(tmp_path):
     assert demo._run_key(str(leaf), ["MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", "3"]) != key
     (tmp_path / "base.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 8\n')
     assert demo._run_key(str(leaf), []) != key
+
+
+def test_demo_run_keys_separate_training_from_evaluation_settings(tmp_path):
+    """A setting at its default value does not change the keys (a key the project adds or removes
+    with its default keeps finished runs reusable); an evaluation-only setting changes the run
+    key, not the training key; a training setting changes both."""
+    config = "embedded/GridCLIP_world.yaml"
+    key, train_key = demo._run_keys(config, [])
+    default_scale = get_gridclip_cfg().MODEL.GRIDCLIP.LOGIT_SCALE
+    assert demo._run_keys(config, ["MODEL.GRIDCLIP.LOGIT_SCALE", str(default_scale)]) == (
+        key,
+        train_key,
+    )
+    for opts in (
+        ["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", "False"],
+        ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.2"],
+        ["TEST.DETECTIONS_PER_IMAGE", "300"],
+        ["DATASETS.TEST", "('gridclip_world_train',)"],
+    ):
+        other, other_train = demo._run_keys(config, opts)
+        assert other != key and other_train == train_key, opts
+    for opts in (
+        ["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT", "2.0"],
+        ["SOLVER.MAX_ITER", "301"],
+        ["INPUT.MIN_SIZE_TRAIN", "(224,)"],
+        ["DATASETS.TRAIN", "('gridclip_world_train_full',)"],
+    ):
+        other, other_train = demo._run_keys(config, opts)
+        assert other != key and other_train != train_key, opts
+
+
+def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monkeypatch):
+    """Same training settings, other evaluation settings: `--eval-only` on the final weights
+    (into a subfolder, the training's config.yaml kept), not a retraining; results.json gets the
+    new metrics and keeps the training's wall time."""
+    fake = tmp_path / "fake_train_net.py"
+    fake.write_text(
+        "import json, os, sys\n"
+        "out = sys.argv[sys.argv.index('OUTPUT_DIR') + 1]\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "ev = '--eval-only' in sys.argv\n"
+        "open(os.path.join(out, 'model_final.pth'), 'w').write('w')\n"
+        "json.dump({'results': {'bbox': {'AP': 2.0 if ev else 1.0}}, 'datasets_test': ['v'],"
+        " 'argv': sys.argv}, open(os.path.join(out, 'eval_results.json' if ev else"
+        " 'results.json'), 'w'))\n"
+    )
+    monkeypatch.setattr(demo, "TRAIN_NET", str(fake))
+    out = tmp_path / "gridclip"
+    config = "embedded/GridCLIP_world.yaml"
+    proc = demo._launch("gridclip", config, [], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    trained = json.load(open(out / "results.json"))
+    assert trained["results"]["bbox"]["AP"] == 1.0 and "--eval-only" not in trained["argv"]
+    assert demo._launch("gridclip", config, [], str(out), False) is None  # same: reused
+
+    opts = ["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", "False"]
+    proc = demo._launch("gridclip", config, opts, str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    results = json.load(open(out / "results.json"))
+    assert results["results"]["bbox"]["AP"] == 2.0
+    assert results["train_wall_s"] == trained["train_wall_s"]
+    argv = json.load(open(out / "evaluation" / "eval_results.json"))["argv"]
+    assert "--eval-only" in argv and argv[argv.index("MODEL.WEIGHTS") + 1] == str(
+        out / "model_final.pth"
+    )
+    assert not (tmp_path / "gridclip.previous").exists()
+    assert demo._launch("gridclip", config, opts, str(out), False) is None  # now up to date
+    # a training setting retrains (the old run kept aside)
+    proc = demo._launch("gridclip", config, ["SOLVER.MAX_ITER", "7"], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    assert (tmp_path / "gridclip.previous" / "evaluation").is_dir()
+    assert "--eval-only" not in json.load(open(out / "results.json"))["argv"]
 
 
 def test_demo_rows_follow_the_schedule_and_vild_teacher_options():

@@ -12,7 +12,8 @@
    training folders (checkpoints, ``metrics.json``, TensorBoard events, logs).
 
 Trained models are reused when their folder holds ``results.json`` from the same config and
-iterations (``--force`` retrains). ``--preset ci`` runs the same pipeline on a tiny world with
+iterations (``--force`` retrains), and evaluated again on their final weights when only
+evaluation settings changed (:func:`_launch`). ``--preset ci`` runs the same pipeline on a tiny world with
 few iterations (what the test suite runs).
 """
 
@@ -199,27 +200,108 @@ def _stage(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
+def _settings(config: str, opts) -> Dict[str, str]:
+    """The resolved config's settings that differ from the project's defaults, flattened
+    (``"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT": "1.0"``), the output folder left out."""
+    cfg = get_gridclip_cfg(config, list(opts))
+    defaults = _flatten(get_gridclip_cfg())
+    return {
+        k: v
+        for k, v in _flatten(cfg).items()
+        if k != "OUTPUT_DIR" and defaults.get(k, _ABSENT) != v
+    }
+
+
+_ABSENT = object()
+
+#: Subfolder of a run where a re-evaluation (:func:`_launch`) writes its outputs.
+EVALUATION_DIR = "evaluation"
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, str]:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = repr(value)
+    return out
+
+
+def is_evaluation_setting(key: str) -> bool:
+    """Settings that only change inference or evaluation, never the trained weights: the
+    ``TEST`` section, ``DATASETS.TEST`` and every key named ``*_TEST`` or ``TEST_*`` (score
+    thresholds, NMS, test sizes, the CLIP score ensemble, the location gate)."""
+    leaf = key.rsplit(".", 1)[-1]
+    return (
+        key.startswith("TEST.")
+        or key == "DATASETS.TEST"
+        or leaf.endswith("_TEST")
+        or leaf.startswith("TEST_")
+    )
+
+
+def _hash(settings: Dict[str, str]) -> str:
+    text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _run_keys(config: str, opts) -> Tuple[str, str]:
+    """(run key, training key) of a config and overrides: hashes of its settings that differ
+    from the defaults (its ``_BASE_`` chain and the overrides included, the output folder
+    excluded), all of them / those that change the trained weights. A model is reused when its
+    run key matches, and re-evaluated (``--eval-only`` on its final weights) when only its
+    training key does. Default-valued settings are left out, so a key the project adds or
+    removes with its default does not make finished runs look like another config."""
+    settings = _settings(config, opts)
+    training = {k: v for k, v in settings.items() if not is_evaluation_setting(k)}
+    return _hash(settings), _hash(training)
+
+
 def _run_key(config: str, opts) -> str:
-    """Hash of the fully resolved config (its ``_BASE_`` chain and the overrides included, the
-    output folder excluded): a trained model is reused only for exactly the same settings."""
+    """The run key of :func:`_run_keys`."""
+    return _run_keys(config, opts)[0]
+
+
+def _legacy_run_key(config: str, opts) -> str:
+    """The run key of runs recorded before :func:`_run_keys` (a hash of the whole config
+    dump): such a run is reused when the config still dumps the same."""
     cfg = get_gridclip_cfg(config, list(opts))
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
+def _read(path: str):
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
-    """Start train_net.py for one model: a Popen, or None when its results are up to date."""
+    """Start train_net.py for one model: a Popen, or None when its results are up to date.
+
+    A finished run whose training settings match but whose evaluation settings differ is
+    evaluated again on its final weights instead of retrained."""
     results_path = os.path.join(out_dir, "results.json")
-    key_path = os.path.join(out_dir, "run_key.txt")
-    key = _run_key(config, opts)
-    if not force and os.path.isfile(results_path) and os.path.isfile(key_path):
-        if open(key_path).read().strip() == key:
-            print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
-            return None
+    key, train_key = _run_keys(config, opts)
+    finished = not force and os.path.isfile(results_path)
+    recorded = _read(os.path.join(out_dir, "run_key.txt"))
+    if finished and recorded in (key, _legacy_run_key(config, opts)):
+        if recorded != key:  # recorded by an earlier version: record today's keys
+            for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
+                with atomic_write(os.path.join(out_dir, filename), "w") as f:
+                    f.write(value)
+        print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
+        return None
+    final = os.path.join(out_dir, "model_final.pth")
+    eval_only = (
+        finished
+        and os.path.isfile(final)
+        and _read(os.path.join(out_dir, "train_key.txt")) == train_key
+    )
     started_path = os.path.join(out_dir, "run_key_started.txt")
-    started = open(started_path).read().strip() if os.path.isfile(started_path) else None
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
+    started = _read(started_path)
+    if not eval_only and os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
         # Checkpoints of another config (or of unknown origin): `--resume` would load them into
         # a different model. Keep them aside instead of resuming or deleting.
         previous = out_dir.rstrip("/") + ".previous"
@@ -228,39 +310,65 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
         os.replace(out_dir, previous)
         print(f"    {out_dir} held a run of another config: moved to {previous}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    with atomic_write(started_path, "w") as f:
-        f.write(key)  # a killed run of this same config resumes from its last checkpoint
-    cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--resume", "OUTPUT_DIR", out_dir]
-    cmd += list(opts)
+    cmd = [sys.executable, TRAIN_NET, "--config-file", config]
+    if eval_only:
+        print(f"    {out_dir}: same training, other evaluation settings: evaluating", flush=True)
+        evaluation = os.path.join(out_dir, EVALUATION_DIR)  # the training's config.yaml stays
+        cmd += ["--eval-only", "OUTPUT_DIR", evaluation] + list(opts) + ["MODEL.WEIGHTS", final]
+    else:
+        with atomic_write(started_path, "w") as f:
+            f.write(key)  # a killed run of this same config resumes from its last checkpoint
+        cmd += ["--resume", "OUTPUT_DIR", out_dir] + list(opts)
     print("    $ " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     out = open(log_file, "w") if log_file else None
+    previous_results = json.load(open(results_path)) if eval_only else None
     proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=out, stderr=out)
-    proc.gridclip_run = (name, out_dir, key, time.perf_counter(), out)
+    proc.gridclip_run = (name, out_dir, (key, train_key), time.perf_counter(), out)
+    proc.gridclip_trained = previous_results
     return proc
 
 
 def _finish(proc) -> None:
-    """Check a finished training process; record its run key and wall time."""
-    name, out_dir, key, start, out = proc.gridclip_run
+    """Check a finished training (or re-evaluation) process; record its keys and wall time."""
+    name, out_dir, (key, train_key), start, out = proc.gridclip_run
     if out is not None:
         out.close()
+    trained = proc.gridclip_trained  # the earlier results of a re-evaluated run, else None
     results_path = os.path.join(out_dir, "results.json")
+    written = (
+        results_path
+        if trained is None
+        else os.path.join(out_dir, EVALUATION_DIR, "eval_results.json")
+    )
     if proc.returncode != 0:
         raise RuntimeError(
-            f"training {name} failed (exit {proc.returncode}); see {out_dir}/log.txt"
+            f"{'training' if trained is None else 'evaluating'} {name} failed (exit "
+            f"{proc.returncode}); see {os.path.dirname(written)}/log.txt"
             + (f" and {out.name}" if out is not None else "")
         )
-    if not os.path.isfile(results_path):
-        raise RuntimeError(f"training {name} wrote no {results_path}")
-    with atomic_write(os.path.join(out_dir, "run_key.txt"), "w") as f:
-        f.write(key)
-    results = json.load(open(results_path))
-    results["train_wall_s"] = time.perf_counter() - start
+    if not os.path.isfile(written):
+        raise RuntimeError(
+            f"{'training' if trained is None else 'evaluating'} {name} wrote no {written}"
+        )
+    results = json.load(open(written))
+    if trained is None:
+        results["train_wall_s"] = time.perf_counter() - start
+    else:  # the new evaluation, the training's own record (wall time, iterations) kept
+        results = {
+            **trained,
+            "results": results["results"],
+            "datasets_test": results["datasets_test"],
+            "evaluated_again_s": time.perf_counter() - start,
+        }
     with atomic_write(results_path, "w") as f:
         json.dump(results, f, indent=2)
+    with atomic_write(os.path.join(out_dir, "run_key.txt"), "w") as f:
+        f.write(key)
+    with atomic_write(os.path.join(out_dir, "train_key.txt"), "w") as f:
+        f.write(train_key)
 
 
 def _progress(out_dir: str, max_iter: int) -> str:
