@@ -13,8 +13,8 @@
 
 Trained models are reused when their folder holds ``results.json`` from the same config and
 iterations (``--force`` retrains), and evaluated again on their final weights when only
-evaluation settings changed (:func:`_launch`). ``--preset ci`` runs the same pipeline on a tiny world with
-few iterations (what the test suite runs).
+evaluation settings changed (:func:`_launch`). ``--preset ci`` runs the same pipeline on a
+tiny world with few iterations (what the test suite runs).
 """
 
 from __future__ import annotations
