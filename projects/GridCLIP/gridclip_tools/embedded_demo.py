@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -42,6 +42,7 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import PROJECT_ROOT, get_gridclip_cfg
 from gridclip.data import datasets_root
 from gridclip.data.world import generate_world, register_world
+from gridclip.engine.run_guard import flatten_config
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import non_negative_int, positive_int
 
@@ -200,33 +201,21 @@ def _stage(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def _settings(config: str, opts) -> Dict[str, str]:
-    """The resolved config's settings that differ from the project's defaults, flattened
-    (``"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT": "1.0"``), the output folder left out."""
-    cfg = get_gridclip_cfg(config, list(opts))
-    defaults = _flatten(get_gridclip_cfg())
-    return {
-        k: v
-        for k, v in _flatten(cfg).items()
-        if k != "OUTPUT_DIR" and defaults.get(k, _ABSENT) != v
-    }
-
-
-_ABSENT = object()
-
 #: Subfolder of a run where a re-evaluation (:func:`_launch`) writes its outputs.
 EVALUATION_DIR = "evaluation"
 
+_ABSENT = object()
 
-def _flatten(node, prefix: str = "") -> Dict[str, str]:
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = repr(value)
-    return out
+
+def _settings(config: str, opts) -> Dict[str, Any]:
+    """The resolved config's settings that differ from the project's defaults, flattened
+    (``"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT": 1.0``), the output folder left out."""
+    defaults = flatten_config(get_gridclip_cfg())
+    return {
+        k: v
+        for k, v in flatten_config(get_gridclip_cfg(config, list(opts))).items()
+        if k != "OUTPUT_DIR" and defaults.get(k, _ABSENT) != v
+    }
 
 
 def is_evaluation_setting(key: str) -> bool:
@@ -242,8 +231,8 @@ def is_evaluation_setting(key: str) -> bool:
     )
 
 
-def _hash(settings: Dict[str, str]) -> str:
-    text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
+def _hash(settings: Dict[str, Any]) -> str:
+    text = "\n".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -277,6 +266,13 @@ def _read(path: str):
     return open(path).read().strip() if os.path.isfile(path) else None
 
 
+def _record_keys(out_dir: str, key: str, train_key: str) -> None:
+    """Write a finished run's run key and training key (:func:`_run_keys`) into its folder."""
+    for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
+        with atomic_write(os.path.join(out_dir, filename), "w") as f:
+            f.write(value)
+
+
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     """Start train_net.py for one model: a Popen, or None when its results are up to date.
 
@@ -286,11 +282,10 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     key, train_key = _run_keys(config, opts)
     finished = not force and os.path.isfile(results_path)
     recorded = _read(os.path.join(out_dir, "run_key.txt"))
-    if finished and recorded in (key, _legacy_run_key(config, opts)):
-        if recorded != key:  # recorded by an earlier version: record today's keys
-            for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
-                with atomic_write(os.path.join(out_dir, filename), "w") as f:
-                    f.write(value)
+    legacy = recorded is not None and recorded != key and recorded == _legacy_run_key(config, opts)
+    if finished and (recorded == key or legacy):
+        if legacy:  # recorded by an earlier version: record today's keys
+            _record_keys(out_dir, key, train_key)
         print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
         return None
     final = os.path.join(out_dir, "model_final.pth")
@@ -338,21 +333,17 @@ def _finish(proc) -> None:
         out.close()
     trained = proc.gridclip_trained  # the earlier results of a re-evaluated run, else None
     results_path = os.path.join(out_dir, "results.json")
-    written = (
-        results_path
-        if trained is None
-        else os.path.join(out_dir, EVALUATION_DIR, "eval_results.json")
-    )
+    if trained is None:
+        what, written = "training", results_path
+    else:
+        what, written = "evaluating", os.path.join(out_dir, EVALUATION_DIR, "eval_results.json")
     if proc.returncode != 0:
         raise RuntimeError(
-            f"{'training' if trained is None else 'evaluating'} {name} failed (exit "
-            f"{proc.returncode}); see {os.path.dirname(written)}/log.txt"
-            + (f" and {out.name}" if out is not None else "")
+            f"{what} {name} failed (exit {proc.returncode}); see "
+            f"{os.path.dirname(written)}/log.txt" + (f" and {out.name}" if out is not None else "")
         )
     if not os.path.isfile(written):
-        raise RuntimeError(
-            f"{'training' if trained is None else 'evaluating'} {name} wrote no {written}"
-        )
+        raise RuntimeError(f"{what} {name} wrote no {written}")
     results = json.load(open(written))
     if trained is None:
         results["train_wall_s"] = time.perf_counter() - start
@@ -365,10 +356,7 @@ def _finish(proc) -> None:
         }
     with atomic_write(results_path, "w") as f:
         json.dump(results, f, indent=2)
-    with atomic_write(os.path.join(out_dir, "run_key.txt"), "w") as f:
-        f.write(key)
-    with atomic_write(os.path.join(out_dir, "train_key.txt"), "w") as f:
-        f.write(train_key)
+    _record_keys(out_dir, key, train_key)
 
 
 def _progress(out_dir: str, max_iter: int) -> str:

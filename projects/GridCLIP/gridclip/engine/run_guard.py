@@ -38,6 +38,7 @@ __all__ = [
     "ResumeConfigError",
     "architecture_changes",
     "check_resume_config",
+    "flatten_config",
     "lock_output_dir",
 ]
 
@@ -156,19 +157,20 @@ _NOT_ARCHITECTURE = (
 )
 
 
-def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+def flatten_config(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """A config (a CfgNode or the dict of its YAML) as ``{"MODEL.FPN.OUT_CHANNELS": 256, ...}``."""
     if not isinstance(tree, dict):
         return {prefix: tree}
     flat: Dict[str, Any] = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
 def architecture_changes(saved_yaml: str, cfg) -> List[Tuple[str, Any, Any]]:
     """(key, saved value, new value) of the ``MODEL.*`` architecture keys that differ."""
-    saved = _flatten(yaml.safe_load(saved_yaml) or {})
-    new = _flatten(yaml.safe_load(cfg.dump()))
+    saved = flatten_config(yaml.safe_load(saved_yaml) or {})
+    new = flatten_config(yaml.safe_load(cfg.dump()))
     changes = []
     for key in sorted(set(saved) | set(new)):
         if not key.startswith("MODEL."):
