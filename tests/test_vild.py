@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 import gridclip  # noqa: F401
@@ -453,6 +453,31 @@ def test_topk_inference_matches_detectron2(class_specific, thresh):
     assert torch.equal(out[0].pred_classes, ref[0].pred_classes)
     assert torch.allclose(out[0].scores, ref[0].scores)
     assert torch.allclose(out[0].pred_boxes.tensor, ref[0].pred_boxes.tensor)
+
+
+def test_topk_inference_box_voting_moves_boxes_only():
+    """Box voting after the top-k NMS: same detections (scores, classes, proposals), each box
+    the score-weighted mean of its class's candidates at IoU >= 0.6 (checked by hand)."""
+    g = torch.Generator().manual_seed(4)
+    R, C = 120, 6
+    xy = torch.rand(R, 2, generator=g) * 60
+    boxes = torch.cat([xy, xy + 30 + torch.rand(R, 2, generator=g) * 10], dim=1)
+    scores = F.softmax(torch.randn(R, C + 1, generator=g) * 2, dim=1)
+    args = ([boxes], [scores], [(120, 110)], 0.05, 0.5, 30)
+    plain, plain_idx = fast_rcnn_inference_topk(*args)
+    voted, voted_idx = fast_rcnn_inference_topk(*args, box_voting_iou=0.6)
+    assert torch.equal(voted_idx[0], plain_idx[0]) and len(plain[0]) == 30
+    assert torch.equal(voted[0].scores, plain[0].scores)
+    assert torch.equal(voted[0].pred_classes, plain[0].pred_classes)
+    p, v = plain[0].pred_boxes.tensor, voted[0].pred_boxes.tensor
+    assert ((v - p).abs().amax(dim=1) > 1e-3).any()
+    # by hand for the top detection: every candidate (box, class) above the threshold
+    box0, cls0 = p[0], int(plain[0].pred_classes[0])
+    cand = scores[:, cls0] > 0.05
+    iou = pairwise_iou(Boxes(box0[None]), Boxes(boxes[cand].clamp(min=0)))[0]
+    w = scores[cand, cls0] * (iou >= 0.6)
+    expected = (w[:, None] * boxes[cand].clamp(min=0)).sum(0) / w.sum()
+    torch.testing.assert_close(v[0], expected, rtol=1e-5, atol=1e-4)
 
 
 # -------------------------------------------------------------------------------- vocabulary

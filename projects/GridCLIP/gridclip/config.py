@@ -124,6 +124,18 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE = False
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
+    # Inference: box voting (gridclip/modeling/box_voting.py): each box NMS keeps becomes the
+    # score-weighted mean of the same-class candidates (before NMS) that overlap it by at least
+    # this IoU; scores and classes unchanged. 0 = off.
+    _C.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU = 0.0
+    # IoU-aware score (Wu et al., "IoU-aware single-stage object detector", 2020): one more
+    # output per anchor on the box tower predicts the IoU of the anchor's regressed box with its
+    # ground truth, trained by ``loss_iou_quality`` (BCE on positive anchors, target that IoU,
+    # detached; weight IOU_QUALITY_LOSS_WEIGHT, RetinaNet's normaliser). At inference a
+    # candidate's probability p becomes p^(1 - a) * iou^a, a = IOU_QUALITY_EXPONENT, before NMS
+    # (candidates are still selected by p). 0 = off: no such output.
+    _C.MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT = 0.0
+    _C.MODEL.GRIDCLIP.IOU_QUALITY_LOSS_WEIGHT = 1.0
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True
@@ -180,6 +192,8 @@ def add_gridclip_config(cfg: CN) -> CN:
     # same rescoring (gridclip/modeling/clip_rescoring.py). Not ViLD's own ENSEMBLE above.
     _C.MODEL.VILD.TEST_CLIP_ENSEMBLE = False
     _C.MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
+    # Inference: box voting after NMS, as MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU (0 = off).
+    _C.MODEL.VILD.TEST_BOX_VOTING_IOU = 0.0
 
     # ----------------------------------------------------------- datasets named by their files
     # COCO- or LVIS-format datasets registered from the config, no Python needed: entries

@@ -78,6 +78,7 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
 from gridclip.data.images import read_image_bgr
 from gridclip.engine.predictor import OpenVocabularyPredictor
+from gridclip.modeling.box_voting import box_voting
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import (
@@ -188,6 +189,7 @@ class ExportableGridCLIP(nn.Module):
         predictions = m.predict(features, backbone_features.get("res5"))
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         ranking = predictions[3] if len(predictions) > 3 else None  # the objectness ranker
+        quality = predictions[4] if len(predictions) > 4 else None  # IoU logits per anchor
         boxes, scores, classes = [], [], []
         for level, level_anchors in enumerate(anchors):
             level_rows = m.head.embedding_rows(grid_embeddings[level])[0]  # (HW, D)
@@ -197,7 +199,12 @@ class ExportableGridCLIP(nn.Module):
                 a = anchor_offsets[level].shape[1]
                 offsets = anchor_offsets[level][0].permute(1, 2, 0).reshape(-1, a)  # (HW, A)
             level_ranking = None if ranking is None else ranking[level][0].reshape(-1)  # (HW,)
-            b, s, c = self._decode_level(level_anchors, level_rows, deltas, offsets, level_ranking)
+            level_quality = None
+            if quality is not None:  # (HW*A,) in anchor order
+                level_quality = quality[level][0].permute(1, 2, 0).reshape(-1)
+            b, s, c = self._decode_level(
+                level_anchors, level_rows, deltas, offsets, level_ranking, level_quality
+            )
             boxes.append(b)
             scores.append(s)
             classes.append(c)
@@ -209,7 +216,10 @@ class ExportableGridCLIP(nn.Module):
             boxes + (classes.to(boxes.dtype) * span)[:, None], scores, m.test_nms_thresh
         )
         keep = keep[: m.max_detections_per_image]
-        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        kept_boxes = boxes[keep]
+        if m.test_box_voting_iou > 0:  # MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU, in the graph
+            kept_boxes = box_voting(boxes, scores, classes, keep, m.test_box_voting_iou)
+        boxes, scores, classes = kept_boxes, scores[keep], classes[keep]
         # Detectron2's detector_postprocess: to the original image, clip, drop empty boxes
         scale_y = original_hw[0].to(torch.float32) / resized_hw[0].to(torch.float32)
         scale_x = original_hw[1].to(torch.float32) / resized_hw[1].to(torch.float32)
@@ -238,9 +248,10 @@ class ExportableGridCLIP(nn.Module):
         deltas: Tensor,
         offsets: Optional[Tensor],
         ranking: Optional[Tensor] = None,
+        quality: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """One level: :meth:`GridCLIP._decode_level` with fixed-size top-k's and the threshold
-        as a mask (the eager model's selection, ties aside)."""
+        as a mask (the eager model's selection, ties aside), then its IoU-aware scores."""
         m = self.model
         group = deltas.shape[0] // rows.shape[0]
         locations = self._locations(offsets, rows.shape[0], ranking)
@@ -248,6 +259,7 @@ class ExportableGridCLIP(nn.Module):
             anchor_idxs = (locations[:, None] * group + torch.arange(group)).flatten()
             rows, offsets = rows[locations], offsets[locations]
             deltas, anchors = deltas[anchor_idxs], anchors[anchor_idxs]
+            quality = quality[anchor_idxs] if quality is not None else None
         logits = m.head.logits(rows)  # (M, K), the text product
         num_rows, num_classes = logits.shape
         topk = m.test_topk_candidates
@@ -271,6 +283,9 @@ class ExportableGridCLIP(nn.Module):
         keep = scores > m.test_score_thresh
         scores, anchor_idxs, classes = scores[keep], anchor_idxs[keep], classes[keep]
         boxes = m.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
+        if quality is not None:  # MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT
+            a = m.iou_quality_exponent
+            scores = scores.pow(1.0 - a) * quality[anchor_idxs].sigmoid().pow(a)
         return boxes, scores, classes
 
 

@@ -14,6 +14,8 @@ import torch
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
+from .box_voting import box_voting
+
 __all__ = ["fast_rcnn_inference_topk"]
 
 
@@ -25,6 +27,7 @@ def fast_rcnn_inference_topk(
     nms_thresh: float,
     topk_per_image: int,
     pre_nms_topk: int = 1000,
+    box_voting_iou: float = 0.0,
 ) -> Tuple[List[Instances], List[torch.Tensor]]:
     """Same results as Detectron2's ``fast_rcnn_inference``, fast for large vocabularies.
 
@@ -36,11 +39,14 @@ def fast_rcnn_inference_topk(
     its class only, which the top set always contains, and a survivor outside the top set scores
     below every survivor inside it.
 
-    Args/returns: as ``detectron2.modeling.roi_heads.fast_rcnn.fast_rcnn_inference``.
+    Args/returns: as ``detectron2.modeling.roi_heads.fast_rcnn.fast_rcnn_inference``, and
+        box_voting_iou: > 0: each kept box becomes the score-weighted mean of the candidates of
+            its class (of the top set, above ``score_thresh``) overlapping it by at least this
+            IoU (:func:`box_voting`); 0 = off.
     """
     results = [
         _inference_single_image_topk(
-            b, s, shape, score_thresh, nms_thresh, topk_per_image, pre_nms_topk
+            b, s, shape, score_thresh, nms_thresh, topk_per_image, pre_nms_topk, box_voting_iou
         )
         for b, s, shape in zip(boxes, scores, image_shapes)
     ]
@@ -48,7 +54,7 @@ def fast_rcnn_inference_topk(
 
 
 def _inference_single_image_topk(
-    boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image, pre_nms_topk
+    boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image, pre_nms_topk, vote_iou
 ):
     """boxes (R, 4) or (R, K*4), scores (R, K+1) -> (Instances, kept proposal indices)."""
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
@@ -80,7 +86,10 @@ def _inference_single_image_topk(
     if topk_per_image >= 0:
         keep = keep[:topk_per_image]
     result = Instances(image_shape)
-    result.pred_boxes = Boxes(top_boxes[keep])
+    kept_boxes = top_boxes[keep]
+    if vote_iou > 0:
+        kept_boxes = box_voting(top_boxes, top_scores, classes, keep, vote_iou)
+    result.pred_boxes = Boxes(kept_boxes)
     result.scores = top_scores[keep]
     result.pred_classes = classes[keep]
     return result, proposal_index[rows[keep]]

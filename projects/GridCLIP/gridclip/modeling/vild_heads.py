@@ -107,6 +107,7 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         ensemble_image_weight_base: float = 1.0 / 3.0,
         ensemble_image_weight_novel: float = 2.0 / 3.0,
         test_pre_nms_topk: int = 1000,
+        test_box_voting_iou: float = 0.0,
         **kwargs,
     ):
         """
@@ -121,6 +122,8 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
             ensemble: add the image-branch projection; combine both branches at test time.
             ensemble_image_weight_base/novel: image-branch weight w in the geometric ensemble.
             test_pre_nms_topk: initial candidate count of :func:`fast_rcnn_inference_topk`.
+            test_box_voting_iou: box voting after NMS (:func:`fast_rcnn_inference_topk`);
+                0 = off.
             kwargs: the arguments of ``FastRCNNOutputLayers`` (box2box_transform, test_*,
                 cls_agnostic_bbox_reg=True required, loss weights, ...).
         """
@@ -166,6 +169,11 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         self.ensemble_image_weight_base = float(ensemble_image_weight_base)
         self.ensemble_image_weight_novel = float(ensemble_image_weight_novel)
         self.test_pre_nms_topk = int(test_pre_nms_topk)
+        if not 0.0 <= test_box_voting_iou <= 1.0:
+            raise ValueError(
+                f"MODEL.VILD.TEST_BOX_VOTING_IOU={test_box_voting_iou} is not in [0, 1] (0 = off)"
+            )
+        self.test_box_voting_iou = float(test_box_voting_iou)
         self._warned_novel_gt = False
 
     @classmethod
@@ -184,6 +192,7 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
                 "ensemble": v.ENSEMBLE,
                 "ensemble_image_weight_base": v.ENSEMBLE_IMAGE_WEIGHT_BASE,
                 "ensemble_image_weight_novel": v.ENSEMBLE_IMAGE_WEIGHT_NOVEL,
+                "test_box_voting_iou": v.TEST_BOX_VOTING_IOU,
             }
         )
         return ret
@@ -389,6 +398,7 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
             self.test_nms_thresh,
             self.test_topk_per_image,
             self.test_pre_nms_topk,
+            self.test_box_voting_iou,
         )
 
     def extra_repr(self) -> str:
