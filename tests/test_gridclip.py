@@ -442,8 +442,7 @@ def _detectron2_losses(model, inputs):
     images = model.preprocess_image(inputs)
     backbone_features = model.backbone(images.tensor)
     features = [backbone_features[f] for f in model.head_in_features]
-    predictions = model.predict(features, backbone_features.get("res5"))
-    grid_embeddings, box_deltas, offsets = predictions[:3]
+    grid_embeddings, box_deltas, offsets = model.predict(features, backbone_features.get("res5"))
     anchors = model.anchor_generator(features)
     gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
     logits = model.head.anchor_logits(grid_embeddings, offsets)

@@ -382,7 +382,7 @@ def test_objectness_ranker_ranks_the_gate_and_is_exact_when_k_covers_every_locat
     images, features = dense_inputs(model, n=2, size=(2, 80, 112), seed=3)
     with torch.no_grad():
         predictions = model.predict(features)
-    assert len(predictions) == 5 and predictions[3] is not None and predictions[4] is None
+    assert len(predictions) == 4 and predictions[3] is not None
     ungated, rows_all = _infer(model, images, features, predictions, k=0)
     largest = max(f.shape[2] * f.shape[3] for f in features)
     covered, rows = _infer(model, images, features, predictions, k=largest)
@@ -557,108 +557,3 @@ def test_model_box_voting_moves_boxes_only(assets):
     assert torch.isfinite(voted.pred_boxes.tensor).all()
     with pytest.raises(ValueError, match="TEST_BOX_VOTING_IOU"):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU", 1.5))
-
-
-# ------------------------------------------------------------------------- IoU-aware scores
-IOU_QUALITY = ["MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT", 0.5]
-
-
-def test_iou_quality_output_leaves_the_detector_init_unchanged_and_is_checked(assets):
-    plain, plain_rng = _built(assets)
-    with_iou, iou_rng = _built(assets, *IOU_QUALITY)
-    assert torch.equal(plain_rng, iou_rng)  # nothing built or sampled later shifts
-    extra = set(with_iou.state_dict()) - set(plain.state_dict())
-    assert extra == {"head.iou_quality.weight", "head.iou_quality.bias"}
-    for name, value in plain.state_dict().items():
-        assert torch.equal(value, with_iou.state_dict()[name]), name
-    with pytest.raises(ValueError, match="IOU_QUALITY_EXPONENT"):
-        build_model(make_cfg(assets, "MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT", 1.5))
-    with pytest.raises(ValueError, match="has no IoU output"):
-        GridCLIP(**{**GridCLIP.from_config(make_cfg(assets)), "iou_quality_exponent": 0.5})
-
-
-def test_iou_quality_loss_is_bce_against_the_detached_iou(assets):
-    torch.manual_seed(1)
-    model = build_model(
-        make_cfg(assets, *IOU_QUALITY, "MODEL.GRIDCLIP.IOU_QUALITY_LOSS_WEIGHT", 2.0)
-    )
-    model.train()
-    with torch.no_grad():
-        model.head.iou_quality.weight.normal_(0, 0.05)
-        model.head.bbox_pred.weight.normal_(0, 0.05)
-    inputs = make_inputs()
-    seen = {}
-    original = GridCLIP.iou_quality_loss
-
-    def spy(self, anchors, pred_deltas, quality, gt_labels, gt_boxes, num_classes):
-        seen.update(anchors=anchors, deltas=pred_deltas, quality=quality, labels=gt_labels)
-        seen.update(boxes=gt_boxes, k=num_classes)
-        return original(self, anchors, pred_deltas, quality, gt_labels, gt_boxes, num_classes)
-
-    with mock.patch.object(GridCLIP, "iou_quality_loss", spy):
-        losses, _ = train_losses(model, inputs)
-    loss = losses["loss_iou_quality"]
-    # by hand: every positive anchor, its decoded box against its ground truth
-    labels = torch.stack(seen["labels"])
-    positive = (labels >= 0) & (labels < seen["k"])
-    assert positive.sum() > 3
-    anchors = torch.cat([a.tensor for a in seen["anchors"]])
-    deltas = torch.cat(seen["deltas"], dim=1)
-    logits = torch.cat([permute_to_N_HWA_K(x, 1) for x in seen["quality"]], dim=1)[..., 0]
-    gt = torch.stack(seen["boxes"])
-    expected = 0.0
-    for i, r in positive.nonzero().tolist():
-        box = model.box2box_transform.apply_deltas(deltas[i, r][None], anchors[r][None])[0]
-        lt = torch.maximum(box[:2], gt[i, r, :2])
-        rb = torch.minimum(box[2:], gt[i, r, 2:])
-        inter = (rb - lt).clamp(min=0).prod()
-        union = (box[2:] - box[:2]).prod() + (gt[i, r, 2:] - gt[i, r, :2]).prod() - inter
-        p = logits[i, r].sigmoid()
-        t = inter / union
-        expected = expected - (t * p.log() + (1 - t) * (1 - p).log())
-    torch.testing.assert_close(loss, 2.0 * expected / model.loss_normalizer, rtol=1e-4, atol=1e-6)
-    # the IoU target is detached: this loss trains the IoU output and the box tower, not the
-    # box regressor
-    model.zero_grad()
-    loss.backward()
-    assert model.head.bbox_pred.weight.grad is None or not model.head.bbox_pred.weight.grad.any()
-    assert model.head.iou_quality.weight.grad.abs().sum() > 0
-    assert any(
-        p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.bbox_subnet.parameters()
-    )
-
-
-def test_iou_aware_scores_combine_the_classification_and_the_iou(assets):
-    """Same candidates as without the IoU factor (NMS off), each score p^(1-a) * iou^a; the
-    blocked text product gives the same detections."""
-    model = _gated_model(assets, 0, *IOU_QUALITY, max_det=10000, score_thresh=0.05)
-    model.test_nms_thresh = 1.0
-    with torch.no_grad():
-        model.head.iou_quality.weight.normal_(0, 0.3)
-    images, features = dense_inputs(model, n=2, size=(2, 96, 112), seed=9)
-    with torch.no_grad():
-        predictions = list(model.head.forward_embeddings(features))
-    assert predictions[4] is not None
-    aware, _ = _infer(model, images, features, predictions)
-    plain, _ = _infer(model, images, features, predictions[:4] + [None])
-    with mock.patch.object(model, "SCORE_BLOCK_ELEMENTS", 7 * K):
-        blocked, _ = _infer(model, images, features, predictions)
-    quality = [permute_to_N_HWA_K(x, 1)[..., 0] for x in predictions[4]]
-    anchors = torch.cat([a.tensor for a in model.anchor_generator(features)])
-    for img, (a, p, b) in enumerate(zip(aware, plain, blocked)):
-        assert len(a) == len(p) > 5
-        assert_same_detections(a, b)
-        iou = torch.cat([q[img] for q in quality]).sigmoid()
-        # match each detection to its anchor by its decoded box (plain and aware: same boxes)
-        keys_p = {
-            (c, tuple(round(v, 3) for v in box)): s
-            for c, box, s in zip(
-                p.pred_classes.tolist(), p.pred_boxes.tensor.tolist(), p.scores.tolist()
-            )
-        }
-        deltas = torch.cat([permute_to_N_HWA_K(x, 4)[img] for x in predictions[1]])
-        boxes = model.box2box_transform.apply_deltas(deltas, anchors)
-        for c, box, score in zip(a.pred_classes.tolist(), a.pred_boxes.tensor, a.scores.tolist()):
-            r = int((boxes - box).abs().sum(dim=1).argmin())
-            p_cls = keys_p[(c, tuple(round(v, 3) for v in box.tolist()))]
-            assert score == pytest.approx(p_cls**0.5 * float(iou[r]) ** 0.5, rel=1e-5)

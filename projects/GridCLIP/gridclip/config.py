@@ -128,14 +128,6 @@ def add_gridclip_config(cfg: CN) -> CN:
     # score-weighted mean of the same-class candidates (before NMS) that overlap it by at least
     # this IoU; scores and classes unchanged. 0 = off.
     _C.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU = 0.0
-    # IoU-aware score (Wu et al., "IoU-aware single-stage object detector", 2020): one more
-    # output per anchor on the box tower predicts the IoU of the anchor's regressed box with its
-    # ground truth, trained by ``loss_iou_quality`` (BCE on positive anchors, target that IoU,
-    # detached; weight IOU_QUALITY_LOSS_WEIGHT, RetinaNet's normaliser). At inference a
-    # candidate's probability p becomes p^(1 - a) * iou^a, a = IOU_QUALITY_EXPONENT, before NMS
-    # (candidates are still selected by p). 0 = off: no such output.
-    _C.MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT = 0.0
-    _C.MODEL.GRIDCLIP.IOU_QUALITY_LOSS_WEIGHT = 1.0
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

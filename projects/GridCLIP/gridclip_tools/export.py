@@ -189,7 +189,6 @@ class ExportableGridCLIP(nn.Module):
         predictions = m.predict(features, backbone_features.get("res5"))
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         ranking = predictions[3] if len(predictions) > 3 else None  # the objectness ranker
-        quality = predictions[4] if len(predictions) > 4 else None  # IoU logits per anchor
         boxes, scores, classes = [], [], []
         for level, level_anchors in enumerate(anchors):
             level_rows = m.head.embedding_rows(grid_embeddings[level])[0]  # (HW, D)
@@ -199,12 +198,7 @@ class ExportableGridCLIP(nn.Module):
                 a = anchor_offsets[level].shape[1]
                 offsets = anchor_offsets[level][0].permute(1, 2, 0).reshape(-1, a)  # (HW, A)
             level_ranking = None if ranking is None else ranking[level][0].reshape(-1)  # (HW,)
-            level_quality = None
-            if quality is not None:  # (HW*A,) in anchor order
-                level_quality = quality[level][0].permute(1, 2, 0).reshape(-1)
-            b, s, c = self._decode_level(
-                level_anchors, level_rows, deltas, offsets, level_ranking, level_quality
-            )
+            b, s, c = self._decode_level(level_anchors, level_rows, deltas, offsets, level_ranking)
             boxes.append(b)
             scores.append(s)
             classes.append(c)
@@ -248,10 +242,9 @@ class ExportableGridCLIP(nn.Module):
         deltas: Tensor,
         offsets: Optional[Tensor],
         ranking: Optional[Tensor] = None,
-        quality: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """One level: :meth:`GridCLIP._decode_level` with fixed-size top-k's and the threshold
-        as a mask (the eager model's selection, ties aside), then its IoU-aware scores."""
+        as a mask (the eager model's selection, ties aside)."""
         m = self.model
         group = deltas.shape[0] // rows.shape[0]
         locations = self._locations(offsets, rows.shape[0], ranking)
@@ -259,7 +252,6 @@ class ExportableGridCLIP(nn.Module):
             anchor_idxs = (locations[:, None] * group + torch.arange(group)).flatten()
             rows, offsets = rows[locations], offsets[locations]
             deltas, anchors = deltas[anchor_idxs], anchors[anchor_idxs]
-            quality = quality[anchor_idxs] if quality is not None else None
         logits = m.head.logits(rows)  # (M, K), the text product
         num_rows, num_classes = logits.shape
         topk = m.test_topk_candidates
@@ -283,9 +275,6 @@ class ExportableGridCLIP(nn.Module):
         keep = scores > m.test_score_thresh
         scores, anchor_idxs, classes = scores[keep], anchor_idxs[keep], classes[keep]
         boxes = m.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
-        if quality is not None:  # MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT
-            a = m.iou_quality_exponent
-            scores = scores.pow(1.0 - a) * quality[anchor_idxs].sigmoid().pow(a)
         return boxes, scores, classes
 
 

@@ -83,7 +83,6 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
@@ -157,8 +156,6 @@ class GridCLIP(RetinaNet):
         pairs_alignment: Optional[PairsAlignment] = None,
         train_objectness_ranker_only: bool = False,
         test_box_voting_iou: float = 0.0,
-        iou_quality_exponent: float = 0.0,
-        iou_quality_loss_weight: float = 1.0,
         **kwargs,
     ):
         """
@@ -190,9 +187,6 @@ class GridCLIP(RetinaNet):
             test_box_voting_iou: at inference, replace each box NMS keeps by the score-weighted
                 mean of the same-class candidates overlapping it by at least this IoU
                 (:func:`box_voting`); 0 = off.
-            iou_quality_exponent: a > 0: IoU-aware scores, ``p^(1 - a) * iou^a`` with the head's
-                per-anchor IoU prediction (the head must have ``iou_quality``); 0 = off.
-            iou_quality_loss_weight: weight of ``loss_iou_quality``.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -232,19 +226,6 @@ class GridCLIP(RetinaNet):
                 "(0 = off)"
             )
         self.test_box_voting_iou = float(test_box_voting_iou)
-        if not 0.0 <= iou_quality_exponent <= 1.0:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT={iou_quality_exponent} is not in [0, 1] "
-                "(0 = off)"
-            )
-        if (iou_quality_exponent > 0) != (head.iou_quality is not None):
-            raise ValueError(
-                f"MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT={iou_quality_exponent} but the head "
-                f"{'has' if head.iou_quality is not None else 'has no'} IoU output: build both "
-                "from one config"
-            )
-        self.iou_quality_exponent = float(iou_quality_exponent)
-        self.iou_quality_loss_weight = float(iou_quality_loss_weight)
         self.clip_ensemble = clip_ensemble
         self.clip_ensemble_weights, self.clip_ensemble_crop_scales = check_rescoring_settings(
             clip_ensemble_weights,
@@ -300,8 +281,6 @@ class GridCLIP(RetinaNet):
             "pairs_alignment": build_pairs_alignment(cfg),
             "train_objectness_ranker_only": cfg.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY,
             "test_box_voting_iou": cfg.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU,
-            "iou_quality_exponent": cfg.MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT,
-            "iou_quality_loss_weight": cfg.MODEL.GRIDCLIP.IOU_QUALITY_LOSS_WEIGHT,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -464,11 +443,13 @@ class GridCLIP(RetinaNet):
         )
 
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
-        """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets, objectness,
-        iou_quality]`` (see :meth:`GridCLIPHead.forward_embeddings`; None where the head has no
-        such output), the grid embeddings with the dense CLIP term of ``res5`` (the backbone's
-        trunk output) when it is on."""
+        """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
+        :meth:`GridCLIPHead.forward_embeddings`), the grid embeddings with the dense CLIP term
+        of ``res5`` (the backbone's trunk output) when it is on; a fourth, the objectness
+        ranker's logits, only when the head has one."""
         predictions = list(self.head.forward_embeddings(features))
+        if predictions[3] is None:
+            predictions = predictions[:3]
         if self.dense_clip is not None:
             assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
             predictions[0] = self._add_dense_clip(predictions[0], res5)
@@ -522,16 +503,14 @@ class GridCLIP(RetinaNet):
     def forward_training(self, images, features, predictions, gt_instances):
         """
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets, objectness, iou_quality]
-                from :meth:`predict`.
+            predictions: [grid_embeddings, box_deltas, anchor_offsets(, objectness)] from
+                :meth:`predict`.
         Returns:
-            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes,
-            "loss_objectness_ranker" when the head has the (detached) objectness ranker and
-            "loss_iou_quality" when it predicts IoUs.
+            {"loss_cls", "loss_box_reg"} as RetinaNet, over the trained classes, and
+            "loss_objectness_ranker" when the head has the (detached) objectness ranker.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         objectness = predictions[3] if len(predictions) > 3 else None
-        quality = predictions[4] if len(predictions) > 4 else None
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
@@ -557,46 +536,10 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        losses.update(self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets))
-        if quality is not None:
-            losses["loss_iou_quality"] = self.iou_quality_loss(
-                anchors, pred_deltas, quality, gt_labels, gt_boxes, num_trained
-            )
-        return losses
-
-    def iou_quality_loss(
-        self,
-        anchors: List[Boxes],
-        pred_deltas: List[Tensor],
-        quality: List[Tensor],
-        gt_labels: List[Tensor],
-        gt_boxes: List[Tensor],
-        num_classes: int,
-    ) -> Tensor:
-        """BCE of the per-anchor IoU logits against the IoU of each positive anchor's regressed
-        box with its ground-truth box (the target detached: the box branch is trained by the box
-        loss only), summed over positive anchors and divided by :meth:`losses`'s normaliser
-        (the same as the box loss's), times ``iou_quality_loss_weight``.
-
-        Args:
-            anchors, pred_deltas, gt_labels, gt_boxes: as :meth:`losses` (labels over the
-                ``num_classes`` trained classes).
-            quality: per level (N, A, Hi, Wi) logits.
-        """
-        labels = torch.stack(gt_labels)  # (N, R)
-        positive = (labels >= 0) & (labels < num_classes)
-        logits = torch.cat([permute_to_N_HWA_K(x, 1) for x in quality], dim=1)[..., 0]
-        if not bool(positive.any()):
-            return logits.sum() * 0.0
-        image_idx, anchor_idx = positive.nonzero(as_tuple=True)
-        deltas = torch.cat(pred_deltas, dim=1)[image_idx, anchor_idx].detach()
-        anchor_boxes = Boxes.cat(anchors).tensor[anchor_idx]
-        boxes = self.box2box_transform.apply_deltas(deltas, anchor_boxes)
-        targets = matched_pairwise_iou(Boxes(boxes), Boxes(torch.stack(gt_boxes)[positive]))
-        loss = F.binary_cross_entropy_with_logits(
-            logits[image_idx, anchor_idx], targets.clamp(0.0, 1.0), reduction="sum"
-        )
-        return loss * self.iou_quality_loss_weight / self.loss_normalizer
+        return {
+            **self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets),
+            **losses,
+        }
 
     def objectness_loss(self, objectness: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
         """Sigmoid focal loss (RetinaNet's alpha, gamma) of the per-location objectness logits.
@@ -691,12 +634,11 @@ class GridCLIP(RetinaNet):
         """Ranks (location, class) pairs, expands only the top ones to anchors (module doc).
 
         Args:
-            predictions: [grid_embeddings, box_deltas, anchor_offsets, objectness, iou_quality]
-                from :meth:`predict` (the last two may be absent).
+            predictions: [grid_embeddings, box_deltas, anchor_offsets(, objectness)] from
+                :meth:`predict`.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         objectness = predictions[3] if len(predictions) > 3 else None
-        quality = predictions[4] if len(predictions) > 4 else None
         anchors = self.anchor_generator(features)
         # Per level (N, Hi*Wi, D) embedding rows, one per location.
         rows = [self.head.embedding_rows(x) for x in grid_embeddings]
@@ -706,8 +648,6 @@ class GridCLIP(RetinaNet):
             offsets = [permute_to_N_HWA_K(x, self.head.num_anchors) for x in anchor_offsets]
         if objectness is not None:
             objectness = [permute_to_N_HWA_K(x, 1)[..., 0] for x in objectness]
-        if quality is not None:  # per level (N, Hi*Wi*A) IoU logits, in anchor order
-            quality = [permute_to_N_HWA_K(x, 1)[..., 0] for x in quality]
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
             per_level = []
@@ -715,7 +655,6 @@ class GridCLIP(RetinaNet):
                 level_rows, level_deltas = rows[level][img_idx], deltas[level][img_idx]
                 level_offsets = offsets[level][img_idx] if offsets is not None else None
                 level_objectness = objectness[level][img_idx] if objectness is not None else None
-                level_quality = quality[level][img_idx] if quality is not None else None
                 locations = self._scored_locations(level_offsets, level_objectness)
                 if locations is not None and locations.numel() == 0:
                     continue  # no location of this level can reach the score threshold
@@ -727,16 +666,9 @@ class GridCLIP(RetinaNet):
                     level_rows, level_offsets = level_rows[locations], level_offsets[locations]
                     level_deltas = level_deltas[anchor_idxs]
                     level_anchors = level_anchors[anchor_idxs]
-                    if level_quality is not None:
-                        level_quality = level_quality[anchor_idxs]
                 per_level.append(
                     self._score_level(
-                        level_anchors,
-                        level_rows,
-                        level_deltas,
-                        level_offsets,
-                        image_size,
-                        level_quality,
+                        level_anchors, level_rows, level_deltas, level_offsets, image_size
                     )
                 )
             if not per_level:
@@ -882,22 +814,16 @@ class GridCLIP(RetinaNet):
         deltas: Tensor,
         offsets: Optional[Tensor],
         image_size: Tuple[int, int],
-        quality: Optional[Tensor] = None,
     ) -> Instances:
         """The text product of one level's (M, D) embedding rows and its decoding
         (:meth:`_decode_level`), in blocks of rows when M x K exceeds
         :attr:`SCORE_BLOCK_ELEMENTS`: each block keeps its own top candidates and the best
         ``TOPK_CANDIDATES_TEST`` of their union are those of the whole level (every candidate
-        of the level's top-k is in its block's top-k), ties aside. With ``quality`` ((M*A,)
-        IoU logits of the anchors), the selected candidates' scores are then made IoU-aware
-        (``p^(1 - a) * iou^a``, ``iou_quality_exponent``)."""
+        of the level's top-k is in its block's top-k), ties aside."""
         num_rows = rows.shape[0]
         block = max(1, self.SCORE_BLOCK_ELEMENTS // max(1, self.head.num_classes))
         if num_rows <= block:
-            merged = self._decode_level(
-                anchors, self.head.logits(rows), deltas, offsets, image_size, quality
-            )
-            return self._iou_aware(merged)
+            return self._decode_level(anchors, self.head.logits(rows), deltas, offsets, image_size)
         group = deltas.shape[0] // num_rows
         parts = []
         for start in range(0, num_rows, block):
@@ -909,7 +835,6 @@ class GridCLIP(RetinaNet):
                     deltas[start * group : stop * group],
                     offsets[start:stop] if offsets is not None else None,
                     image_size,
-                    quality[start * group : stop * group] if quality is not None else None,
                 )
             )
         merged = Instances.cat(parts)
@@ -918,17 +843,7 @@ class GridCLIP(RetinaNet):
             # which decides the one NMS keeps among equal scores
             order = merged.scores.sort(descending=True, stable=True).indices
             merged = merged[order[: self.test_topk_candidates]]
-        return self._iou_aware(merged)
-
-    def _iou_aware(self, candidates: Instances) -> Instances:
-        """Scores ``p^(1 - a) * sigmoid(iou_logit)^a`` when the candidates carry
-        ``iou_logits`` (the field is removed); else unchanged."""
-        if candidates.has("iou_logits"):
-            a = self.iou_quality_exponent
-            iou = candidates.iou_logits.sigmoid()
-            candidates.scores = candidates.scores.pow(1.0 - a) * iou.pow(a)
-            candidates.remove("iou_logits")
-        return candidates
+        return merged
 
     def _decode_level(
         self,
@@ -937,7 +852,6 @@ class GridCLIP(RetinaNet):
         deltas: Tensor,
         offsets: Optional[Tensor],
         image_size: Tuple[int, int],
-        quality: Optional[Tensor] = None,
     ) -> Instances:
         """Decode one feature level of one image.
 
@@ -956,10 +870,8 @@ class GridCLIP(RetinaNet):
             logits: (M, K) class logits, M = Hi*Wi locations.
             deltas: (Hi*Wi*A, 4) box deltas.
             offsets: (Hi*Wi, A) anchor logit offsets, or None.
-            quality: (Hi*Wi*A,) IoU logits, or None.
         Returns:
-            Instances with ``pred_boxes``, ``scores`` (the classification's), ``pred_classes``
-            and, given ``quality``, the candidates' ``iou_logits``.
+            Instances with ``pred_boxes``, ``scores``, ``pred_classes``.
         """
         num_rows = logits.shape[0]
         group = deltas.shape[0] // max(num_rows, 1)
@@ -994,9 +906,6 @@ class GridCLIP(RetinaNet):
         pred_boxes = self.box2box_transform.apply_deltas(
             deltas[anchor_idxs], anchors.tensor[anchor_idxs]
         )
-        result = Instances(
+        return Instances(
             image_size, pred_boxes=Boxes(pred_boxes), scores=scores, pred_classes=classes
         )
-        if quality is not None:
-            result.iou_logits = quality[anchor_idxs]
-        return result

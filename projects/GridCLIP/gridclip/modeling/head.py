@@ -31,9 +31,8 @@ class GridCLIPHead(RetinaNetHead):
 
     ``forward_embeddings(features)`` returns the raw outputs: grid embeddings (N, E, Hi, Wi) with
     E = D (one per location), box deltas (N, A*4, Hi, Wi), per-anchor logit
-    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None), with
-    ``objectness_ranker`` ranking-only objectness logits (N, 1, Hi, Wi) and with
-    ``iou_quality`` per-anchor IoU logits (N, A, Hi, Wi) (each else None).
+    offsets (N, A, Hi, Wi) (per-location head with ``anchor_offset``; else None) and, with
+    ``objectness_ranker``, ranking-only objectness logits (N, 1, Hi, Wi) (else None).
     ``forward(features)`` keeps RetinaNet's contract and returns ``(logits (N, A*K, Hi, Wi), box
     deltas)``; GridCLIP's own training and inference avoid materialising those logits.
     """
@@ -54,7 +53,6 @@ class GridCLIPHead(RetinaNetHead):
         learn_logit_scale: bool = False,
         text_product_dtype: str = "float32",
         objectness_ranker: bool = False,
-        iou_quality: bool = False,
     ):
         """
         Args:
@@ -73,10 +71,6 @@ class GridCLIPHead(RetinaNetHead):
                 by GridCLIP's ``loss_objectness_ranker`` to rank locations for
                 ``TEST_TOPK_LOCATIONS``. Built after every other layer from a forked random
                 state, so the detector's initialisation is the same with or without it.
-            iou_quality: one logit per anchor, a 3x3 conv on the box tower's features,
-                predicting the IoU of the anchor's regressed box with its ground truth
-                (GridCLIP's ``loss_iou_quality``; the score's IoU factor at inference). Built
-                from a forked random state, as the ranker.
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
         if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
@@ -124,12 +118,6 @@ class GridCLIPHead(RetinaNetHead):
                 nn.init.normal_(self.objectness.weight, mean=0, std=0.01)
                 # RetinaNet's prior: start at probability prior_prob
                 nn.init.constant_(self.objectness.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.iou_quality = None
-        if iou_quality:
-            with torch.random.fork_rng(devices=[]):
-                self.iou_quality = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, padding=1)
-                nn.init.normal_(self.iou_quality.weight, mean=0, std=0.01)
-                nn.init.constant_(self.iou_quality.bias, 0.0)
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec], text_embeddings: Tensor):
@@ -143,7 +131,6 @@ class GridCLIPHead(RetinaNetHead):
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
             text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
             objectness_ranker=cfg.MODEL.GRIDCLIP.OBJECTNESS_RANKER,
-            iou_quality=cfg.MODEL.GRIDCLIP.IOU_QUALITY_EXPONENT > 0,
         )
         return ret
 
@@ -156,13 +143,9 @@ class GridCLIPHead(RetinaNetHead):
         """How many anchors share one embedding: the A anchors of a location."""
         return self.num_anchors
 
-    def forward_embeddings(self, features: List[Tensor]) -> Tuple[
-        List[Tensor],
-        List[Tensor],
-        Optional[List[Tensor]],
-        Optional[List[Tensor]],
-        Optional[List[Tensor]],
-    ]:
+    def forward_embeddings(
+        self, features: List[Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]], Optional[List[Tensor]]]:
         """
         Args:
             features: FPN maps (N, C, Hi, Wi), high to low resolution.
@@ -172,13 +155,11 @@ class GridCLIPHead(RetinaNetHead):
             anchor_offsets: per level (N, A, Hi, Wi) logit offsets, or None.
             objectness: per level (N, 1, Hi, Wi) ranking logits of the objectness ranker
                 (computed on the detached box tower), or None.
-            iou_quality: per level (N, A, Hi, Wi) logits of the IoU of each anchor's box with
-                its ground truth, or None.
         """
         assert (
             len(features) == self._num_features
         ), f"head built for {self._num_features} levels, got {len(features)}"
-        grid_embeddings, box_deltas, anchor_offsets, objectness, quality = [], [], [], [], []
+        grid_embeddings, box_deltas, anchor_offsets, objectness = [], [], [], []
         for feature in features:
             grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
             box_features = self.bbox_subnet(feature)
@@ -187,15 +168,11 @@ class GridCLIPHead(RetinaNetHead):
                 anchor_offsets.append(self.anchor_offset(box_features))
             if self.objectness is not None:  # ranking only: the detector gets no gradient
                 objectness.append(self.objectness(box_features.detach()))
-            if self.iou_quality is not None:
-                quality.append(self.iou_quality(box_features))
         if self.anchor_offset is None:
             anchor_offsets = None
         if self.objectness is None:
             objectness = None
-        if self.iou_quality is None:
-            quality = None
-        return grid_embeddings, box_deltas, anchor_offsets, objectness, quality
+        return grid_embeddings, box_deltas, anchor_offsets, objectness
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
         """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""
@@ -238,7 +215,7 @@ class GridCLIPHead(RetinaNetHead):
 
         Materialises per-anchor logits; GridCLIP's own training and inference do not use it.
         """
-        grid_embeddings, box_deltas, anchor_offsets = self.forward_embeddings(features)[:3]
+        grid_embeddings, box_deltas, anchor_offsets, _ = self.forward_embeddings(features)
         logits = []
         for i, x in enumerate(grid_embeddings):
             n, _, h, w = x.shape
