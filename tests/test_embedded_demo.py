@@ -176,10 +176,9 @@ def test_demo_run_keys_separate_training_from_evaluation_settings(tmp_path):
         assert other != key and (other_train != train_key) == trains, opts
 
 
-def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monkeypatch):
-    """Same training settings, other evaluation settings: `--eval-only` on the final weights
-    (into a subfolder, the training's config.yaml kept), not a retraining; results.json gets the
-    new metrics and keeps the training's wall time."""
+def _fake_train_net(tmp_path, monkeypatch):
+    """A train_net.py stand-in: writes model_final.pth and results.json (AP 1.0), or with
+    --eval-only eval_results.json (AP 2.0), each with its argv."""
     fake = tmp_path / "fake_train_net.py"
     fake.write_text(
         "import json, os, sys\n"
@@ -192,6 +191,13 @@ def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monk
         " 'results.json'), 'w'))\n"
     )
     monkeypatch.setattr(demo, "TRAIN_NET", str(fake))
+
+
+def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monkeypatch):
+    """Same training settings, other evaluation settings: `--eval-only` on the final weights
+    (into a subfolder, the training's config.yaml kept), not a retraining; results.json gets the
+    new metrics and keeps the training's wall time."""
+    _fake_train_net(tmp_path, monkeypatch)
     out = tmp_path / "gridclip"
     config = "embedded/GridCLIP_world.yaml"
     proc = demo._launch("gridclip", config, [], str(out), False)
@@ -220,6 +226,35 @@ def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monk
     demo._finish(proc)
     assert (tmp_path / "gridclip.previous" / "evaluation").is_dir()
     assert "--eval-only" not in json.load(open(out / "results.json"))["argv"]
+
+
+def test_demo_reevaluates_a_legacy_run_from_its_config_dump(tmp_path, monkeypatch):
+    """A run recorded before training keys (run_key.txt only) is evaluated again, not
+    retrained, when the config.yaml train_net.py dumped there (nested tuples read back as
+    lists) has today's training settings; a dump naming a setting since removed retrains."""
+    import yaml
+
+    _fake_train_net(tmp_path, monkeypatch)
+    config = "embedded/GridCLIP_world.yaml"
+    opts = ["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE", "False"]  # an evaluation setting changed
+    dump = get_gridclip_cfg(config, []).dump()
+    stale = yaml.safe_load(dump)
+    stale["MODEL"]["GRIDCLIP"]["A_REMOVED_SETTING"] = 1
+    for name, text, eval_only in (
+        ("legacy", dump, True),
+        ("stale", yaml.safe_dump(stale), False),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.yaml").write_text(text)
+        (out / "model_final.pth").write_text("w")
+        (out / "run_key.txt").write_text("0123456789abcdef")  # a whole-dump key of old
+        (out / "results.json").write_text(json.dumps({"results": {"bbox": {"AP": 1.0}}}))
+        proc = demo._launch(name, config, opts, str(out), False)
+        proc.wait()
+        demo._finish(proc)
+        assert (out / "evaluation").is_dir() == eval_only, name
+        assert (tmp_path / f"{name}.previous").is_dir() == (not eval_only), name
 
 
 def test_demo_rows_follow_the_schedule_and_vild_teacher_options():

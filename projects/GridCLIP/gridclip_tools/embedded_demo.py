@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -210,12 +210,20 @@ _ABSENT = object()
 def _settings(config: str, opts) -> Dict[str, Any]:
     """The resolved config's settings that differ from the project's defaults, flattened
     (``"MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT": 1.0``), the output folder left out."""
-    defaults = flatten_config(get_gridclip_cfg())
+    defaults = {k: _canonical(v) for k, v in flatten_config(get_gridclip_cfg()).items()}
     return {
         k: v
         for k, v in flatten_config(get_gridclip_cfg(config, list(opts))).items()
-        if k != "OUTPUT_DIR" and defaults.get(k, _ABSENT) != v
+        if k != "OUTPUT_DIR" and defaults.get(k, _ABSENT) != _canonical(v)
     }
+
+
+def _canonical(value):
+    """Lists and tuples alike, at every depth: a config written to YAML (a run's config.yaml)
+    reads nested tuples back as lists, which are the same setting."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    return value
 
 
 def is_evaluation_setting(key: str) -> bool:
@@ -266,6 +274,21 @@ def _read(path: str):
     return open(path).read().strip() if os.path.isfile(path) else None
 
 
+def _recorded_train_key(out_dir: str) -> Optional[str]:
+    """The training key of the run in ``out_dir``: its ``train_key.txt``, else (a run recorded
+    before training keys) that of the ``config.yaml`` train_net.py wrote there; None when
+    neither can be read (e.g. the dump names a setting the project has since removed)."""
+    recorded = _read(os.path.join(out_dir, "train_key.txt"))
+    dumped = os.path.join(out_dir, "config.yaml")
+    if recorded is not None or not os.path.isfile(dumped):
+        return recorded
+    try:
+        return _run_keys(dumped, [])[1]
+    except (KeyError, ValueError, AssertionError) as e:
+        logger.info("%s: its training settings cannot be read back (%s)", dumped, e)
+        return None
+
+
 def _record_keys(out_dir: str, key: str, train_key: str) -> None:
     """Write a finished run's run key and training key (:func:`_run_keys`) into its folder."""
     for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
@@ -289,11 +312,7 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
         print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
         return None
     final = os.path.join(out_dir, "model_final.pth")
-    eval_only = (
-        finished
-        and os.path.isfile(final)
-        and _read(os.path.join(out_dir, "train_key.txt")) == train_key
-    )
+    eval_only = finished and os.path.isfile(final) and _recorded_train_key(out_dir) == train_key
     started_path = os.path.join(out_dir, "run_key_started.txt")
     started = _read(started_path)
     if not eval_only and os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
