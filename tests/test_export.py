@@ -127,6 +127,7 @@ def test_wrapper_equals_eager_model(built):
         ("MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", 12, "MODEL.GRIDCLIP.OBJECTNESS_RANKER", True),
         ("MODEL.GRIDCLIP.ANCHOR_OFFSET", False),  # no offsets: A anchors share one score
         ("MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU", 0.6),  # box voting after NMS, in the graph
+        ("MODEL.GRIDCLIP.BOX_REFINE", True),  # left out of the graph and of the reference
     ],
 )
 def test_wrapper_equals_eager_model_variants(assets, tmp_path, opts):

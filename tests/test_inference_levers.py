@@ -12,6 +12,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes
 from test_gridclip import (
     D,
     K,
@@ -25,6 +26,7 @@ from test_gridclip import (
 )
 
 from gridclip.engine.predictor import OpenVocabularyPredictor
+from gridclip.modeling.box_refinement import BoxRefiner
 from gridclip.modeling.box_voting import box_voting
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.modeling.text_classifier import TextEmbeddingClassifier
@@ -557,3 +559,75 @@ def test_model_box_voting_moves_boxes_only(assets):
     assert torch.isfinite(voted.pred_boxes.tensor).all()
     with pytest.raises(ValueError, match="TEST_BOX_VOTING_IOU"):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU", 1.5))
+
+
+# ---------------------------------------------------------------------- box refinement
+REFINE = ["MODEL.GRIDCLIP.BOX_REFINE", True]
+
+
+def test_box_refiner_leaves_the_detector_init_unchanged(assets):
+    plain, plain_rng = _built(assets)
+    refined, refined_rng = _built(assets, *REFINE)
+    assert torch.equal(plain_rng, refined_rng)
+    extra = set(refined.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("box_refiner.") for k in extra)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, refined.state_dict()[name]), name
+
+
+def test_box_refiner_loss_on_a_hand_built_case():
+    torch.manual_seed(0)
+    refiner = BoxRefiner(4, [8, 16], pooler_resolution=2, fc_dim=8, samples_per_image=2)
+    with torch.no_grad():
+        refiner.deltas.weight.normal_(0, 0.1)
+    features = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    boxes = torch.tensor([[4.0, 4, 20, 24], [10, 10, 11.5, 30], [30, 30, 30.5, 40]])  # 3rd: < 1 px
+    targets = torch.tensor([[5.0, 5, 22, 24], [8, 12, 12, 28], [0, 0, 9, 9]])
+    loss = refiner.losses(features, [boxes], [targets])
+    deltas = refiner(features, [Boxes(boxes[:2])])
+    want = refiner.transform.get_deltas(boxes[:2], targets[:2])
+    assert float(loss) == pytest.approx(float((deltas - want).abs().sum() / 2), rel=1e-5)
+    # at most samples_per_image boxes per image, drawn from the usable ones
+    many = boxes[:1].repeat(5, 1)
+    capped = refiner.losses(features, [many], [targets[:1].repeat(5, 1)])
+    one = refiner.losses(features, [boxes[:1]], [targets[:1]])
+    assert float(capped) == pytest.approx(float(one), rel=1e-5)
+    # nothing usable: a zero that still backpropagates
+    empty = refiner.losses(features, [boxes[2:]], [targets[2:]])
+    assert float(empty) == 0.0 and empty.requires_grad
+    # refine() applies the predicted deltas to the boxes
+    refined = refiner.refine(features, [boxes[:2]])[0]
+    torch.testing.assert_close(refined, refiner.transform.apply_deltas(deltas, boxes[:2]))
+
+
+def test_box_refinement_trains_on_the_dense_boxes_and_moves_only_boxes(assets):
+    torch.manual_seed(2)
+    model = build_model(make_cfg(assets, *REFINE))
+    _random_head(model)
+    with torch.no_grad():
+        model.box_refiner.deltas.weight.normal_(0, 0.05)
+    losses, _ = train_losses(model, make_inputs())
+    loss = losses["loss_box_refine"]
+    assert torch.isfinite(loss) and loss > 0
+    model.zero_grad()
+    loss.backward()
+    # the dense boxes are detached: the refiner and the FPN learn, not the dense regressor
+    assert model.box_refiner.fc1.weight.grad.abs().sum() > 0
+    assert model.head.bbox_pred.weight.grad is None or not model.head.bbox_pred.weight.grad.any()
+    model.eval()
+    model.test_topk_candidates = model.head.num_anchors * 20
+    model.test_score_thresh = 0.05
+    model.max_detections_per_image = 30
+    images, features = dense_inputs(model, n=2, size=(2, 96, 72), seed=4)
+    with torch.no_grad():
+        predictions = list(model.head.forward_embeddings(features))
+        refined = model.forward_inference(images, features, predictions)
+        refiner, model.box_refiner = model.box_refiner, None
+        plain = model.forward_inference(images, features, predictions)
+        model.box_refiner = refiner
+        expected = refiner.refine(features, [p.pred_boxes.tensor for p in plain])
+    for r, p, e in zip(refined, plain, expected):
+        assert len(p) > 5
+        assert torch.equal(r.scores, p.scores) and torch.equal(r.pred_classes, p.pred_classes)
+        torch.testing.assert_close(r.pred_boxes.tensor, e)
+        assert not torch.allclose(r.pred_boxes.tensor, p.pred_boxes.tensor)

@@ -128,6 +128,12 @@ def add_gridclip_config(cfg: CN) -> CN:
     # score-weighted mean of the same-class candidates (before NMS) that overlap it by at least
     # this IoU; scores and classes unchanged. 0 = off.
     _C.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU = 0.0
+    # Class-agnostic refinement of the final boxes (gridclip/modeling/box_refinement.py): each
+    # box NMS (and box voting) keeps is regressed again from its ROIAligned FPN features by a
+    # two-layer MLP, trained on the dense head's own boxes at positive anchors
+    # (``loss_box_refine``, L1 on Fast R-CNN deltas, weight BOX_REFINE_LOSS_WEIGHT).
+    _C.MODEL.GRIDCLIP.BOX_REFINE = False
+    _C.MODEL.GRIDCLIP.BOX_REFINE_LOSS_WEIGHT = 1.0
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.
     _C.MODEL.GRIDCLIP.IGNORE_NOVEL_IN_TRAINING = True

@@ -351,6 +351,7 @@ def export_settings(
         "model_input_format": cfg.INPUT.FORMAT,
         "score_thresh_test": float(model.test_score_thresh),
         "clip_score_ensemble": False,  # never in the graph (build_exportable says so)
+        "box_refine": False,  # never in the graph (build_exportable says so)
         "nms_thresh_test": float(model.test_nms_thresh),
         "topk_candidates_test": int(model.test_topk_candidates),
         "detections_per_image": int(model.max_detections_per_image),
@@ -404,6 +405,16 @@ def build_exportable(
     predictor = OpenVocabularyPredictor.from_config_file(
         config_file, weights=weights or None, opts=opts, vocabulary=vocabulary
     )
+    if getattr(predictor.model, "box_refiner", None) is not None:
+        # The refiner pools features inside data-dependent boxes (ROIAlign over levels chosen
+        # by box size): not in the graph. Dropped after loading (the checkpoint has its
+        # weights), so the eager reference the export is checked against leaves it out too.
+        logger.warning(
+            f"{config_file} refines its final boxes (MODEL.GRIDCLIP.BOX_REFINE True): the "
+            "exported graph does not (export.json: box_refine false); it outputs the dense "
+            "head's boxes and is checked against the eager model with the refinement off."
+        )
+        predictor.model.box_refiner = None
     model = predictor.model
     if not isinstance(model, GridCLIP):
         raise TypeError(

@@ -89,6 +89,7 @@ from torch import Tensor, nn
 
 from ..clip import build_clip_teacher_from_cfg
 from ..data import novel_class_mask
+from .box_refinement import BoxRefiner, build_box_refiner
 from .box_voting import box_voting
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
@@ -156,6 +157,8 @@ class GridCLIP(RetinaNet):
         pairs_alignment: Optional[PairsAlignment] = None,
         train_objectness_ranker_only: bool = False,
         test_box_voting_iou: float = 0.0,
+        box_refiner: Optional[BoxRefiner] = None,
+        box_refine_loss_weight: float = 1.0,
         **kwargs,
     ):
         """
@@ -187,6 +190,9 @@ class GridCLIP(RetinaNet):
             test_box_voting_iou: at inference, replace each box NMS keeps by the score-weighted
                 mean of the same-class candidates overlapping it by at least this IoU
                 (:func:`box_voting`); 0 = off.
+            box_refiner: class-agnostic refinement of the kept boxes (:class:`BoxRefiner`,
+                trained by ``loss_box_refine``), or None.
+            box_refine_loss_weight: weight of ``loss_box_refine``.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -226,6 +232,8 @@ class GridCLIP(RetinaNet):
                 "(0 = off)"
             )
         self.test_box_voting_iou = float(test_box_voting_iou)
+        self.box_refiner = box_refiner
+        self.box_refine_loss_weight = float(box_refine_loss_weight)
         self.clip_ensemble = clip_ensemble
         self.clip_ensemble_weights, self.clip_ensemble_crop_scales = check_rescoring_settings(
             clip_ensemble_weights,
@@ -281,6 +289,8 @@ class GridCLIP(RetinaNet):
             "pairs_alignment": build_pairs_alignment(cfg),
             "train_objectness_ranker_only": cfg.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY,
             "test_box_voting_iou": cfg.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU,
+            "box_refiner": build_box_refiner(cfg, feature_shapes),
+            "box_refine_loss_weight": cfg.MODEL.GRIDCLIP.BOX_REFINE_LOSS_WEIGHT,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -536,10 +546,36 @@ class GridCLIP(RetinaNet):
             n, m = logits.shape[:2]
             offsets = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
             offsets = offsets.view(n, m, self.head.anchors_per_embedding)
-        return {
-            **self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets),
-            **losses,
-        }
+        losses.update(self.losses(anchors, [logits], gt_labels, pred_deltas, gt_boxes, offsets))
+        if self.box_refiner is not None:
+            losses["loss_box_refine"] = self.box_refine_loss(
+                features, anchors, pred_deltas, gt_labels, gt_boxes, num_trained
+            )
+        return losses
+
+    def box_refine_loss(
+        self,
+        features: List[Tensor],
+        anchors: List[Boxes],
+        pred_deltas: List[Tensor],
+        gt_labels: List[Tensor],
+        gt_boxes: List[Tensor],
+        num_classes: int,
+    ) -> Tensor:
+        """``loss_box_refine``: the refiner trained on the dense head's decoded boxes at the
+        positive anchors (of the ``num_classes`` trained classes), each to its anchor's ground
+        truth (:meth:`BoxRefiner.losses`), times ``box_refine_loss_weight``."""
+        all_anchors = Boxes.cat(anchors).tensor
+        deltas = torch.cat(pred_deltas, dim=1).detach()
+        boxes, targets = [], []
+        for labels, image_deltas, image_gt in zip(gt_labels, deltas, gt_boxes):
+            index = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
+            boxes.append(
+                self.box2box_transform.apply_deltas(image_deltas[index], all_anchors[index])
+            )
+            targets.append(image_gt[index])
+        loss = self.box_refiner.losses(features, boxes, targets)
+        return loss * self.box_refine_loss_weight
 
     def objectness_loss(self, objectness: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
         """Sigmoid focal loss (RetinaNet's alpha, gamma) of the per-location objectness logits.
@@ -690,6 +726,10 @@ class GridCLIP(RetinaNet):
                     )
                 )
             results.append(kept)
+        if self.box_refiner is not None:
+            refined = self.box_refiner.refine(features, [r.pred_boxes.tensor for r in results])
+            for r, boxes in zip(results, refined):
+                r.pred_boxes = Boxes(boxes)
         return results
 
     @staticmethod
