@@ -167,7 +167,7 @@ def test_quick_mode_times_the_exported_model(quick_run):
         assert r["num_detections"] == rows["eager"]["num_detections"] > 0
         diff = r["vs_eager"]  # the bounds of tests/test_export.py
         assert diff["count_diff"] == 0 and diff["unmatched"] == 0, diff
-        assert diff["max_box_diff"] < 1e-3 and diff["max_score_diff"] < 1e-4, diff
+        assert diff["max_box_diff"] < 1e-2 and diff["max_score_diff"] < 1e-4, diff
         ratio = results["ratios"][f"inference_gridclip_{fmt}_over_eager"]
         assert ratio == pytest.approx(r["median_ms"] / rows["eager"]["median_ms"])
     md = (out / "results.md").read_text()

@@ -365,8 +365,9 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     trainer.register_hooks([record])
     trainer.train()
     # pairs on top of the box batches: both losses at step 0, box losses alone at step 1
-    assert record.keys[0] == ["loss_box_reg", "loss_cls", "loss_pairs"]
-    assert record.keys[1] == ["loss_box_reg", "loss_cls"]
+    box_losses = ["loss_box_refine", "loss_box_reg", "loss_cls"]  # the world config refines
+    assert record.keys[0] == box_losses + ["loss_pairs"]
+    assert record.keys[1] == box_losses
     assert not torch.equal(before, model.head.grid_embed.weight.detach())
     # a mixed batch = a box pass on its box inputs + a pair pass on its pair inputs
     box_batch = next(iter(trainer.data_loader.boxes))

@@ -11,8 +11,8 @@ score and the class are unchanged, so only localisation (AP75 and above) can mov
 from __future__ import annotations
 
 import torch
-from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor
+from torchvision.ops import box_iou
 
 
 def box_voting(
@@ -37,11 +37,14 @@ def box_voting(
     if not 0.0 < iou_thresh <= 1.0:
         raise ValueError(f"box voting IoU threshold {iou_thresh} is not in (0, 1]")
     kept = boxes[keep]
-    iou = pairwise_iou(Boxes(kept), Boxes(boxes))  # (P, R)
+    # torchvision's box_iou, not Detectron2's Boxes (whose constructor branches on the tensor's
+    # size: torch.export cannot trace that for data-dependent box counts). Zero-area pairs give
+    # NaN, which never passes the threshold.
+    iou = box_iou(kept, boxes)  # (P, R)
     votes = (iou >= iou_thresh) & (classes[keep][:, None] == classes[None, :])
     weights = votes.to(boxes.dtype) * scores.clamp(min=0)[None, :]
     total = weights.sum(dim=1, keepdim=True)
     voted = weights @ boxes / total.clamp(min=torch.finfo(boxes.dtype).tiny)
-    # A kept box always votes for itself; only a zero score could leave no weight. (No
-    # data-dependent branch: the function is traced as is by tools/export.py.)
+    # A kept box votes for itself unless its score is 0 or its area is: then it stays as it
+    # is. (No data-dependent branch: the function is traced as is by tools/export.py.)
     return torch.where(total > 0, voted, kept)
