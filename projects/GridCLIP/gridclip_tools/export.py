@@ -78,7 +78,7 @@ import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
 from gridclip.data.images import read_image_bgr
 from gridclip.engine.predictor import OpenVocabularyPredictor
-from gridclip.modeling.box_voting import box_voting
+from gridclip.modeling.box_voting import kept_boxes
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import (
@@ -210,10 +210,8 @@ class ExportableGridCLIP(nn.Module):
             boxes + (classes.to(boxes.dtype) * span)[:, None], scores, m.test_nms_thresh
         )
         keep = keep[: m.max_detections_per_image]
-        kept_boxes = boxes[keep]
-        if m.test_box_voting_iou > 0:  # MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU, in the graph
-            kept_boxes = box_voting(boxes, scores, classes, keep, m.test_box_voting_iou)
-        boxes, scores, classes = kept_boxes, scores[keep], classes[keep]
+        voted = kept_boxes(boxes, scores, classes, keep, m.test_box_voting_iou)  # in the graph
+        boxes, scores, classes = voted, scores[keep], classes[keep]
         # Detectron2's detector_postprocess: to the original image, clip, drop empty boxes
         scale_y = original_hw[0].to(torch.float32) / resized_hw[0].to(torch.float32)
         scale_x = original_hw[1].to(torch.float32) / resized_hw[1].to(torch.float32)

@@ -48,3 +48,19 @@ def box_voting(
     # A kept box votes for itself unless its score is 0 or its area is: then it stays as it
     # is. (No data-dependent branch: the function is traced as is by tools/export.py.)
     return torch.where(total > 0, voted, kept)
+
+
+def check_box_voting_iou(value: float, key: str) -> float:
+    """A ``TEST_BOX_VOTING_IOU`` setting as a float in [0, 1] (0 = off); ``key`` names it."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}={value} is not in [0, 1] (0 = off)")
+    return float(value)
+
+
+def kept_boxes(
+    boxes: Tensor, scores: Tensor, classes: Tensor, keep: Tensor, iou_thresh: float
+) -> Tensor:
+    """The boxes NMS kept: ``boxes[keep]``, voted (:func:`box_voting`) when ``iou_thresh > 0``."""
+    if iou_thresh > 0:
+        return box_voting(boxes, scores, classes, keep, iou_thresh)
+    return boxes[keep]

@@ -14,7 +14,7 @@ import torch
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
-from .box_voting import box_voting
+from .box_voting import kept_boxes
 
 __all__ = ["fast_rcnn_inference_topk"]
 
@@ -86,10 +86,7 @@ def _inference_single_image_topk(
     if topk_per_image >= 0:
         keep = keep[:topk_per_image]
     result = Instances(image_shape)
-    kept_boxes = top_boxes[keep]
-    if vote_iou > 0:
-        kept_boxes = box_voting(top_boxes, top_scores, classes, keep, vote_iou)
-    result.pred_boxes = Boxes(kept_boxes)
+    result.pred_boxes = Boxes(kept_boxes(top_boxes, top_scores, classes, keep, vote_iou))
     result.scores = top_scores[keep]
     result.pred_classes = classes[keep]
     return result, proposal_index[rows[keep]]

@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from ..clip import build_clip_teacher_from_cfg
 from ..data import novel_class_mask
 from .box_refinement import BoxRefiner, build_box_refiner
-from .box_voting import box_voting
+from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .focal_loss import grid_focal_loss
@@ -226,12 +226,9 @@ class GridCLIP(RetinaNet):
                 "needs the per-location head with MODEL.GRIDCLIP.ANCHOR_OFFSET (and A > 1 anchors)"
             )
         self.test_topk_locations = int(test_topk_locations)
-        if not 0.0 <= test_box_voting_iou <= 1.0:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU={test_box_voting_iou} is not in [0, 1] "
-                "(0 = off)"
-            )
-        self.test_box_voting_iou = float(test_box_voting_iou)
+        self.test_box_voting_iou = check_box_voting_iou(
+            test_box_voting_iou, "MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU"
+        )
         self.box_refiner = box_refiner
         self.box_refine_loss_weight = float(box_refine_loss_weight)
         self.clip_ensemble = clip_ensemble
@@ -715,16 +712,15 @@ class GridCLIP(RetinaNet):
             )
             keep = keep[: self.max_detections_per_image]
             kept = pred[keep]
-            if self.test_box_voting_iou > 0:
-                kept.pred_boxes = Boxes(
-                    box_voting(
-                        pred.pred_boxes.tensor,
-                        pred.scores,
-                        pred.pred_classes,
-                        keep,
-                        self.test_box_voting_iou,
-                    )
+            kept.pred_boxes = Boxes(
+                kept_boxes(
+                    pred.pred_boxes.tensor,
+                    pred.scores,
+                    pred.pred_classes,
+                    keep,
+                    self.test_box_voting_iou,
                 )
+            )
             results.append(kept)
         if self.box_refiner is not None:
             refined = self.box_refiner.refine(features, [r.pred_boxes.tensor for r in results])

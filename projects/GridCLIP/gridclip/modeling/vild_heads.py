@@ -19,6 +19,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..data import has_class_frequencies, novel_class_mask
+from .box_voting import check_box_voting_iou
 from .fast_rcnn_topk import fast_rcnn_inference_topk
 from .text_classifier import TextEmbeddingClassifier, check_text_embeddings, l2_normalize
 from .vocabulary import vocabulary_dataset, vocabulary_from_cfg
@@ -169,11 +170,9 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         self.ensemble_image_weight_base = float(ensemble_image_weight_base)
         self.ensemble_image_weight_novel = float(ensemble_image_weight_novel)
         self.test_pre_nms_topk = int(test_pre_nms_topk)
-        if not 0.0 <= test_box_voting_iou <= 1.0:
-            raise ValueError(
-                f"MODEL.VILD.TEST_BOX_VOTING_IOU={test_box_voting_iou} is not in [0, 1] (0 = off)"
-            )
-        self.test_box_voting_iou = float(test_box_voting_iou)
+        self.test_box_voting_iou = check_box_voting_iou(
+            test_box_voting_iou, "MODEL.VILD.TEST_BOX_VOTING_IOU"
+        )
         self._warned_novel_gt = False
 
     @classmethod
