@@ -27,10 +27,13 @@ from gridclip.data.captions import (
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
 from gridclip.engine.pairs import JointLoader
+from gridclip.data.phrases import phrase_count
 from gridclip.modeling.pairs_alignment import (
     PairsAlignment,
+    caption_pseudo_boxes,
     pairs_contrastive_loss,
     phrase_grid_scores,
+    pseudo_box_targets,
 )
 from gridclip.modeling.prompts import parse_prompt
 
@@ -293,6 +296,18 @@ def test_pairs_alignment_module_builds_batch_vocabulary():
     )
     with pytest.raises(KeyError, match="green heart"):
         module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
+    # counts per (image, column): "two" names 2, no count for a plural without a number
+    two, plural = {"key": "red star", "text": "two red stars"}, {
+        "key": "blue ring",
+        "text": "rings",
+    }
+    batch = [{"phrases": [two, plural]}, {"phrases": [{"key": "red star", "text": "a red star"}]}]
+    assert module.batch_counts(batch).tolist() == [[-1, 2], [0, 1]]
+    common = dict(phrase_keys=["a"], phrase_embeddings=torch.eye(1, 4), embed_dim=4, weight=1.0)
+    with pytest.raises(ValueError, match="PAIRS_LOSS = 'boxes'"):
+        PairsAlignment(**common, loss_type="boxes")
+    with pytest.raises(ValueError, match="PAIRS_PSEUDO_MIN_SCORE = 1.5"):
+        PairsAlignment(**common, loss_type="pseudo_boxes", pseudo_min_score=1.5)
 
 
 def test_joint_loader_adds_pairs_to_box_batches():
@@ -312,6 +327,73 @@ def test_joint_loader_adds_pairs_to_box_batches():
             JointLoader([], [], bad)
 
 
+def test_joint_loader_starts_pairs_at_the_storage_iteration():
+    boxes = iter([[f"b{i}"] for i in range(100)])
+    pairs = iter([[f"p{i}"] for i in range(100)])
+    it = iter(JointLoader(boxes, pairs, 1, start=2))
+    got = []
+    with EventStorage(1) as storage:  # a resumed run: its iteration counter, not the loader's
+        for _ in range(3):
+            got.append(next(it))
+            storage.iter += 1
+    assert got == [["b0"], ["b1", "p0"], ["b2", "p1"]]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="PAIRS_START_ITER"):
+            JointLoader([], [], 1, start=bad)
+
+
+# ------------------------------------------------------------------------- caption pseudo-boxes
+@pytest.mark.parametrize(
+    "text, count",
+    [("a red star", 1), ("an orange ring", 1), ("two blue rings", 2), ("Ten people", 10),
+     ("3 cups", 3), ("red star", 1), ("glass", 1), ("blue rings", None), ("some rings", None),
+     ("many rings", None), ("", None)],
+)  # fmt: skip
+def test_phrase_count(text, count):
+    assert phrase_count(text) == count
+
+
+def test_caption_pseudo_boxes_hand_built():
+    # 5 anchors, 2 phrases; anchors 0 and 1 overlap (IoU 0.81), anchor 3 is elsewhere
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60], [20, 20, 30, 30], [70, 70, 80, 80]],
+        dtype=torch.float32,
+    )
+    logits = torch.tensor(
+        [[3.0, -5.0], [2.5, -5.0], [-5.0, 0.0], [1.0, -5.0], [-5.0, -3.0]]
+    )  # phrase 0: anchors 0 > 1 > 3; phrase 1: anchor 2 (p 0.5) > 4 (p 0.05)
+    b, c, s = caption_pseudo_boxes(logits, boxes, [2, 1], min_score=0.2)
+    # phrase 0 counts two objects: anchor 0, then anchor 3 (anchor 1 is suppressed by NMS)
+    torch.testing.assert_close(b, boxes[[0, 3, 2]])
+    assert c.tolist() == [0, 0, 1]
+    torch.testing.assert_close(s, logits[[0, 3, 2], [0, 0, 1]].sigmoid())
+    # the threshold drops boxes below it; counts cap the number taken
+    b, c, _ = caption_pseudo_boxes(logits, boxes, [1, 1], min_score=0.6)
+    assert c.tolist() == [0] and torch.equal(b, boxes[[0]])
+    b, c, _ = caption_pseudo_boxes(logits[:, :0], boxes, [], min_score=0.0)
+    assert b.shape == (0, 4) and c.numel() == 0
+
+
+def test_pseudo_box_targets_hand_built():
+    # 1 image, 4 anchors, 3 phrases: phrase 0 named (1 object, found at anchor 0), phrase 1
+    # named twice but one found (anchor 1), phrase 2 not named (another image's phrase)
+    labels = torch.tensor([[0, 1, 3, -1]])  # anchor 2 background, anchor 3 ignored
+    named = torch.tensor([[True, True, False]])
+    counts = torch.tensor([[1, 2, 0]])
+    found = torch.tensor([[1, 1, 0]])
+    targets, targeted = pseudo_box_targets(labels, named, counts, found)
+    assert targets[0].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]]
+    assert targeted[0].tolist() == [
+        [True, True, True],  # matched: every phrase has a target
+        [True, True, True],
+        [True, False, False],  # background: only the complete named phrase is negative
+        [False, False, False],  # ignored anchor
+    ]
+    # a phrase named without a count ("blue rings") never gets negatives
+    _, targeted = pseudo_box_targets(labels, named, torch.tensor([[-1, 2, 0]]), found)
+    assert targeted[0, 2].tolist() == [False, False, False]
+
+
 # ------------------------------------------------------------------------------------- training
 class _RecordLosses(HookBase):
     def __init__(self):
@@ -323,7 +405,8 @@ class _RecordLosses(HookBase):
         self.keys.append(sorted(k for k in keys if "loss" in k and k != "total_loss"))
 
 
-def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
+@pytest.mark.parametrize("pairs_loss", ["contrastive", "pseudo_boxes"])
+def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path, pairs_loss):
     weights = clip_loading.EMBEDDED_CLIP_PATH
     embed_dim = clip_loading.load_clip_state_dict(weights)["text_projection"].shape[1]
     # fmt: off
@@ -340,6 +423,8 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
         "MODEL.GRIDCLIP.PAIRS_PERIOD", "2",
         "MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH", "3",
         "MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN", "64",
+        "MODEL.GRIDCLIP.PAIRS_LOSS", pairs_loss,
+        "MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE", "0.0",
         "MODEL.FPN.OUT_CHANNELS", "32",
         "MODEL.RETINANET.NUM_CONVS", "1",
         "SOLVER.IMS_PER_BATCH", "2",
@@ -378,6 +463,7 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
         model.loss_normalizer = normalizer
         alone = {**model(list(box_batch)), **model(list(pair_batch))}
     assert sorted(mixed) == sorted(alone) and "loss_pairs" in mixed
+    assert torch.isfinite(mixed["loss_pairs"]) and mixed["loss_pairs"] > 0
     for k in alone:
         torch.testing.assert_close(mixed[k], alone[k])
     # the phrase embeddings are not saved in checkpoints

@@ -153,11 +153,20 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Every PAIRS_PERIOD-th iteration (1: every one) adds a batch of pairs to its box batch (both
     # losses, one step: pairs on top of the box iterations, same schedule; engine/pairs.py).
     _C.MODEL.GRIDCLIP.PAIRS_PERIOD = 1
+    # No pair batch before this training iteration (e.g. until the detector's own boxes are
+    # good enough to be pseudo-boxes); 0 = from the first.
+    _C.MODEL.GRIDCLIP.PAIRS_START_ITER = 0
     # Images per pair batch (all GPUs together); 0 = SOLVER.IMS_PER_BATCH.
     _C.MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH = 0
     # Shorter side of pair images in training (DetCLIPv2 trains pairs at a lower resolution);
     # 0 = INPUT.MIN_SIZE_TRAIN. The longer side is capped by INPUT.MAX_SIZE_TRAIN.
     _C.MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN = 0
+    # The loss on pairs: "contrastive" (phrase-to-grid ranking over the batch) or "pseudo_boxes"
+    # (each caption phrase's own best boxes, as many as the caption counts, trained as boxes of
+    # that phrase by the focal loss): gridclip/modeling/pairs_alignment.py.
+    _C.MODEL.GRIDCLIP.PAIRS_LOSS = "contrastive"
+    # pseudo_boxes: a box is taken only when its detection probability is at least this.
+    _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE = 0.2
     # Image-text pair datasets (COCO-captions-style, gridclip.data.captions), e.g.
     # ("gridclip_world_pairs",); used when MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0.
     _C.DATASETS.PAIRS_TRAIN = ()

@@ -28,13 +28,14 @@ after rule 3 on a phrase given as text ("two blue rings" -> "blue ring"); it nev
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 __all__ = [
     "CAPTION_SEPARATORS",
     "CAPTION_STOPWORDS",
     "FRAME_WORDS",
     "caption_phrases",
+    "phrase_count",
     "phrase_key",
     "phrase_name",
     "pluralize",
@@ -204,3 +205,26 @@ def phrase_key(text: str) -> str:
     if not tokens:
         return ""
     return phrase_name(text[tokens[0][1] : tokens[-1][2]]).lower()
+
+
+_COUNT_WORDS = {
+    "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "dozen": 12,
+}  # fmt: skip
+
+
+def phrase_count(text: str) -> Optional[int]:
+    """How many objects a phrase names, when its words say so: a leading article or number
+    (``"a red star"`` -> 1, ``"two blue rings"`` -> 2, ``"3 cups"`` -> 3), else 1 for a singular
+    phrase (``"red star"``) and None (unknown, at least one) for a plural one without a number
+    (``"blue rings"``, ``"some rings"``, ``"many rings"``)."""
+    words = [t for t in _WORD.findall(str(text)) if _is_word(t)]
+    if not words:
+        return None
+    first = words[0].lower()
+    if first in _COUNT_WORDS:
+        return _COUNT_WORDS[first]
+    if first.isdigit():
+        return int(first) if int(first) > 0 else None
+    last = words[-1]
+    return None if singularize(last) != last else 1

@@ -18,6 +18,7 @@ import logging
 from typing import Iterable, Iterator, List
 
 from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.utils.events import get_event_storage
 
 from ..data.mapper import CheckedDatasetMapper
 
@@ -29,19 +30,28 @@ __all__ = ["JointLoader", "pairs_enabled", "build_pairs_train_loader"]
 class JointLoader:
     """Iterates the infinite ``boxes`` loader; at steps ``0, period, 2 * period, ...``
     (0-based) the next batch of the infinite ``pairs`` loader is appended to the box batch
-    (one list: box inputs first, then pair inputs)."""
+    (one list: box inputs first, then pair inputs). With ``start > 0`` no pair batch is added
+    while the training iteration (the event storage's, so that a resumed run counts from where
+    it stopped) is below ``start``."""
 
-    def __init__(self, boxes: Iterable, pairs: Iterable, period: int):
+    def __init__(self, boxes: Iterable, pairs: Iterable, period: int, start: int = 0):
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"MODEL.GRIDCLIP.PAIRS_PERIOD must be an integer >= 1, got {period!r}")
-        self.boxes, self.pairs, self.period = boxes, pairs, period
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.PAIRS_START_ITER must be an integer >= 0, got {start!r}"
+            )
+        self.boxes, self.pairs, self.period, self.start = boxes, pairs, period, start
+
+    def _started(self) -> bool:
+        return self.start == 0 or get_event_storage().iter >= self.start
 
     def __iter__(self) -> Iterator[List]:
         boxes, pairs = iter(self.boxes), iter(self.pairs)
         step = 0
         while True:
             batch = list(next(boxes))
-            if step % self.period == 0:
+            if step % self.period == 0 and self._started():
                 batch += list(next(pairs))
             yield batch
             step += 1

@@ -172,7 +172,8 @@ class Trainer(DefaultTrainer):
         loader = build_detection_train_loader(cfg, mapper=mapper)
         if pairs_enabled(cfg):  # a pair batch on top of every PAIRS_PERIOD-th box batch (pairs.py)
             pairs = build_pairs_train_loader(cfg)
-            return JointLoader(loader, pairs, cfg.MODEL.GRIDCLIP.PAIRS_PERIOD)
+            g = cfg.MODEL.GRIDCLIP
+            return JointLoader(loader, pairs, g.PAIRS_PERIOD, g.PAIRS_START_ITER)
         return loader
 
     @classmethod

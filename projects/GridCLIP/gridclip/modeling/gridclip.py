@@ -82,7 +82,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regr
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
@@ -96,7 +96,12 @@ from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
-from .pairs_alignment import PairsAlignment, build_pairs_alignment
+from .pairs_alignment import (
+    PairsAlignment,
+    build_pairs_alignment,
+    caption_pseudo_boxes,
+    pseudo_box_targets,
+)
 from .teacher_holder import TeacherHolder
 from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
@@ -407,7 +412,9 @@ class GridCLIP(RetinaNet):
         predictions = self.predict(features, backbone_features.get("res5"))
 
         if pairs_only:
-            return self.pairs_losses(images, predictions, batched_inputs)  # image-text pairs
+            return self.pairs_losses(
+                images, features, predictions, batched_inputs
+            )  # image-text pairs
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
@@ -472,7 +479,11 @@ class GridCLIP(RetinaNet):
         return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
 
     def pairs_losses(
-        self, images: ImageList, predictions: List, batched_inputs: List[Dict]
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: List,
+        batched_inputs: List[Dict],
     ) -> Dict[str, Tensor]:
         """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
         alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
@@ -483,6 +494,12 @@ class GridCLIP(RetinaNet):
                 "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
                 "needs MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0 and DATASETS.PAIRS_TRAIN"
             )
+        if self.pairs_alignment.loss_type == "pseudo_boxes":
+            return {
+                "loss_pairs": self.pairs_pseudo_box_loss(
+                    images, features, predictions, batched_inputs
+                )
+            }
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
         scale = float(self.head.classifier.logit_scale)
@@ -490,6 +507,87 @@ class GridCLIP(RetinaNet):
             predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
         )
         return losses
+
+    def pairs_pseudo_box_loss(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: List,
+        batched_inputs: List[Dict],
+    ) -> Tensor:
+        """The focal loss of a batch of image-text pairs against caption pseudo-boxes
+        (``MODEL.GRIDCLIP.PAIRS_LOSS "pseudo_boxes"``), times the pairs' loss weight.
+
+        The vocabulary is the batch's distinct phrases. Per image, each phrase its captions
+        name gets the detector's own best boxes for it (:func:`caption_pseudo_boxes` on this
+        forward's detached logits and boxes, as many as the caption counts, at least
+        ``PAIRS_PSEUDO_MIN_SCORE``; refined by the box refiner when there is one). Anchors are
+        matched to the pseudo-boxes as to ground truth (``anchor_matcher``). Targets, per
+        (anchor, phrase):
+
+        - an anchor matched to a pseudo-box of phrase p: positive for p, negative for every
+          other phrase of the batch (an object has one name);
+        - otherwise, for a phrase the image's captions name and whose objects were all found
+          (as many pseudo-boxes as its count): negative;
+        - otherwise (phrases the caption does not name, since captions leave objects out, and
+          named phrases with objects not found yet): no target.
+
+        (:func:`pseudo_box_targets`.) Normalised by the number of positive anchors, as
+        RetinaNet's focal loss.
+        """
+        grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
+        alignment = self.pairs_alignment
+        embeddings, named = alignment.batch_vocabulary(batched_inputs)
+        counts = alignment.batch_counts(batched_inputs).to(self.device)
+        named = named.to(self.device)
+        logits = self.head.anchor_logits(
+            grid_embeddings, anchor_offsets, text_embeddings=embeddings.to(self.device)
+        )  # (N, R, P)
+        num_phrases = logits.shape[-1]
+        anchors = Boxes.cat(self.anchor_generator(features))
+        with torch.no_grad():
+            deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in box_deltas], dim=1)
+            found, columns = [], []
+            for i, image_size in enumerate(images.image_sizes):
+                phrases = named[i].nonzero().squeeze(1)
+                boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
+                boxes.clip(image_size)
+                b, c, _ = caption_pseudo_boxes(
+                    logits[i][:, phrases].detach(),
+                    boxes.tensor,
+                    counts[i, phrases].clamp(min=1).tolist(),
+                    min_score=alignment.pseudo_min_score,
+                )
+                found.append(b)
+                columns.append(phrases[c])
+            if self.box_refiner is not None:
+                found = self.box_refiner.refine(features, found)
+            labels = []
+            for b, c in zip(found, columns):
+                image_labels = torch.full(
+                    (len(anchors),), num_phrases, dtype=torch.long, device=self.device
+                )
+                if len(b):
+                    matched, match_labels = self.anchor_matcher(pairwise_iou(Boxes(b), anchors))
+                    image_labels = c[matched]
+                    image_labels[match_labels == 0] = num_phrases
+                    image_labels[match_labels == -1] = -1
+                labels.append(image_labels)
+            labels = torch.stack(labels)  # (N, R): -1 ignore, 0..P-1 phrase, P background
+            found_counts = torch.stack([torch.bincount(c, minlength=num_phrases) for c in columns])
+            targets, targeted = pseudo_box_targets(labels, named, counts, found_counts)
+        positive = (labels >= 0) & (labels < num_phrases)
+        loss = sigmoid_focal_loss_jit(
+            logits[targeted],
+            targets[targeted].to(logits.dtype),
+            alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+            reduction="sum",
+        )
+        get_event_storage().put_scalar(
+            "pairs_pseudo_boxes", sum(len(b) for b in found) / len(found)
+        )
+        return loss / max(int(positive.sum()), 1) * alignment.weight
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""

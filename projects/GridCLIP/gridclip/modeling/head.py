@@ -178,26 +178,34 @@ class GridCLIPHead(RetinaNetHead):
         """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""
         return permute_to_N_HWA_K(grid_embeddings, self.embed_dim)
 
-    def logits(self, rows: Tensor, class_indices: Optional[Tensor] = None) -> Tensor:
-        """(..., D) embeddings -> (..., K) logits, or (..., len(class_indices)) for a subset."""
-        text = None
-        if class_indices is not None:
-            text = self.classifier.text_embeddings[class_indices]
-        return self.classifier(rows, text)
+    def logits(
+        self,
+        rows: Tensor,
+        class_indices: Optional[Tensor] = None,
+        text_embeddings: Optional[Tensor] = None,
+    ) -> Tensor:
+        """(..., D) embeddings -> (..., K) logits, or (..., len(class_indices)) for a subset,
+        or (..., C) against ``text_embeddings`` (C, D) instead of the classifier's (e.g. the
+        phrases of a batch of captions)."""
+        if text_embeddings is None and class_indices is not None:
+            text_embeddings = self.classifier.text_embeddings[class_indices]
+        return self.classifier(rows, text_embeddings)
 
     def anchor_logits(
         self,
         grid_embeddings: List[Tensor],
         anchor_offsets: Optional[List[Tensor]] = None,
         class_indices: Optional[Tensor] = None,
+        text_embeddings: Optional[Tensor] = None,
     ) -> Tensor:
         """Per-anchor logits of all levels: (N, R, K') with R = sum(Hi*Wi*A), in anchor order.
 
         A per-location embedding is scored once, then its logits are expanded to its A anchors
-        (plus their offsets) in one allocation; K' = len(class_indices) or K.
+        (plus their offsets) in one allocation; K' = len(class_indices) or K, or C against
+        ``text_embeddings`` (C, D) (:meth:`logits`).
         """
         rows = torch.cat([self.embedding_rows(x) for x in grid_embeddings], dim=1)
-        logits = self.logits(rows, class_indices)  # (N, M, K')
+        logits = self.logits(rows, class_indices, text_embeddings)  # (N, M, K')
         group = self.anchors_per_embedding
         if group == 1:
             return logits

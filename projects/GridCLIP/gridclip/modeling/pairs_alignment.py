@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from torch import nn
+from torchvision.ops import nms
 
 from ..data.captions import pair_phrase_keys
+from ..data.phrases import phrase_count
 from .image_alignment import valid_embeddings
 from .vocabulary import resolve_vocabulary
 
@@ -57,6 +59,8 @@ __all__ = [
     "build_pairs_alignment",
     "phrase_grid_scores",
     "pairs_contrastive_loss",
+    "caption_pseudo_boxes",
+    "pseudo_box_targets",
 ]
 
 _FAR = -1e4  # a finite "minus infinity": exp() of it is 0 in float32, and so is its gradient
@@ -138,6 +142,75 @@ def pairs_contrastive_loss(
     return per_pair[positives].mean()
 
 
+def caption_pseudo_boxes(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    counts: Sequence[Optional[int]],
+    *,
+    min_score: float,
+    nms_iou: float = 0.5,
+    candidates: int = 100,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's pseudo-boxes for the phrases of its caption: the detector's own best boxes
+    of each phrase, as many as the caption says there are.
+
+    Args:
+        logits: (R, P) per-anchor detection logits of the caption's P phrases.
+        boxes: (R, 4) the anchors' decoded boxes (XYXY).
+        counts: per phrase, the number of objects it names (:func:`phrase_count`); None
+            (unknown: "blue rings") takes one.
+        min_score: a box is kept only when its probability (sigmoid of the logit) is at least
+            this.
+        nms_iou: per-phrase NMS threshold among the candidates.
+        candidates: the phrase's highest-logit anchors the boxes are chosen from.
+    Returns:
+        ``(boxes (K, 4), columns (K,), scores (K,))``: per pseudo-box its phrase column.
+    """
+    assert logits.dim() == 2 and boxes.shape == (logits.shape[0], 4), (logits.shape, boxes.shape)
+    assert len(counts) == logits.shape[1], f"{len(counts)} counts for {logits.shape[1]} phrases"
+    out_boxes, out_columns, out_scores = [], [], []
+    k = min(int(candidates), logits.shape[0])
+    for j, count in enumerate(counts):
+        top, index = logits[:, j].topk(k)
+        keep = nms(boxes[index].float(), top.float(), nms_iou)[: count or 1]
+        scores = top[keep].sigmoid()
+        keep = keep[scores >= min_score]
+        out_boxes.append(boxes[index[keep]])
+        out_scores.append(top[keep].sigmoid())
+        out_columns.append(torch.full((keep.numel(),), j, dtype=torch.long, device=logits.device))
+    if not out_boxes:
+        empty = logits.new_zeros((0,))
+        return logits.new_zeros((0, 4)), empty.long(), empty
+    return torch.cat(out_boxes), torch.cat(out_columns), torch.cat(out_scores)
+
+
+def pseudo_box_targets(
+    labels: torch.Tensor, named: torch.Tensor, counts: torch.Tensor, found: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Focal-loss targets of pair images from anchors matched to caption pseudo-boxes.
+
+    Args:
+        labels: (N, R) per anchor: -1 ignore, 0..P-1 matched to a pseudo-box of that phrase,
+            P background.
+        named: (N, P) bool, image i's captions name phrase p.
+        counts: (N, P) how many objects the captions name (-1: named without a count).
+        found: (N, P) how many pseudo-boxes were found.
+    Returns:
+        ``(targets, targeted)``, both (N, R, P): the 0/1 targets, and where there is one: every
+        phrase at a matched anchor (positive for its phrase, negative for the others: an object
+        has one name); at the other non-ignored anchors only the named phrases whose objects
+        were all found (negative). Phrases a caption does not name have no target there
+        (captions leave objects out), nor do named ones with objects still missing.
+    """
+    num_phrases = named.shape[1]
+    positive = (labels >= 0) & (labels < num_phrases)
+    complete = named.bool() & (counts > 0) & (found >= counts)
+    targeted = (complete[:, None, :] & (labels >= 0)[..., None]) | positive[..., None]
+    background = torch.where(labels < 0, num_phrases, labels)  # ignored anchors: all zeros
+    targets = F.one_hot(background, num_phrases + 1)[..., :num_phrases]
+    return targets, targeted
+
+
 class PairsAlignment(nn.Module):
     """Phrase-to-grid alignment loss on image-text pairs; holds the phrase text embeddings
     (a non-persistent buffer: not in checkpoints) and their keys."""
@@ -150,6 +223,8 @@ class PairsAlignment(nn.Module):
         phrase_embeddings: torch.Tensor,
         embed_dim: int,
         weight: float,
+        loss_type: str = "contrastive",
+        pseudo_min_score: float = 0.2,
     ):
         """
         Args:
@@ -157,6 +232,10 @@ class PairsAlignment(nn.Module):
             phrase_embeddings: (P, D) their text embeddings.
             embed_dim: D.
             weight: loss weight (> 0).
+            loss_type: "contrastive" (this module's loss) or "pseudo_boxes" (the detector's
+                focal loss on :func:`caption_pseudo_boxes`, computed by the meta-architecture,
+                :meth:`GridCLIP.pairs_losses`; this module then holds the phrase vocabulary).
+            pseudo_min_score: ``min_score`` of :func:`caption_pseudo_boxes`.
         """
         super().__init__()
         assert weight > 0, f"MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT must be > 0 here, got {weight}"
@@ -168,6 +247,17 @@ class PairsAlignment(nn.Module):
         self.index = {k: i for i, k in enumerate(keys)}
         self.embed_dim = int(embed_dim)
         self.weight = float(weight)
+        if loss_type not in ("contrastive", "pseudo_boxes"):
+            raise ValueError(
+                f"MODEL.GRIDCLIP.PAIRS_LOSS = {loss_type!r}: "
+                "must be 'contrastive' or 'pseudo_boxes'"
+            )
+        if not 0.0 <= pseudo_min_score < 1.0:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE = {pseudo_min_score}: must be in [0, 1)"
+            )
+        self.loss_type = loss_type
+        self.pseudo_min_score = float(pseudo_min_score)
         self.register_buffer(
             "phrase_embeddings", F.normalize(phrase_embeddings.float(), dim=-1), False
         )
@@ -190,13 +280,16 @@ class PairsAlignment(nn.Module):
             "phrase_embeddings": embeddings,
             "embed_dim": cfg.MODEL.CLIP.EMBED_DIM,
             "weight": cfg.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT,
+            "loss_type": cfg.MODEL.GRIDCLIP.PAIRS_LOSS,
+            "pseudo_min_score": cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE,
         }
 
     def extra_repr(self) -> str:
-        return f"phrases={len(self.index)}, weight={self.weight}"
+        return f"phrases={len(self.index)}, weight={self.weight}, loss={self.loss_type}"
 
     def batch_vocabulary(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch's distinct phrases: their (P, D) embeddings and the (N, P) positives."""
+        """The batch's distinct phrases: their (P, D) embeddings and the (N, P) positives
+        (columns in sorted key order)."""
         keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
         missing = [k for k in keys if k not in self.index]
         if missing:
@@ -212,6 +305,21 @@ class PairsAlignment(nn.Module):
         rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
         embeddings = self.phrase_embeddings[rows.to(self.phrase_embeddings.device)]
         return embeddings, positives
+
+    def batch_counts(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """(N, P) long, the columns of :meth:`batch_vocabulary`: how many objects image ``i``'s
+        captions name for phrase ``p`` (:func:`phrase_count`; the largest when several
+        captions name it), 0 when they do not name it, -1 when they name it without a count
+        ("blue rings")."""
+        keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+        column = {k: j for j, k in enumerate(keys)}
+        counts = torch.zeros(len(batched_inputs), len(keys), dtype=torch.long)
+        for i, x in enumerate(batched_inputs):
+            for p in x["phrases"]:
+                j = column[p["key"]]
+                n = phrase_count(p["text"])
+                counts[i, j] = -1 if n is None or counts[i, j] < 0 else max(int(counts[i, j]), n)
+        return counts
 
     def forward(
         self,
