@@ -370,6 +370,14 @@ def test_caption_pseudo_boxes_hand_built():
     # the threshold drops boxes below it; counts cap the number taken
     b, c, _ = caption_pseudo_boxes(logits, boxes, [1, 1], min_score=0.6)
     assert c.tolist() == [0] and torch.equal(b, boxes[[0]])
+
+    # a rescoring ranks each phrase's candidates again: anchor 3 before anchor 0 for phrase 0
+    def prefer_anchor_3(b, c, p):
+        return p + 10.0 * (b == boxes[3]).all(dim=1)
+
+    b, c, s = caption_pseudo_boxes(logits, boxes, [1, 1], min_score=0.2, rescore=prefer_anchor_3)
+    torch.testing.assert_close(b, boxes[[3, 2]])
+    torch.testing.assert_close(s, logits[[3, 2], [0, 1]].sigmoid())  # detection probabilities
     b, c, _ = caption_pseudo_boxes(logits[:, :0], boxes, [], min_score=0.0)
     assert b.shape == (0, 4) and c.numel() == 0
 

@@ -538,6 +538,7 @@ class GridCLIP(RetinaNet):
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         alignment = self.pairs_alignment
         embeddings, named = alignment.batch_vocabulary(batched_inputs)
+        rows = alignment.batch_rows(batched_inputs)
         counts = alignment.batch_counts(batched_inputs).to(self.device)
         named = named.to(self.device)
         logits = self.head.anchor_logits(
@@ -552,11 +553,17 @@ class GridCLIP(RetinaNet):
                 phrases = named[i].nonzero().squeeze(1)
                 boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
                 boxes.clip(image_size)
+                rescore = None
+                if self.clip_ensemble is not None:
+                    rescore = self._pseudo_box_rescorer(
+                        batched_inputs[i]["image"], rows[phrases.cpu()]
+                    )
                 b, c, _ = caption_pseudo_boxes(
                     logits[i][:, phrases].detach(),
                     boxes.tensor,
                     counts[i, phrases].clamp(min=1).tolist(),
                     min_score=alignment.pseudo_min_score,
+                    rescore=rescore,
                 )
                 found.append(b)
                 columns.append(phrases[c])
@@ -588,6 +595,33 @@ class GridCLIP(RetinaNet):
             "pairs_pseudo_boxes", sum(len(b) for b in found) / len(found)
         )
         return loss / max(int(positive.sum()), 1) * alignment.weight
+
+    def _pseudo_box_rescorer(self, image: Tensor, phrase_rows: Tensor):
+        """``rescore`` of :func:`caption_pseudo_boxes` for one pair image: the CLIP score
+        ensemble of inference (:meth:`clip_ensemble_scores`) with every phrase of the pair
+        datasets as the vocabulary and the novel-class weight (a caption's phrases are an open
+        vocabulary); ``phrase_rows``: the vocabulary rows of the image's phrase columns."""
+        rgb = image.to(self.device, torch.float32)
+        if self.input_format == "BGR":
+            rgb = rgb.flip(0)
+        vocabulary = self.pairs_alignment.phrase_embeddings
+        untrained = torch.zeros(len(vocabulary), dtype=torch.bool, device=self.device)
+        phrase_rows = phrase_rows.to(self.device)
+
+        def rescore(boxes: Tensor, columns: Tensor, probs: Tensor) -> Tensor:
+            return clip_rescored_scores(
+                probs,
+                boxes,
+                phrase_rows[columns],
+                rgb,
+                self.clip_ensemble.on(self.device),
+                vocabulary,
+                untrained,
+                self.clip_ensemble_weights,
+                self.clip_ensemble_crop_scales,
+            )
+
+        return rescore
 
     def _add_dense_clip(self, grid_embeddings: List[Tensor], res5: Tensor) -> List[Tensor]:
         """grid embedding + scale * normalised CLIP dense embedding, resampled per level."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -150,38 +150,54 @@ def caption_pseudo_boxes(
     min_score: float,
     nms_iou: float = 0.5,
     candidates: int = 100,
+    rescore: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    spare: int = 4,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's pseudo-boxes for the phrases of its caption: the detector's own best boxes
     of each phrase, as many as the caption says there are.
+
+    Per phrase: its ``candidates`` highest-logit anchors, NMS at ``nms_iou``, the first
+    ``count`` survivors (with ``rescore``: the first ``count + spare``), those whose detection
+    probability (sigmoid of the logit) is at least ``min_score``; with ``rescore``, these are
+    ranked again by its scores and cut to ``count``.
 
     Args:
         logits: (R, P) per-anchor detection logits of the caption's P phrases.
         boxes: (R, 4) the anchors' decoded boxes (XYXY).
         counts: per phrase, the number of objects it names (:func:`phrase_count`); None
             (unknown: "blue rings") takes one.
-        min_score: a box is kept only when its probability (sigmoid of the logit) is at least
-            this.
-        nms_iou: per-phrase NMS threshold among the candidates.
-        candidates: the phrase's highest-logit anchors the boxes are chosen from.
+        rescore: optional ``(boxes (K, 4), columns (K,), probabilities (K,)) -> (K,)`` scores
+            that rank each phrase's candidates (e.g. CLIP's score ensemble).
     Returns:
-        ``(boxes (K, 4), columns (K,), scores (K,))``: per pseudo-box its phrase column.
+        ``(boxes (K, 4), columns (K,), probabilities (K,))``: per pseudo-box its phrase column
+        and detection probability.
     """
     assert logits.dim() == 2 and boxes.shape == (logits.shape[0], 4), (logits.shape, boxes.shape)
     assert len(counts) == logits.shape[1], f"{len(counts)} counts for {logits.shape[1]} phrases"
-    out_boxes, out_columns, out_scores = [], [], []
+    counts = [int(c or 1) for c in counts]
     k = min(int(candidates), logits.shape[0])
+    index, columns = [], []
     for j, count in enumerate(counts):
-        top, index = logits[:, j].topk(k)
-        keep = nms(boxes[index].float(), top.float(), nms_iou)[: count or 1]
-        scores = top[keep].sigmoid()
-        keep = keep[scores >= min_score]
-        out_boxes.append(boxes[index[keep]])
-        out_scores.append(top[keep].sigmoid())
-        out_columns.append(torch.full((keep.numel(),), j, dtype=torch.long, device=logits.device))
-    if not out_boxes:
-        empty = logits.new_zeros((0,))
-        return logits.new_zeros((0, 4)), empty.long(), empty
-    return torch.cat(out_boxes), torch.cat(out_columns), torch.cat(out_scores)
+        top, anchors = logits[:, j].topk(k)
+        keep = nms(boxes[anchors].float(), top.float(), nms_iou)
+        keep = keep[: count + (spare if rescore is not None else 0)]
+        index.append(anchors[keep])
+        columns.append(torch.full((keep.numel(),), j, dtype=torch.long, device=logits.device))
+    if not index:
+        return logits.new_zeros((0, 4)), logits.new_zeros((0,)).long(), logits.new_zeros((0,))
+    index, columns = torch.cat(index), torch.cat(columns)
+    probs = logits[index, columns].sigmoid()
+    keep = probs >= min_score
+    index, columns, probs = index[keep], columns[keep], probs[keep]
+    if rescore is not None and len(index):
+        ranking = rescore(boxes[index], columns, probs)
+        chosen = []
+        for j, count in enumerate(counts):
+            mine = (columns == j).nonzero().squeeze(1)
+            chosen.append(mine[ranking[mine].argsort(descending=True)[:count]])
+        chosen = torch.cat(chosen)
+        index, columns, probs = index[chosen], columns[chosen], probs[chosen]
+    return boxes[index], columns, probs
 
 
 def pseudo_box_targets(
@@ -287,22 +303,32 @@ class PairsAlignment(nn.Module):
     def extra_repr(self) -> str:
         return f"phrases={len(self.index)}, weight={self.weight}, loss={self.loss_type}"
 
-    def batch_vocabulary(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch's distinct phrases: their (P, D) embeddings and the (N, P) positives
-        (columns in sorted key order)."""
-        keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+    @staticmethod
+    def batch_keys(batched_inputs: List[Dict]) -> List[str]:
+        """The batch's distinct phrase keys, sorted: the columns of :meth:`batch_vocabulary`,
+        :meth:`batch_rows` and :meth:`batch_counts`."""
+        return sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+
+    def batch_rows(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """(P,) long: the rows of :attr:`phrase_embeddings` of the batch's phrase columns."""
+        keys = self.batch_keys(batched_inputs)
         missing = [k for k in keys if k not in self.index]
         if missing:
             raise KeyError(
                 f"phrases {missing[:5]} of the batch were not embedded when the model was built: "
                 "are their images from a dataset of DATASETS.PAIRS_TRAIN?"
             )
-        column = {k: j for j, k in enumerate(keys)}
-        positives = torch.zeros(len(batched_inputs), len(keys), dtype=torch.bool)
+        return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+
+    def batch_vocabulary(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch's distinct phrases: their (P, D) embeddings and the (N, P) positives
+        (columns: :meth:`batch_keys`)."""
+        rows = self.batch_rows(batched_inputs)
+        column = {k: j for j, k in enumerate(self.batch_keys(batched_inputs))}
+        positives = torch.zeros(len(batched_inputs), len(column), dtype=torch.bool)
         for i, x in enumerate(batched_inputs):
             for p in x["phrases"]:
                 positives[i, column[p["key"]]] = True
-        rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
         embeddings = self.phrase_embeddings[rows.to(self.phrase_embeddings.device)]
         return embeddings, positives
 
@@ -311,9 +337,8 @@ class PairsAlignment(nn.Module):
         captions name for phrase ``p`` (:func:`phrase_count`; the largest when several
         captions name it), 0 when they do not name it, -1 when they name it without a count
         ("blue rings")."""
-        keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
-        column = {k: j for j, k in enumerate(keys)}
-        counts = torch.zeros(len(batched_inputs), len(keys), dtype=torch.long)
+        column = {k: j for j, k in enumerate(self.batch_keys(batched_inputs))}
+        counts = torch.zeros(len(batched_inputs), len(column), dtype=torch.long)
         for i, x in enumerate(batched_inputs):
             for p in x["phrases"]:
                 j = column[p["key"]]
