@@ -384,3 +384,22 @@ def test_grounding_eval_command(ci_demo, tmp_path):
     assert saved["recovered"] == result["recovered"] and len(saved["records"]) == 3
     for record in saved["records"]:
         assert parse_prompt(record["caption"]).class_names  # a parsable caption per image
+
+
+def test_pseudo_box_quality_command(ci_demo, tmp_path):
+    from gridclip_tools import pseudo_box_quality
+
+    config, weights, opts = _run(ci_demo)
+    report = tmp_path / "pseudo.json"
+    args = ["--config-file", config, "--weights", weights, "--num-images", "3"]
+    result = pseudo_box_quality.main(args + ["--output", str(report), "--min-score", "0"] + opts)
+    assert result["images"] == 3 and result["min_score"] == 0.0
+    groups = result["by_frequency"]
+    assert groups and sum(g["objects"] for g in groups.values()) > 0
+    for g in groups.values():
+        # no floor: one pseudo-box per annotated object (a perfect caption's counts)
+        assert g["pseudo_boxes"] == g["objects"] and 0 <= g["correct"] <= g["pseudo_boxes"]
+    assert json.loads(report.read_text())["by_frequency"] == groups
+    # a floor above every score leaves nothing
+    high = pseudo_box_quality.main(args + ["--min-score", "0.999999"] + opts)
+    assert all(g["pseudo_boxes"] == 0 for g in high["by_frequency"].values())

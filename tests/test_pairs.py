@@ -382,6 +382,22 @@ def test_caption_pseudo_boxes_hand_built():
     assert b.shape == (0, 4) and c.numel() == 0
 
 
+def test_pseudo_box_quality_scoring_matches_each_box_once():
+    from gridclip_tools.pseudo_box_quality import score_pseudo_boxes
+
+    gt = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    gt_classes = torch.tensor([1, 2])
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50]])
+    classes = torch.tensor([1, 1, 1, 2])
+    # the second box of class 1 finds its object taken; the third overlaps only class 2's box;
+    # the fourth overlaps nothing
+    assert score_pseudo_boxes(boxes.float(), classes, gt, gt_classes, 0.5) == [
+        True, False, False, False
+    ]  # fmt: skip
+    assert score_pseudo_boxes(boxes[:0].float(), classes[:0], gt, gt_classes, 0.5) == []
+    assert score_pseudo_boxes(boxes.float(), classes, gt[:0], gt_classes[:0], 0.5) == [False] * 4
+
+
 def test_pseudo_box_targets_hand_built():
     # 1 image, 4 anchors, 3 phrases: phrase 0 named (1 object, found at anchor 0), phrase 1
     # named twice but one found (anchor 1), phrase 2 not named (another image's phrase)
@@ -432,6 +448,7 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path, pairs_loss):
         "MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH", "3",
         "MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN", "64",
         "MODEL.GRIDCLIP.PAIRS_LOSS", pairs_loss,
+        "MODEL.GRIDCLIP.PAIRS_START_ITER", "0",
         "MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE", "0.0",
         "MODEL.FPN.OUT_CHANNELS", "32",
         "MODEL.RETINANET.NUM_CONVS", "1",

@@ -547,28 +547,19 @@ class GridCLIP(RetinaNet):
         num_phrases = logits.shape[-1]
         anchors = Boxes.cat(self.anchor_generator(features))
         with torch.no_grad():
-            deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in box_deltas], dim=1)
-            found, columns = [], []
-            for i, image_size in enumerate(images.image_sizes):
-                phrases = named[i].nonzero().squeeze(1)
-                boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
-                boxes.clip(image_size)
-                rescore = None
-                if self.clip_ensemble is not None:
-                    rescore = self._pseudo_box_rescorer(
-                        batched_inputs[i]["image"], rows[phrases.cpu()]
-                    )
-                b, c, _ = caption_pseudo_boxes(
-                    logits[i][:, phrases].detach(),
-                    boxes.tensor,
-                    counts[i, phrases].clamp(min=1).tolist(),
-                    min_score=alignment.pseudo_min_score,
-                    rescore=rescore,
-                )
-                found.append(b)
-                columns.append(phrases[c])
-            if self.box_refiner is not None:
-                found = self.box_refiner.refine(features, found)
+            found, columns = self.find_pseudo_boxes(
+                images,
+                features,
+                box_deltas,
+                logits.detach(),
+                named,
+                counts,
+                [x["image"] for x in batched_inputs],
+                alignment.phrase_embeddings,
+                rows,
+                alignment.pseudo_min_score,
+                anchors,
+            )
             labels = []
             for b, c in zip(found, columns):
                 image_labels = torch.full(
@@ -596,15 +587,70 @@ class GridCLIP(RetinaNet):
         )
         return loss / max(int(positive.sum()), 1) * alignment.weight
 
-    def _pseudo_box_rescorer(self, image: Tensor, phrase_rows: Tensor):
-        """``rescore`` of :func:`caption_pseudo_boxes` for one pair image: the CLIP score
-        ensemble of inference (:meth:`clip_ensemble_scores`) with every phrase of the pair
-        datasets as the vocabulary and the novel-class weight (a caption's phrases are an open
-        vocabulary); ``phrase_rows``: the vocabulary rows of the image's phrase columns."""
+    @torch.no_grad()
+    def find_pseudo_boxes(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        box_deltas: List[Tensor],
+        logits: Tensor,
+        named: Tensor,
+        counts: Tensor,
+        raw_images: List[Tensor],
+        vocabulary: Tensor,
+        rows: Tensor,
+        min_score: float,
+        anchors: Optional[Boxes] = None,
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Caption pseudo-boxes of a batch (:meth:`pairs_pseudo_box_loss`;
+        ``tools/pseudo_box_quality.py`` measures them on annotated images).
+
+        Args:
+            images, features, box_deltas: this forward's (:meth:`predict`).
+            logits: (N, R, P) per-anchor logits of the P phrase columns.
+            named: (N, P) bool, image i's captions name phrase p; counts: (N, P) how many
+                objects (< 1: unknown, one is taken).
+            raw_images: the model's input images (``batched_inputs[i]["image"]``), for the CLIP
+                score ensemble that ranks each phrase's candidates when it is on.
+            vocabulary: (V, D) text embeddings the ensemble's softmax runs over; rows: (P,)
+                each column's row in it.
+            min_score: ``min_score`` of :func:`caption_pseudo_boxes`.
+        Returns:
+            per image, the (K, 4) pseudo-boxes (refined by the box refiner when there is one)
+            and their (K,) phrase columns.
+        """
+        if anchors is None:
+            anchors = Boxes.cat(self.anchor_generator(features))
+        deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in box_deltas], dim=1)
+        found, columns = [], []
+        for i, image_size in enumerate(images.image_sizes):
+            phrases = named[i].nonzero().squeeze(1)
+            boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
+            boxes.clip(image_size)
+            rescore = None
+            if self.clip_ensemble is not None:
+                rescore = self._pseudo_box_rescorer(raw_images[i], vocabulary, rows[phrases.cpu()])
+            b, c, _ = caption_pseudo_boxes(
+                logits[i][:, phrases],
+                boxes.tensor,
+                counts[i, phrases].clamp(min=1).tolist(),
+                min_score=min_score,
+                rescore=rescore,
+            )
+            found.append(b)
+            columns.append(phrases[c])
+        if self.box_refiner is not None:
+            found = self.box_refiner.refine(features, found)
+        return found, columns
+
+    def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
+        """``rescore`` of :func:`caption_pseudo_boxes` for one image: the CLIP score ensemble
+        of inference (:meth:`clip_ensemble_scores`) over ``vocabulary``, with the novel-class
+        weight (a caption's phrases are an open vocabulary); ``phrase_rows``: the vocabulary
+        rows of the image's phrase columns."""
         rgb = image.to(self.device, torch.float32)
         if self.input_format == "BGR":
             rgb = rgb.flip(0)
-        vocabulary = self.pairs_alignment.phrase_embeddings
         untrained = torch.zeros(len(vocabulary), dtype=torch.bool, device=self.device)
         phrase_rows = phrase_rows.to(self.device)
 

@@ -1,0 +1,198 @@
+"""How good are caption pseudo-boxes? Measured on annotated images, whose boxes are known.
+
+    python tools/pseudo_box_quality.py --weights output/demo/gridclip/model_final.pth \\
+        --dataset gridclip_world_val --output output/pseudo_boxes/demo.json
+
+Training on image-text pairs with ``MODEL.GRIDCLIP.PAIRS_LOSS "pseudo_boxes"`` gives each phrase
+of a caption the detector's own best boxes for it (:meth:`GridCLIP.find_pseudo_boxes`, the
+training code itself). Pair images have no boxes to check them against; this command plays the
+same game on a box-annotated dataset: each image's "caption" names every annotated class with its
+count (a perfect caption), the pseudo-boxes are found exactly as in training (the config's
+``PAIRS_PSEUDO_MIN_SCORE``, the CLIP score ensemble when ``TEST_CLIP_ENSEMBLE`` is on, the box
+refiner when the model has one; ``--min-score`` overrides the floor) with the model's class
+names as the vocabulary, and each pseudo-box is **correct** when it overlaps an annotated box of
+its class at IoU >= ``--iou`` (0.5), each box matched once, best score first.
+
+Reported per class frequency (base ``f``/``c``, novel ``r``): precision (correct / pseudo-boxes)
+and recall (correct / annotated objects), on stdout and in ``--output`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections import Counter
+from typing import Dict, List
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, BoxMode, pairwise_iou
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+import gridclip  # noqa: F401  (registers models and datasets)
+from gridclip.data import register_datasets_from_cfg
+from gridclip.utils.io import atomic_write
+from gridclip_tools.args import add_config_file, add_config_overrides
+from gridclip_tools.demo import build_cfg, read_image_bgr
+
+logger = logging.getLogger("gridclip.pseudo_box_quality")
+
+__all__ = ["image_pseudo_boxes", "score_pseudo_boxes", "main"]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_file(p)
+    p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
+    p.add_argument("--dataset", help="registered dataset (default: the config's DATASETS.TEST[0])")
+    p.add_argument("--num-images", type=int, default=0, help="first N images only (0: all)")
+    p.add_argument("--min-score", type=float, help="score floor (default: the config's)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU for a correct pseudo-box")
+    p.add_argument("--output", help="JSON report")
+    add_config_overrides(p)
+    return p
+
+
+@torch.no_grad()
+def image_pseudo_boxes(model, image_bgr, annotations: List[Dict], cfg, min_score: float):
+    """One image's pseudo-boxes for a caption naming its annotated classes with their counts.
+
+    Returns:
+        ``(boxes (K, 4), classes (K,), gt_boxes (G, 4), gt_classes (G,))`` in the model's
+        input coordinates.
+    """
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    transform = resize.get_transform(image_bgr)
+    image = transform.apply_image(image_bgr)
+    if cfg.INPUT.FORMAT == "RGB":
+        image = image[:, :, ::-1]
+    tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1).copy())
+    gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+    gt_boxes = torch.as_tensor(transform.apply_box(gt), dtype=torch.float32).reshape(-1, 4)
+    gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
+    count = Counter(gt_classes.tolist())
+    classes = torch.tensor(sorted(count), dtype=torch.long)
+    images = model.preprocess_image([{"image": tensor}])
+    backbone_features = model.backbone(images.tensor)
+    features = [backbone_features[f] for f in model.head_in_features]
+    grid_embeddings, box_deltas, anchor_offsets = model.predict(
+        features, backbone_features.get("res5")
+    )[:3]
+    logits = model.head.anchor_logits(grid_embeddings, anchor_offsets, classes.to(model.device))
+    found, columns = model.find_pseudo_boxes(
+        images,
+        features,
+        box_deltas,
+        logits,
+        torch.ones(1, len(classes), dtype=torch.bool, device=model.device),
+        torch.tensor([[count[c] for c in classes.tolist()]], device=model.device),
+        [tensor],
+        model.text_embeddings,
+        classes,
+        min_score,
+    )
+    return found[0].cpu(), classes[columns[0].cpu()], gt_boxes, gt_classes
+
+
+def score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, iou: float) -> List[bool]:
+    """Per pseudo-box (in the given order, best first), whether it matches a not yet matched
+    annotated box of its class at IoU >= ``iou``."""
+    taken = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    correct = []
+    overlaps = pairwise_iou(Boxes(boxes), Boxes(gt_boxes)) if len(gt_boxes) else None
+    for k in range(len(boxes)):
+        ok = False
+        if overlaps is not None:
+            candidates = (gt_classes == classes[k]) & ~taken & (overlaps[k] >= iou)
+            if candidates.any():
+                best = torch.where(candidates, overlaps[k], -1.0).argmax()
+                taken[best], ok = True, True
+        correct.append(ok)
+    return correct
+
+
+def _group(category: int, frequencies) -> str:
+    return frequencies[category] if frequencies is not None else "all"
+
+
+def main(argv=None) -> Dict:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    setup_logger(name="gridclip")
+    setup_logger()
+    if not 0.0 < args.iou <= 1.0:
+        parser.error(f"--iou {args.iou}: must be in (0, 1]")
+    try:
+        cfg = build_cfg(args)
+        register_datasets_from_cfg(cfg)
+        dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
+        if dataset is None or dataset not in DatasetCatalog.list():
+            raise ValueError(f"--dataset {dataset!r} is not registered (or no DATASETS.TEST)")
+        if cfg.MODEL.META_ARCHITECTURE != "GridCLIP":
+            raise ValueError(
+                f"caption pseudo-boxes are GridCLIP's, not {cfg.MODEL.META_ARCHITECTURE}'s"
+            )
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        parser.error(str(e))
+    min_score = args.min_score
+    if min_score is None:
+        min_score = cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE
+    frequencies = getattr(MetadataCatalog.get(dataset), "class_frequencies", None)
+    dicts = [d for d in DatasetCatalog.get(dataset) if d.get("annotations")]
+    if args.num_images:
+        dicts = dicts[: args.num_images]
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    kept, right, objects = Counter(), Counter(), Counter()
+    for d in tqdm(dicts, desc="pseudo-boxes", unit="img"):
+        boxes, classes, gt_boxes, gt_classes = image_pseudo_boxes(
+            model, read_image_bgr(d["file_name"]), d["annotations"], cfg, min_score
+        )
+        correct = score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, args.iou)
+        for c, ok in zip(classes.tolist(), correct):
+            kept[_group(c, frequencies)] += 1
+            right[_group(c, frequencies)] += ok
+        for c in gt_classes.tolist():
+            objects[_group(c, frequencies)] += 1
+    groups = sorted(objects)
+    result = {
+        "config_file": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "dataset": dataset,
+        "images": len(dicts),
+        "min_score": min_score,
+        "iou": args.iou,
+        "clip_ensemble": bool(cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE),
+        "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
+        "by_frequency": {
+            g: {
+                "pseudo_boxes": kept[g],
+                "correct": right[g],
+                "objects": objects[g],
+                "precision": right[g] / kept[g] if kept[g] else None,
+                "recall": right[g] / objects[g] if objects[g] else None,
+            }
+            for g in groups
+        },
+    }
+    for g in groups:
+        r = result["by_frequency"][g]
+        print(
+            f"{g}: {r['pseudo_boxes']} pseudo-boxes for {r['objects']} objects, precision "
+            f"{100 * (r['precision'] or 0):.1f}%, recall {100 * (r['recall'] or 0):.1f}% "
+            f"(IoU >= {args.iou}, score >= {min_score})"
+        )
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with atomic_write(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
