@@ -1,8 +1,7 @@
-"""Image-text pairs: captions JSON, phrases and spans, the world's pair split, the
-phrase-to-grid alignment loss and training on boxes + pairs (issue 17 items 1-2)."""
+"""Image-text pairs: captions JSON, phrases and spans, the world's pair split, caption
+pseudo-boxes and training on boxes + pairs (issue 17 items 1-2)."""
 
 import json
-import math
 import os
 
 import numpy as np
@@ -24,15 +23,13 @@ from gridclip.data.captions import (
     register_coco_captions,
     split_caption_phrases,
 )
+from gridclip.data.phrases import phrase_count
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
 from gridclip.engine.pairs import JointLoader
-from gridclip.data.phrases import phrase_count
 from gridclip.modeling.pairs_alignment import (
     PairsAlignment,
     caption_pseudo_boxes,
-    pairs_contrastive_loss,
-    phrase_grid_scores,
     pseudo_box_targets,
 )
 from gridclip.modeling.prompts import parse_prompt
@@ -210,70 +207,7 @@ def test_pairs_of_another_world_are_refused_then_regenerated(tmp_path):
         DatasetCatalog.get("test_pairs_absent_pairs")
 
 
-# -------------------------------------------------------------------------------------- the loss
-def _hand_built():
-    """2 images, 2 phrases (e0, e1), D = 2, one 2x2 level of stride 8 (16x16 images).
-
-    Image 0's best match for e0 is location (0, 1) (cos 0.8), for e1 location (1, 0) (0.6);
-    image 1's: e0 at (1, 1) (0.5), e1 at (0, 0) (0.9). Locations in row-major order."""
-    img0 = [[-1.0, 0.0], [0.8, -0.6], [-0.8, 0.6], [-0.6, -0.8]]
-    img1 = [[math.sqrt(0.19), 0.9], [-1.0, 0.0], [0.0, -1.0], [0.5, -math.sqrt(0.75)]]
-    locations = torch.tensor([img0, img1])  # (N, 4, D)
-    grid = locations.transpose(1, 2).reshape(2, 2, 2, 2)  # (N, D, H, W)
-    return grid.clone().requires_grad_(True)
-
-
-def test_phrase_grid_scores_and_loss_hand_built():
-    grid = _hand_built()
-    phrases = torch.eye(2)
-    scores = phrase_grid_scores([grid], [8], [(16, 16), (16, 16)], phrases, 2)
-    torch.testing.assert_close(scores, torch.tensor([[0.8, 0.6], [0.5, 0.9]]), atol=1e-6, rtol=0)
-    positives = torch.tensor([[True, False], [False, True]])
-    t = 10.0
-    loss = pairs_contrastive_loss(scores, positives, t)
-
-    # pair (0, 0): phrase direction against s(0,1), image direction against s(1,0); etc.
-    def ce(pos, neg):
-        return math.log(math.exp(t * pos) + math.exp(t * neg)) - t * pos
-
-    expected = (ce(0.8, 0.6) + ce(0.8, 0.5) + ce(0.9, 0.5) + ce(0.9, 0.6)) / 4
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    loss.backward()
-    # gradients reach only the argmax locations of each (image, phrase): image 0 at (0,1) and
-    # (1,0), image 1 at (1,1) and (0,0); image 0's (0,0) and (1,1) get none
-    g = grid.grad.abs().sum(dim=1)  # (N, H, W)
-    assert g[0, 0, 1] > 0 and g[0, 1, 0] > 0 and g[1, 1, 1] > 0 and g[1, 0, 0] > 0
-    assert g[0, 0, 0] == 0 and g[0, 1, 1] == 0 and g[1, 0, 1] == 0 and g[1, 1, 0] == 0
-
-
-def test_objectness_selects_the_location_and_only_it_gets_gradients():
-    grid = _hand_built()
-    objectness = torch.zeros(2, 1, 2, 2)
-    objectness[0, 0, 0, 0] = 100.0  # image 0: location (0, 0) outranks every other
-    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
-    # image 0 reports both phrases at (0, 0): cos -1 with e0, 0 with e1; image 1 as before
-    torch.testing.assert_close(scores, torch.tensor([[-1.0, 0.0], [0.5, 0.9]]), atol=1e-6, rtol=0)
-    scores[0].sum().backward()
-    g = grid.grad.abs().sum(dim=1)
-    assert g[0, 0, 0] > 0 and g[0].sum() == g[0, 0, 0] and g[1].sum() == 0
-    # a small bonus does not beat a better cosine: (0, 1) has cos 0.8 vs -1 for e0
-    objectness[0, 0, 0, 0] = 5.0
-    scores = phrase_grid_scores([grid], [8], [(16, 16)] * 2, torch.eye(2), 2, [objectness], 10.0)
-    assert scores[0, 0].item() == pytest.approx(0.8)
-
-
-def test_loss_ignores_padding_and_handles_no_negatives():
-    grid = torch.zeros(1, 2, 2, 2)
-    grid[0, :, 0, 0] = torch.tensor([0.0, 1.0])
-    grid[0, :, 1, 1] = torch.tensor([1.0, 0.0])  # in the padding of an 8x8 image
-    scores = phrase_grid_scores([grid], [8], [(8, 8)], torch.eye(2), 2)
-    assert scores[0, 0].item() == pytest.approx(0.0) and scores[0, 1].item() == pytest.approx(1.0)
-    s = torch.tensor([[0.3, 0.2]], requires_grad=True)
-    loss = pairs_contrastive_loss(s, torch.tensor([[True, True]]), 20.0)  # nothing to contrast
-    loss.backward()
-    assert loss.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(s.grad).all()
-
-
+# ------------------------------------------------------------------------- the pairs' module
 def test_pairs_alignment_module_builds_batch_vocabulary():
     module = PairsAlignment(
         phrase_keys=["blue ring", "red star", "white cross"],
@@ -288,12 +222,7 @@ def test_pairs_alignment_module_builds_batch_vocabulary():
     emb, positives = module.batch_vocabulary(batch)
     assert positives.tolist() == [[True, True], [False, True]]  # columns: blue ring, red star
     torch.testing.assert_close(emb, torch.eye(3, 4)[:2])
-    grid = torch.randn(2, 4, 3, 3, requires_grad=True)
-    out = module([grid], [8], [(24, 24)] * 2, batch, 20.0)
-    scores = phrase_grid_scores([grid], [8], [(24, 24)] * 2, emb, 4)
-    assert out["loss_pairs"].item() == pytest.approx(
-        0.5 * pairs_contrastive_loss(scores, positives, 20.0).item(), rel=1e-5
-    )
+    assert module.batch_rows(batch).tolist() == [0, 1]
     with pytest.raises(KeyError, match="green heart"):
         module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
     # counts per (image, column): "two" names 2, no count for a plural without a number
@@ -304,10 +233,8 @@ def test_pairs_alignment_module_builds_batch_vocabulary():
     batch = [{"phrases": [two, plural]}, {"phrases": [{"key": "red star", "text": "a red star"}]}]
     assert module.batch_counts(batch).tolist() == [[-1, 2], [0, 1]]
     common = dict(phrase_keys=["a"], phrase_embeddings=torch.eye(1, 4), embed_dim=4, weight=1.0)
-    with pytest.raises(ValueError, match="PAIRS_LOSS = 'boxes'"):
-        PairsAlignment(**common, loss_type="boxes")
     with pytest.raises(ValueError, match="PAIRS_PSEUDO_MIN_SCORE = 1.5"):
-        PairsAlignment(**common, loss_type="pseudo_boxes", pseudo_min_score=1.5)
+        PairsAlignment(**common, pseudo_min_score=1.5)
 
 
 def test_joint_loader_adds_pairs_to_box_batches():
@@ -429,8 +356,7 @@ class _RecordLosses(HookBase):
         self.keys.append(sorted(k for k in keys if "loss" in k and k != "total_loss"))
 
 
-@pytest.mark.parametrize("pairs_loss", ["contrastive", "pseudo_boxes"])
-def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path, pairs_loss):
+def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     weights = clip_loading.EMBEDDED_CLIP_PATH
     embed_dim = clip_loading.load_clip_state_dict(weights)["text_projection"].shape[1]
     # fmt: off
@@ -447,7 +373,6 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path, pairs_loss):
         "MODEL.GRIDCLIP.PAIRS_PERIOD", "2",
         "MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH", "3",
         "MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN", "64",
-        "MODEL.GRIDCLIP.PAIRS_LOSS", pairs_loss,
         "MODEL.GRIDCLIP.PAIRS_START_ITER", "0",
         "MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE", "0.0",
         "MODEL.FPN.OUT_CHANNELS", "32",

@@ -148,7 +148,7 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
     _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
     # Image-text pairs (captions, no boxes; gridclip/modeling/pairs_alignment.py): weight of the
-    # phrase-to-grid alignment loss on DATASETS.PAIRS_TRAIN batches. 0 = off (no pair batches).
+    # caption pseudo-box loss on DATASETS.PAIRS_TRAIN batches. 0 = off (no pair batches).
     _C.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT = 0.0
     # Every PAIRS_PERIOD-th iteration (1: every one) adds a batch of pairs to its box batch (both
     # losses, one step: pairs on top of the box iterations, same schedule; engine/pairs.py).
@@ -161,11 +161,9 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Shorter side of pair images in training (DetCLIPv2 trains pairs at a lower resolution);
     # 0 = INPUT.MIN_SIZE_TRAIN. The longer side is capped by INPUT.MAX_SIZE_TRAIN.
     _C.MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN = 0
-    # The loss on pairs: "contrastive" (phrase-to-grid ranking over the batch) or "pseudo_boxes"
-    # (each caption phrase's own best boxes, as many as the caption counts, trained as boxes of
-    # that phrase by the focal loss): gridclip/modeling/pairs_alignment.py.
-    _C.MODEL.GRIDCLIP.PAIRS_LOSS = "contrastive"
-    # pseudo_boxes: a box is taken only when its detection probability is at least this.
+    # The pairs' loss is the detector's focal loss on caption pseudo-boxes (each phrase's own
+    # best boxes, as many as the caption counts: gridclip/modeling/pairs_alignment.py); a
+    # pseudo-box is taken only when its detection probability is at least this.
     _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE = 0.2
     # Image-text pair datasets (COCO-captions-style, gridclip.data.captions), e.g.
     # ("gridclip_world_pairs",); used when MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0.

@@ -3,8 +3,8 @@
     python tools/pseudo_box_quality.py --weights output/demo/gridclip/model_final.pth \\
         --dataset gridclip_world_val --output output/pseudo_boxes/demo.json
 
-Training on image-text pairs with ``MODEL.GRIDCLIP.PAIRS_LOSS "pseudo_boxes"`` gives each phrase
-of a caption the detector's own best boxes for it (:meth:`GridCLIP.find_pseudo_boxes`, the
+Training on image-text pairs (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``) gives each phrase of a
+caption the detector's own best boxes for it (:meth:`GridCLIP.find_pseudo_boxes`, the
 training code itself). Pair images have no boxes to check them against; this command plays the
 same game on a box-annotated dataset: each image's "caption" names every annotated class with its
 count (a perfect caption), the pseudo-boxes are found exactly as in training (the config's

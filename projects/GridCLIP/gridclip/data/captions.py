@@ -1,7 +1,7 @@
 """Image-text pairs: COCO-captions-style JSON, phrases with character spans, registration.
 
 Image-text pairs carry no boxes: an image and one or more captions ("a red star beside two blue
-rings."). GridCLIP learns from them with a phrase-to-grid alignment loss
+rings."). GridCLIP learns from them with caption pseudo-boxes
 (:mod:`gridclip.modeling.pairs_alignment`), whose vocabulary is the batch's *phrases*.
 
 **File format** (COCO captions, plus optional phrases; datasets/README.md)::

@@ -2,14 +2,15 @@
 
 With ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0`` every ``MODEL.GRIDCLIP.PAIRS_PERIOD``-th
 iteration's batch is the box batch *plus* a batch of pairs (``DATASETS.PAIRS_TRAIN``): the model
-computes the box losses on the box images and the phrase-to-grid alignment loss on the pair
+computes the box losses on the box images and the caption pseudo-box loss on the pair
 images (two forward passes, :meth:`gridclip.modeling.GridCLIP.forward`), and one optimizer step
 follows their sum. The pairs come *on top of* the box iterations: the same box batches, number
 of iterations and learning-rate schedule as box-only training. (Pair iterations that *replaced*
 box iterations, DetCLIPv2's alternation, cost the 300-iteration embedded schedule about 12 AP:
 the box iterations given up, README.) Pair images are resized to ``PAIRS_MIN_SIZE_TRAIN`` (a
-lower resolution: DetCLIPv2's efficiency trick) and batched by ``PAIRS_IMS_PER_BATCH``. A
-resumed run restarts the period's phase at its first iteration.
+lower resolution is DetCLIPv2's efficiency trick; the embedded config keeps the box resolution,
+where pseudo-boxes are better) and batched by ``PAIRS_IMS_PER_BATCH``; no pair batch is added
+before ``PAIRS_START_ITER``. A resumed run restarts the period's phase at its first iteration.
 """
 
 from __future__ import annotations

@@ -187,8 +187,9 @@ class GridCLIP(RetinaNet):
                 trained by the focal loss and for the others.
             clip_ensemble_crop_scales: crops around each box given to the teacher (embeddings
                 summed), as ViLD's region teacher.
-            pairs_alignment: phrase-to-grid alignment on image-text pairs (inputs with
-                ``phrases`` and no ``instances``), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
+            pairs_alignment: the phrase vocabulary and settings of training on image-text
+                pairs (inputs with ``phrases`` and no ``instances``; loss:
+                :meth:`pairs_pseudo_box_loss`), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
             train_objectness_ranker_only: train the head's objectness ranker alone: every other
                 parameter frozen (``requires_grad`` off), training returns only
                 ``loss_objectness_ranker`` (module doc).
@@ -485,28 +486,17 @@ class GridCLIP(RetinaNet):
         predictions: List,
         batched_inputs: List[Dict],
     ) -> Dict[str, Tensor]:
-        """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): phrase-to-grid
-        alignment (:class:`PairsAlignment`) at the classifier's logit scale. Only this loss:
-        pair images train no box, focal or image-alignment loss (the box inputs of the batch
-        do, in their own pass: :meth:`forward`)."""
+        """``{"loss_pairs"}`` of a batch of image-text pairs (no boxes): the focal loss on
+        their caption pseudo-boxes (:meth:`pairs_pseudo_box_loss`). Only this loss: pair images
+        train no box-regression or image-alignment loss (the box inputs of the batch do, in
+        their own pass: :meth:`forward`)."""
         if self.pairs_alignment is None:
             raise ValueError(
                 "a training batch of image-text pairs (inputs with 'phrases', no 'instances') "
                 "needs MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0 and DATASETS.PAIRS_TRAIN"
             )
-        if self.pairs_alignment.loss_type == "pseudo_boxes":
-            return {
-                "loss_pairs": self.pairs_pseudo_box_loss(
-                    images, features, predictions, batched_inputs
-                )
-            }
-        shapes = self.backbone.output_shape()
-        strides = [shapes[f].stride for f in self.head_in_features]
-        scale = float(self.head.classifier.logit_scale)
-        losses = self.pairs_alignment(
-            predictions[0], strides, images.image_sizes, batched_inputs, scale, predictions[2]
-        )
-        return losses
+        loss = self.pairs_pseudo_box_loss(images, features, predictions, batched_inputs)
+        return {"loss_pairs": loss}
 
     def pairs_pseudo_box_loss(
         self,
@@ -515,8 +505,8 @@ class GridCLIP(RetinaNet):
         predictions: List,
         batched_inputs: List[Dict],
     ) -> Tensor:
-        """The focal loss of a batch of image-text pairs against caption pseudo-boxes
-        (``MODEL.GRIDCLIP.PAIRS_LOSS "pseudo_boxes"``), times the pairs' loss weight.
+        """The focal loss of a batch of image-text pairs against caption pseudo-boxes, times
+        ``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``.
 
         The vocabulary is the batch's distinct phrases. Per image, each phrase its captions
         name gets the detector's own best boxes for it (:func:`caption_pseudo_boxes` on this
