@@ -10,6 +10,7 @@ from typing import List, Sequence
 
 __all__ = [
     "add_config_overrides",
+    "add_evaluated_model",
     "check_weights_file",
     "config_overrides",
     "non_negative_int",
@@ -31,6 +32,21 @@ def add_config_file(parser: argparse.ArgumentParser, default: str = DEFAULT_CONF
         default=default,
         metavar="FILE",
         help=f"config path or name under projects/GridCLIP/configs (default {default})",
+    )
+
+
+def add_evaluated_model(parser: argparse.ArgumentParser) -> None:
+    """``--config-file``, ``--weights``, ``--dataset`` and ``--num-images``: a trained model run
+    over a registered dataset (the evaluation commands)."""
+    add_config_file(parser)
+    parser.add_argument(
+        "--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)"
+    )
+    parser.add_argument(
+        "--dataset", help="registered dataset (default: the config's DATASETS.TEST[0])"
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=0, help="the first N images only (0: all)"
     )
 
 

@@ -46,7 +46,7 @@ from gridclip.data import register_datasets_from_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.prompts import ParsedPrompt, parse_prompt, template_caption
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_file, add_config_overrides
+from gridclip_tools.args import add_config_overrides, add_evaluated_model
 from gridclip_tools.demo import build_cfg, read_image_bgr
 
 logger = logging.getLogger("gridclip.grounding_eval")
@@ -58,12 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_file(p)
-    p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
-    p.add_argument("--dataset", help="registered dataset (default: the config's DATASETS.TEST[0])")
-    p.add_argument(
-        "--num-images", type=int, default=0, help="evaluate the first N images only (0: all)"
-    )
+    add_evaluated_model(p)
     p.add_argument("--iou", type=float, default=0.5, help="IoU for a recovered object")
     p.add_argument("--output", help="JSON report (per-image records included)")
     add_config_overrides(p)

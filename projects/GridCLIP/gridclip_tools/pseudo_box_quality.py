@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from collections import Counter
 from typing import Dict, List
@@ -38,10 +37,8 @@ from tqdm import tqdm
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
-from gridclip_tools.args import add_config_file, add_config_overrides
+from gridclip_tools.args import add_config_overrides, add_evaluated_model
 from gridclip_tools.demo import build_cfg, read_image_bgr
-
-logger = logging.getLogger("gridclip.pseudo_box_quality")
 
 __all__ = ["image_pseudo_boxes", "score_pseudo_boxes", "main"]
 
@@ -50,10 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_file(p)
-    p.add_argument("--weights", help="trained checkpoint (same as the opts MODEL.WEIGHTS FILE)")
-    p.add_argument("--dataset", help="registered dataset (default: the config's DATASETS.TEST[0])")
-    p.add_argument("--num-images", type=int, default=0, help="first N images only (0: all)")
+    add_evaluated_model(p)
     p.add_argument("--min-score", type=float, help="score floor (default: the config's)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU for a correct pseudo-box")
     p.add_argument("--output", help="JSON report")
@@ -130,6 +124,8 @@ def main(argv=None) -> Dict:
     setup_logger()
     if not 0.0 < args.iou <= 1.0:
         parser.error(f"--iou {args.iou}: must be in (0, 1]")
+    if args.num_images < 0:
+        parser.error(f"--num-images {args.num_images}: must be >= 0")
     try:
         cfg = build_cfg(args)
         register_datasets_from_cfg(cfg)

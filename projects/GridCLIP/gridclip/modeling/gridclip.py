@@ -565,13 +565,7 @@ class GridCLIP(RetinaNet):
             found_counts = torch.stack([torch.bincount(c, minlength=num_phrases) for c in columns])
             targets, targeted = pseudo_box_targets(labels, named, counts, found_counts)
         positive = (labels >= 0) & (labels < num_phrases)
-        loss = sigmoid_focal_loss_jit(
-            logits[targeted],
-            targets[targeted].to(logits.dtype),
-            alpha=self.focal_loss_alpha,
-            gamma=self.focal_loss_gamma,
-            reduction="sum",
-        )
+        loss = self._focal_sum(logits[targeted], targets[targeted])
         get_event_storage().put_scalar(
             "pairs_pseudo_boxes", sum(len(b) for b in found) / len(found)
         )
@@ -761,14 +755,18 @@ class GridCLIP(RetinaNet):
         positive = ((labels >= 0) & (labels < num_classes)).any(dim=2)
         negative = (labels == num_classes).all(dim=2)
         valid = positive | negative
-        loss = sigmoid_focal_loss_jit(
-            objectness[valid],
-            positive[valid].to(objectness.dtype),
+        loss = self._focal_sum(objectness[valid], positive[valid])
+        return loss / max(int(positive.sum()), 1)
+
+    def _focal_sum(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """RetinaNet's sigmoid focal loss (this model's alpha, gamma), summed."""
+        return sigmoid_focal_loss_jit(
+            logits,
+            targets.to(logits.dtype),
             alpha=self.focal_loss_alpha,
             gamma=self.focal_loss_gamma,
             reduction="sum",
         )
-        return loss / max(int(positive.sum()), 1)
 
     def _to_trained_labels(self, gt_labels: List[Tensor], trained_indices: Tensor) -> List[Tensor]:
         """Anchor labels {-1 ignore, 0..K-1 class, K background} -> {-1, 0..K'-1, K'} over the
