@@ -32,12 +32,14 @@ import os
 import sys
 import time
 
+from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
 from gridclip.config import get_gridclip_cfg
+from gridclip.data import register_datasets_from_cfg
 from gridclip.data.images import ImageInputError
 from gridclip.data.images import read_image_bgr as _read_image
 from gridclip.engine.predictor import OpenVocabularyPredictor
@@ -260,6 +262,28 @@ def build_cfg(args):
     check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # also when given as an override
     cfg.freeze()
     return cfg
+
+
+def evaluation_setup(parser: argparse.ArgumentParser, args) -> tuple:
+    """``(cfg, dataset)`` of an evaluation command (``add_evaluated_model``'s flags and
+    ``--iou``): the config with ``--weights`` (:func:`build_cfg`), its datasets registered, and
+    ``--dataset`` or else the config's ``DATASETS.TEST[0]``. A bad value ends the command with
+    ``parser.error`` naming it."""
+    if not 0.0 < args.iou <= 1.0:
+        parser.error(f"--iou {args.iou}: must be in (0, 1]")
+    if args.num_images < 0:
+        parser.error(f"--num-images {args.num_images}: must be >= 0")
+    try:
+        cfg = build_cfg(args)
+        register_datasets_from_cfg(cfg)
+        dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
+        if dataset is None:
+            raise ValueError("no --dataset and the config has no DATASETS.TEST")
+        if dataset not in DatasetCatalog.list():
+            raise ValueError(f"--dataset {dataset!r} is not registered")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        parser.error(str(e))
+    return cfg, dataset
 
 
 def main(argv=None) -> dict:

@@ -42,12 +42,11 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
-from gridclip.data import register_datasets_from_cfg
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.prompts import ParsedPrompt, parse_prompt, template_caption
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, add_evaluated_model
-from gridclip_tools.demo import build_cfg, read_image_bgr
+from gridclip_tools.demo import evaluation_setup, read_image_bgr
 
 logger = logging.getLogger("gridclip.grounding_eval")
 
@@ -179,20 +178,7 @@ def main(argv=None) -> Dict:
     setup_logger(name="fvcore")
     setup_logger(name="gridclip")
     setup_logger()
-    if not 0.0 < args.iou <= 1.0:
-        parser.error(f"--iou {args.iou}: must be in (0, 1]")
-    if args.num_images < 0:
-        parser.error(f"--num-images {args.num_images}: must be >= 0")
-    try:
-        cfg = build_cfg(args)
-        register_datasets_from_cfg(cfg)
-        dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-        if dataset is None:
-            raise ValueError("no --dataset and the config has no DATASETS.TEST")
-        if dataset not in DatasetCatalog.list():
-            raise ValueError(f"--dataset {dataset!r} is not registered")
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        parser.error(str(e))
+    cfg, dataset = evaluation_setup(parser, args)
     metadata = MetadataCatalog.get(dataset)
     class_names = list(metadata.thing_classes)
     frequencies = getattr(metadata, "class_frequencies", None)

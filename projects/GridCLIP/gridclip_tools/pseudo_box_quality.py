@@ -35,10 +35,9 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
-from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, add_evaluated_model
-from gridclip_tools.demo import build_cfg, read_image_bgr
+from gridclip_tools.demo import evaluation_setup, read_image_bgr
 
 __all__ = ["image_pseudo_boxes", "score_pseudo_boxes", "main"]
 
@@ -122,22 +121,9 @@ def main(argv=None) -> Dict:
     args = parser.parse_args(argv)
     setup_logger(name="gridclip")
     setup_logger()
-    if not 0.0 < args.iou <= 1.0:
-        parser.error(f"--iou {args.iou}: must be in (0, 1]")
-    if args.num_images < 0:
-        parser.error(f"--num-images {args.num_images}: must be >= 0")
-    try:
-        cfg = build_cfg(args)
-        register_datasets_from_cfg(cfg)
-        dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-        if dataset is None or dataset not in DatasetCatalog.list():
-            raise ValueError(f"--dataset {dataset!r} is not registered (or no DATASETS.TEST)")
-        if cfg.MODEL.META_ARCHITECTURE != "GridCLIP":
-            raise ValueError(
-                f"caption pseudo-boxes are GridCLIP's, not {cfg.MODEL.META_ARCHITECTURE}'s"
-            )
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        parser.error(str(e))
+    cfg, dataset = evaluation_setup(parser, args)
+    if cfg.MODEL.META_ARCHITECTURE != "GridCLIP":
+        parser.error(f"caption pseudo-boxes are GridCLIP's, not {cfg.MODEL.META_ARCHITECTURE}'s")
     min_score = args.min_score
     if min_score is None:
         min_score = cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE
