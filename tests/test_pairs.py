@@ -208,30 +208,29 @@ def test_pairs_of_another_world_are_refused_then_regenerated(tmp_path):
 
 
 # ------------------------------------------------------------------------- the pairs' module
-def test_pairs_alignment_module_builds_batch_vocabulary():
+def test_pairs_alignment_module_builds_batch_phrases():
     module = PairsAlignment(
         phrase_keys=["blue ring", "red star", "white cross"],
         phrase_embeddings=torch.eye(3, 4),
         embed_dim=4,
         weight=0.5,
     )
-    batch = [
-        {"phrases": [{"key": "red star"}, {"key": "blue ring"}]},
-        {"phrases": [{"key": "red star"}]},
-    ]
-    emb, positives = module.batch_vocabulary(batch)
-    assert positives.tolist() == [[True, True], [False, True]]  # columns: blue ring, red star
-    torch.testing.assert_close(emb, torch.eye(3, 4)[:2])
-    assert module.batch_rows(batch).tolist() == [0, 1]
+    star, ring = {"key": "red star", "text": "a red star"}, {"key": "blue ring", "text": "ring"}
+    batch = [{"phrases": [star, ring]}, {"phrases": [star]}]
+    rows, named, counts = module.batch_phrases(batch)
+    assert named.tolist() == [[True, True], [False, True]]  # columns: blue ring, red star
+    assert rows.tolist() == [0, 1]
+    torch.testing.assert_close(module.phrase_embeddings[rows], torch.eye(3, 4)[:2])
+    assert counts.tolist() == [[1, 1], [0, 1]]
     with pytest.raises(KeyError, match="green heart"):
-        module.batch_vocabulary([{"phrases": [{"key": "green heart"}]}])
+        module.batch_phrases([{"phrases": [{"key": "green heart", "text": "green heart"}]}])
     # counts per (image, column): "two" names 2, no count for a plural without a number
     two, plural = {"key": "red star", "text": "two red stars"}, {
         "key": "blue ring",
         "text": "rings",
     }
     batch = [{"phrases": [two, plural]}, {"phrases": [{"key": "red star", "text": "a red star"}]}]
-    assert module.batch_counts(batch).tolist() == [[-1, 2], [0, 1]]
+    assert module.batch_phrases(batch)[2].tolist() == [[-1, 2], [0, 1]]
     common = dict(phrase_keys=["a"], phrase_embeddings=torch.eye(1, 4), embed_dim=4, weight=1.0)
     with pytest.raises(ValueError, match="PAIRS_PSEUDO_MIN_SCORE = 1.5"):
         PairsAlignment(**common, pseudo_min_score=1.5)

@@ -413,9 +413,8 @@ class GridCLIP(RetinaNet):
         predictions = self.predict(features, backbone_features.get("res5"))
 
         if pairs_only:
-            return self.pairs_losses(
-                images, features, predictions, batched_inputs
-            )  # image-text pairs
+            # image-text pairs
+            return self.pairs_losses(images, features, predictions, batched_inputs)
         if self.training:
             assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
@@ -527,12 +526,11 @@ class GridCLIP(RetinaNet):
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         alignment = self.pairs_alignment
-        embeddings, named = alignment.batch_vocabulary(batched_inputs)
-        rows = alignment.batch_rows(batched_inputs)
-        counts = alignment.batch_counts(batched_inputs).to(self.device)
-        named = named.to(self.device)
+        rows, named, counts = alignment.batch_phrases(batched_inputs)
+        named, counts = named.to(self.device), counts.to(self.device)
+        embeddings = alignment.phrase_embeddings[rows.to(alignment.phrase_embeddings.device)]
         logits = self.head.anchor_logits(
-            grid_embeddings, anchor_offsets, text_embeddings=embeddings.to(self.device)
+            grid_embeddings, anchor_offsets, text_embeddings=embeddings
         )  # (N, R, P)
         num_phrases = logits.shape[-1]
         anchors = Boxes.cat(self.anchor_generator(features))

@@ -210,48 +210,35 @@ class PairsAlignment(nn.Module):
             f"pseudo_min_score={self.pseudo_min_score}"
         )
 
-    @staticmethod
-    def batch_keys(batched_inputs: List[Dict]) -> List[str]:
-        """The batch's distinct phrase keys, sorted: the columns of :meth:`batch_vocabulary`,
-        :meth:`batch_rows` and :meth:`batch_counts`."""
-        return sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+    def batch_phrases(
+        self, batched_inputs: List[Dict]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's distinct phrases (keys, sorted), its P columns, in one pass:
 
-    def batch_rows(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        """(P,) long: the rows of :attr:`phrase_embeddings` of the batch's phrase columns."""
-        keys = self.batch_keys(batched_inputs)
+        - ``rows`` (P,) long: each column's row of :attr:`phrase_embeddings`;
+        - ``named`` (N, P) bool: image i's captions name phrase p;
+        - ``counts`` (N, P) long: how many objects they name (:func:`phrase_count`; the
+          largest when several captions name it), 0 when they do not name it, -1 when they
+          name it without a count ("blue rings").
+        """
+        keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
         missing = [k for k in keys if k not in self.index]
         if missing:
             raise KeyError(
                 f"phrases {missing[:5]} of the batch were not embedded when the model was built: "
                 "are their images from a dataset of DATASETS.PAIRS_TRAIN?"
             )
-        return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
-
-    def batch_vocabulary(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch's distinct phrases: their (P, D) embeddings and the (N, P) positives
-        (columns: :meth:`batch_keys`)."""
-        rows = self.batch_rows(batched_inputs)
-        column = {k: j for j, k in enumerate(self.batch_keys(batched_inputs))}
-        positives = torch.zeros(len(batched_inputs), len(column), dtype=torch.bool)
-        for i, x in enumerate(batched_inputs):
-            for p in x["phrases"]:
-                positives[i, column[p["key"]]] = True
-        embeddings = self.phrase_embeddings[rows.to(self.phrase_embeddings.device)]
-        return embeddings, positives
-
-    def batch_counts(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        """(N, P) long, the columns of :meth:`batch_vocabulary`: how many objects image ``i``'s
-        captions name for phrase ``p`` (:func:`phrase_count`; the largest when several
-        captions name it), 0 when they do not name it, -1 when they name it without a count
-        ("blue rings")."""
-        column = {k: j for j, k in enumerate(self.batch_keys(batched_inputs))}
-        counts = torch.zeros(len(batched_inputs), len(column), dtype=torch.long)
+        column = {k: j for j, k in enumerate(keys)}
+        named = torch.zeros(len(batched_inputs), len(keys), dtype=torch.bool)
+        counts = torch.zeros(len(batched_inputs), len(keys), dtype=torch.long)
         for i, x in enumerate(batched_inputs):
             for p in x["phrases"]:
                 j = column[p["key"]]
+                named[i, j] = True
                 n = phrase_count(p["text"])
                 counts[i, j] = -1 if n is None or counts[i, j] < 0 else max(int(counts[i, j]), n)
-        return counts
+        rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+        return rows, named, counts
 
 
 def build_pairs_alignment(cfg):
