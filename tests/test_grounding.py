@@ -17,6 +17,7 @@ from gridclip.modeling.prompts import (
     singularize,
     template_caption,
 )
+from gridclip_tools import pseudo_box_quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -387,8 +388,6 @@ def test_grounding_eval_command(ci_demo, tmp_path):
 
 
 def test_pseudo_box_quality_command(ci_demo, tmp_path):
-    from gridclip_tools import pseudo_box_quality
-
     config, weights, opts = _run(ci_demo)
     report = tmp_path / "pseudo.json"
     args = ["--config-file", config, "--weights", weights, "--num-images", "3"]

@@ -33,6 +33,7 @@ from gridclip.modeling.pairs_alignment import (
     pseudo_box_targets,
 )
 from gridclip.modeling.prompts import parse_prompt
+from gridclip_tools.pseudo_box_quality import score_pseudo_boxes
 
 TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
 
@@ -309,8 +310,6 @@ def test_caption_pseudo_boxes_hand_built():
 
 
 def test_pseudo_box_quality_scoring_matches_each_box_once():
-    from gridclip_tools.pseudo_box_quality import score_pseudo_boxes
-
     gt = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
     gt_classes = torch.tensor([1, 2])
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50]])
