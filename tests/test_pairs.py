@@ -9,6 +9,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
+from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
 import gridclip  # noqa: F401  (registers datasets)
@@ -16,6 +17,7 @@ from gridclip.clip import loading as clip_loading
 from gridclip.config import get_gridclip_cfg
 from gridclip.data import world as world_module
 from gridclip.data.captions import (
+    attach_pseudo_boxes,
     compose_caption,
     load_coco_captions_json,
     pair_phrase_keys,
@@ -23,6 +25,7 @@ from gridclip.data.captions import (
     register_coco_captions,
     split_caption_phrases,
 )
+from gridclip.data.mapper import PairsDatasetMapper
 from gridclip.data.phrases import phrase_count
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
@@ -33,6 +36,7 @@ from gridclip.modeling.pairs_alignment import (
     pseudo_box_targets,
 )
 from gridclip.modeling.prompts import parse_prompt
+from gridclip_tools import pseudo_label_pairs
 from gridclip_tools.pseudo_box_quality import score_pseudo_boxes
 
 TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
@@ -354,11 +358,11 @@ class _RecordLosses(HookBase):
         self.keys.append(sorted(k for k in keys if "loss" in k and k != "total_loss"))
 
 
-def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
+def _tiny_pairs_opts(tmp_path):
     weights = clip_loading.EMBEDDED_CLIP_PATH
     embed_dim = clip_loading.load_clip_state_dict(weights)["text_projection"].shape[1]
     # fmt: off
-    cfg = get_gridclip_cfg("embedded/GridCLIP_world_pairs.yaml", [
+    return [
         "DATASETS.TRAIN", "('test_pairs_world_train',)",
         "DATASETS.PAIRS_TRAIN", "('test_pairs_world_pairs',)",
         "DATASETS.TEST", "()",
@@ -380,11 +384,17 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
         "SOLVER.WARMUP_ITERS", "1",
         "INPUT.MIN_SIZE_TRAIN", "(96,)",
         "INPUT.MAX_SIZE_TRAIN", "128",
+        "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "128",
         "DATALOADER.NUM_WORKERS", "0",
         "TEST.EVAL_PERIOD", "0",
-        "OUTPUT_DIR", str(tmp_path / "run"),
-    ])
+    ]
     # fmt: on
+
+
+def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
+    opts = _tiny_pairs_opts(tmp_path) + ["OUTPUT_DIR", str(tmp_path / "run")]
+    cfg = get_gridclip_cfg("embedded/GridCLIP_world_pairs.yaml", opts)
     trainer = Trainer(cfg)
     model = trainer.model
     assert model.pairs_alignment is not None
@@ -437,3 +447,157 @@ def test_pairs_folder_follows_the_umask_and_a_failed_build_leaves_nothing(tmp_pa
         generate_world_pairs(root, num_pairs=3)  # other parameters: rebuilt, and it fails
     assert sorted(os.listdir(root)) == before  # no temporary folder left, old pairs kept
     assert os.path.exists(os.path.join(root, "pairs", "captions.json"))
+
+
+# ------------------------------------------------------------- teacher pseudo-boxes (round two)
+def _pair_dicts():
+    return [
+        {
+            "file_name": "a.png",
+            "image_id": 7,
+            "phrases": [
+                {"text": "a red star", "key": "red star"},
+                {"text": "two blue rings", "key": "blue ring"},
+            ],
+        },
+        {
+            "file_name": "b.png",
+            "image_id": 8,
+            "phrases": [{"text": "a red star", "key": "red star"}],
+        },
+    ]
+
+
+def _labels(tmp_path, annotations, images=(7, 8)):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"images": [{"id": i} for i in images], "annotations": annotations}))
+    return str(path)
+
+
+def test_attach_pseudo_boxes_indexes_phrases_and_keeps_unboxed_images(tmp_path):
+    path = _labels(
+        tmp_path,
+        [
+            {"image_id": 7, "bbox": [1, 2, 3, 4], "phrase": "blue ring", "score": 0.5},
+            {"image_id": 7, "bbox": [5, 5, 2, 2], "phrase": "red star"},
+        ],
+    )
+    given = _pair_dicts()
+    dicts = attach_pseudo_boxes(given, path)
+    assert [a["category_id"] for a in dicts[0]["annotations"]] == [1, 0]
+    assert dicts[0]["annotations"][0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
+    assert dicts[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
+    assert dicts[1]["annotations"] == []  # labelled, nothing found
+    assert "annotations" not in given[0]  # the given dicts are not changed
+
+
+@pytest.mark.parametrize(
+    "annotations, images, match",
+    [
+        ([], (7,), "b.png.*not labelled"),
+        ([{"image_id": 9, "bbox": [0, 0, 1, 1], "phrase": "red star"}], (7, 8), "image_id 9"),
+        ([{"image_id": 8, "bbox": [0, 0, 1, 1], "phrase": "blue ring"}], (7, 8), "blue ring"),
+        ([{"image_id": 7, "bbox": [0, 0, 0, 1], "phrase": "red star"}], (7, 8), "positive"),
+        ([{"image_id": 7, "bbox": [0, 0, 1], "phrase": "red star"}], (7, 8), r"\[x, y, w, h\]"),
+        ([{"image_id": 7, "bbox": [0, 0, 1, 1]}], (7, 8), "'phrase'"),
+    ],
+)
+def test_bad_pseudo_box_file_names_the_file_and_value(tmp_path, annotations, images, match):
+    path = _labels(tmp_path, annotations, images)
+    with pytest.raises(ValueError, match=match) as info:
+        attach_pseudo_boxes(_pair_dicts(), path)
+    assert "labels.json" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="pseudo_label_pairs"):
+        attach_pseudo_boxes(_pair_dicts(), str(tmp_path / "missing.json"))
+
+
+def test_pairs_mapper_flips_pseudo_boxes_with_the_image(pairs_world, tmp_path):
+    cfg = get_gridclip_cfg(
+        "embedded/GridCLIP_world_pairs.yaml",
+        [
+            "INPUT.MIN_SIZE_TRAIN",
+            "(96,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+            "INPUT.RANDOM_FLIP",
+            "none",
+        ],
+    )
+    d = DatasetCatalog.get("test_pairs_world_pairs")[0]
+    path = _labels(
+        tmp_path,
+        [{"image_id": d["image_id"], "bbox": [10, 20, 30, 40], "phrase": d["phrases"][-1]["key"]}],
+        images=[d["image_id"]],
+    )
+    (labelled,) = attach_pseudo_boxes([d], path)
+    out = PairsDatasetMapper(cfg, True)(labelled)
+    assert "instances" not in out and "phrases" in out  # still a pair input
+    boxes = out["pseudo_boxes"]
+    torch.testing.assert_close(boxes.gt_boxes.tensor, torch.tensor([[10.0, 20.0, 40.0, 60.0]]))
+    assert boxes.gt_classes.tolist() == [len(d["phrases"]) - 1]
+    cfg.defrost()
+    cfg.INPUT.RANDOM_FLIP = "horizontal"
+    mapper = PairsDatasetMapper(cfg, True)
+    widths = {float(mapper(labelled)["pseudo_boxes"].gt_boxes.tensor[0, 0]) for _ in range(30)}
+    assert widths == {10.0, 96.0 - 40.0}  # flipped with the image, or not
+
+
+def test_second_round_labels_pairs_and_trains_on_the_teacher_boxes(
+    pairs_world, tmp_path, monkeypatch
+):
+    opts = _tiny_pairs_opts(tmp_path)
+    cfg = get_gridclip_cfg(
+        "embedded/GridCLIP_world_pairs.yaml", opts + ["OUTPUT_DIR", str(tmp_path / "t")]
+    )
+    teacher = Trainer(cfg)
+    weights = str(tmp_path / "teacher.pth")
+    torch.save({"model": teacher.model.state_dict()}, weights)
+    labels = str(tmp_path / "labels" / "round2.json")
+    result = pseudo_label_pairs.main(["--weights", weights, "--output", labels] + opts)
+    dicts = {d["image_id"]: d for d in DatasetCatalog.get("test_pairs_world_pairs")}
+    assert sorted(im["id"] for im in result["images"]) == sorted(dicts)
+    assert result["annotations"], "floor 0: every named phrase gets its boxes"
+    per_phrase = {}
+    for a in result["annotations"]:
+        d = dicts[a["image_id"]]
+        assert a["phrase"] in {p["key"] for p in d["phrases"]}
+        x, y, w, h = a["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0
+        assert x + w <= d["width"] + 0.01 and y + h <= d["height"] + 0.01  # image pixels
+        per_phrase[(a["image_id"], a["phrase"])] = (
+            per_phrase.get((a["image_id"], a["phrase"]), 0) + 1
+        )
+    for (image_id, key), n in per_phrase.items():
+        wanted = [
+            phrase_count(p["text"]) or 1 for p in dicts[image_id]["phrases"] if p["key"] == key
+        ]
+        assert n <= max(wanted)  # no more boxes than the caption counts
+    assert json.load(open(labels))["annotations"] == result["annotations"]
+
+    # the student trains on them: no search of its own
+    student_opts = opts + ["MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES", labels, "SOLVER.MAX_ITER", "1"]
+    student = Trainer(
+        get_gridclip_cfg(
+            "embedded/GridCLIP_world_pairs.yaml", student_opts + ["OUTPUT_DIR", str(tmp_path / "s")]
+        )
+    )
+    pair_batch = next(iter(student.data_loader.pairs))
+    assert all("pseudo_boxes" in x and "instances" not in x for x in pair_batch)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the student searched its own pseudo-boxes")
+
+    monkeypatch.setattr(student.model, "find_pseudo_boxes", no_search)
+    record = _RecordLosses()
+    student.register_hooks([record])
+    student.train()
+    assert "loss_pairs" in record.keys[0]
+    found, columns = student.model.given_pseudo_boxes(pair_batch)
+    keys = student.model.pairs_alignment.batch_keys(pair_batch)
+    for x, b, c in zip(pair_batch, found, columns):
+        assert len(b) == len(x["pseudo_boxes"])
+        assert [keys[j] for j in c.tolist()] == [
+            x["phrases"][int(k)]["key"] for k in x["pseudo_boxes"].gt_classes
+        ]
+    with pytest.raises(ValueError, match="mixes images with and without"):
+        student.model.given_pseudo_boxes([pair_batch[0], {"phrases": pair_batch[0]["phrases"]}])

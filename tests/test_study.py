@@ -83,6 +83,16 @@ def test_plan_runs_names_the_split_and_the_oracle_training_set(tmp_path):
     assert by[("gridclip", 0, 1)][5] == 60
 
 
+def test_variant_values_take_the_run_seed_and_split(tmp_path):
+    name, model = study.parse_variant(
+        "r2=MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES out/split{split}/labels_s{seed}.json"
+    )
+    runs = study.plan_runs({name: model}, [2, 3], [1], 60, [], str(tmp_path))
+    files = {m["seed"]: run[3][run[3].index("MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES") + 1]
+             for run, m in runs}  # fmt: skip
+    assert files == {2: "out/split1/labels_s2.json", 3: "out/split1/labels_s3.json"}
+
+
 def test_aggregate_mean_std_and_paired_differences():
     def rec(v, seed, ap, apr):
         return {

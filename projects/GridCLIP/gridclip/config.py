@@ -165,6 +165,10 @@ def add_gridclip_config(cfg: CN) -> CN:
     # best boxes, as many as the caption counts: gridclip/modeling/pairs_alignment.py); a
     # pseudo-box is taken only when its detection probability is at least this.
     _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE = 0.2
+    # A second self-training round: a JSON of pseudo-boxes a trained detector found on the pair
+    # images (tools/pseudo_label_pairs.py); the pairs' loss trains on them instead of the model's
+    # own search. "" = the model's own search in every pair batch.
+    _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES = ""
     # Image-text pair datasets (COCO-captions-style, gridclip.data.captions), e.g.
     # ("gridclip_world_pairs",); used when MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0.
     _C.DATASETS.PAIRS_TRAIN = ()

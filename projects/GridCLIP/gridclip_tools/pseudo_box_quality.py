@@ -39,7 +39,7 @@ from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, add_evaluated_model
 from gridclip_tools.demo import evaluation_setup, read_image_bgr
 
-__all__ = ["image_pseudo_boxes", "score_pseudo_boxes", "main"]
+__all__ = ["find_image_pseudo_boxes", "image_pseudo_boxes", "score_pseudo_boxes", "main"]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -55,12 +55,16 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def image_pseudo_boxes(model, image_bgr, annotations: List[Dict], cfg, min_score: float):
-    """One image's pseudo-boxes for a caption naming its annotated classes with their counts.
+def find_image_pseudo_boxes(model, image_bgr, cfg, vocabulary, rows, counts, min_score: float):
+    """Caption pseudo-boxes of one image, found as in training (:meth:`GridCLIP.find_pseudo_boxes`)
+    at the test resolution.
 
+    Args:
+        vocabulary: (V, D) text embeddings (the CLIP ranking's softmax runs over them);
+            rows: (P,) the rows of the caption's P phrases; counts: (P,) their object counts.
     Returns:
-        ``(boxes (K, 4), classes (K,), gt_boxes (G, 4), gt_classes (G,))`` in the model's
-        input coordinates.
+        ``(boxes (K, 4) in the model's input coordinates, columns (K,) in 0..P-1, transform)``,
+        ``transform`` mapping the image to the model's input.
     """
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     transform = resize.get_transform(image_bgr)
@@ -68,31 +72,53 @@ def image_pseudo_boxes(model, image_bgr, annotations: List[Dict], cfg, min_score
     if cfg.INPUT.FORMAT == "RGB":
         image = image[:, :, ::-1]
     tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1).copy())
-    gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
-    gt_boxes = torch.as_tensor(transform.apply_box(gt), dtype=torch.float32).reshape(-1, 4)
-    gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
-    count = Counter(gt_classes.tolist())
-    classes = torch.tensor(sorted(count), dtype=torch.long)
+    rows = torch.as_tensor(rows, dtype=torch.long)
     images = model.preprocess_image([{"image": tensor}])
     backbone_features = model.backbone(images.tensor)
     features = [backbone_features[f] for f in model.head_in_features]
     grid_embeddings, box_deltas, anchor_offsets = model.predict(
         features, backbone_features.get("res5")
     )[:3]
-    logits = model.head.anchor_logits(grid_embeddings, anchor_offsets, classes.to(model.device))
+    logits = model.head.anchor_logits(
+        grid_embeddings, anchor_offsets, text_embeddings=vocabulary[rows.to(vocabulary.device)]
+    )
     found, columns = model.find_pseudo_boxes(
         images,
         features,
         box_deltas,
         logits,
-        torch.ones(1, len(classes), dtype=torch.bool, device=model.device),
-        torch.tensor([[count[c] for c in classes.tolist()]], device=model.device),
+        torch.ones(1, len(rows), dtype=torch.bool, device=model.device),
+        torch.as_tensor(counts, dtype=torch.long, device=model.device).reshape(1, -1),
         [tensor],
-        model.text_embeddings,
-        classes,
+        vocabulary,
+        rows,
         min_score,
     )
-    return found[0].cpu(), classes[columns[0].cpu()], gt_boxes, gt_classes
+    return found[0].cpu(), columns[0].cpu(), transform
+
+
+def image_pseudo_boxes(model, image_bgr, annotations: List[Dict], cfg, min_score: float):
+    """One image's pseudo-boxes for a caption naming its annotated classes with their counts.
+
+    Returns:
+        ``(boxes (K, 4), classes (K,), gt_boxes (G, 4), gt_classes (G,))`` in the model's
+        input coordinates.
+    """
+    gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
+    count = Counter(gt_classes.tolist())
+    classes = torch.tensor(sorted(count), dtype=torch.long)
+    boxes, columns, transform = find_image_pseudo_boxes(
+        model,
+        image_bgr,
+        cfg,
+        model.text_embeddings,
+        classes,
+        [count[c] for c in classes.tolist()],
+        min_score,
+    )
+    gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+    gt_boxes = torch.as_tensor(transform.apply_box(gt), dtype=torch.float32).reshape(-1, 4)
+    return boxes, classes[columns], gt_boxes, gt_classes
 
 
 def score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, iou: float) -> List[bool]:

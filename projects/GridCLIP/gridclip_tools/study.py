@@ -50,6 +50,12 @@ from .embedded_demo import MODELS, DemoModel, dataset_opts, schedule_opts, train
 METRICS = ("AP", "APr", "APc", "APf", "AP50", "APs", "APm", "APl")
 
 
+def fill_run_fields(value: str, seed: int, split: int) -> str:
+    """An override value with ``{seed}`` and ``{split}`` replaced by the run's (e.g. a file made
+    per seed: ``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES output/labels/s{seed}.json``)."""
+    return value.replace("{seed}", str(seed)).replace("{split}", str(split))
+
+
 def parse_variant(text: str) -> tuple:
     """``NAME=KEY VALUE ...`` or ``NAME@CONFIG=KEY VALUE ...`` (overrides of the world config)."""
     name, sep, overrides = text.partition("=")
@@ -83,7 +89,8 @@ def parse_args(argv=None):
         type=parse_variant,
         default=[],
         metavar="NAME[@CONFIG]=OVERRIDES",
-        help="a further variant: overrides of embedded/GridCLIP_world.yaml (or of CONFIG)",
+        help="a further variant: overrides of embedded/GridCLIP_world.yaml (or of CONFIG); "
+        "{seed} and {split} in a value become the run's",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument(
@@ -133,7 +140,8 @@ def plan_runs(
         prefix = world_prefix(preset, split)
         for name, model in variants.items():
             for seed in seeds:
-                opts = dataset_opts(prefix, model) + list(model.opts) + ["SEED", str(seed)]
+                own = [fill_run_fields(o, seed, split) for o in model.opts]
+                opts = dataset_opts(prefix, model) + own + ["SEED", str(seed)]
                 opts += schedule_opts(iters) + list(extra_opts)
                 out_dir = os.path.join(output_dir, f"split{split}", name, f"s{seed}")
                 label = f"{name} split {split} seed {seed}"

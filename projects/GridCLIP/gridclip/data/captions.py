@@ -19,6 +19,18 @@ of :mod:`gridclip.data.phrases`, shared with grounding prompts; no NLP dependenc
 ``height``/``width`` when given, ``caption`` (the first), ``captions`` (all), ``phrases``: list
 of ``{"text", "span": [start, end], "caption_index", "key"}`` (+ ``category_id`` when known),
 where ``caption[start:end] == text`` and ``key`` = :func:`phrase_key` (what is embedded).
+
+**Teacher pseudo-boxes** (a second self-training round; ``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES``,
+written by ``tools/pseudo_label_pairs.py``): a JSON of the pair images a trained detector
+labelled (every one, with or without boxes) and its boxes, each naming its phrase key::
+
+    {"info": {...}, "images": [{"id": 2000001, "file_name": "..."}, ...],
+     "annotations": [{"image_id": 2000001, "bbox": [x, y, w, h], "phrase": "red star",
+                      "score": 0.93}, ...]}
+
+:func:`attach_pseudo_boxes` turns them into the dicts' ``annotations`` (``category_id`` = the
+index of the phrase in the image's ``phrases``), which the pair mapper carries as
+``pseudo_boxes``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
 
 from .phrases import caption_phrases, phrase_key, pluralize
 
@@ -43,6 +56,7 @@ __all__ = [
     "load_coco_captions_json",
     "register_coco_captions",
     "pair_phrase_keys",
+    "attach_pseudo_boxes",
 ]
 
 _NUMBER_WORDS = ["a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -244,3 +258,77 @@ def register_coco_captions(
 def pair_phrase_keys(dataset_dicts: Sequence[Dict]) -> List[str]:
     """The distinct phrase keys of pair dataset dicts, sorted (the text vocabulary to embed)."""
     return sorted({p["key"] for d in dataset_dicts for p in d.get("phrases", ())})
+
+
+def attach_pseudo_boxes(dataset_dicts: Sequence[Dict], json_file: str) -> List[Dict]:
+    """Pair dataset dicts with a teacher's pseudo-boxes (module doc) as their ``annotations``.
+
+    Every image must be in the file's ``images`` (labelled, maybe with no box); every box must
+    name a phrase of its image and have a positive width and height. Errors name the file and
+    the image or value at fault.
+
+    Returns:
+        new dicts (the given ones are not changed): ``annotations`` = ``{"bbox" (XYWH_ABS),
+        "bbox_mode", "category_id" (index in ``phrases``), "iscrowd": 0, "score"}``.
+    """
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES: {json_file!r} not found "
+            "(write it with tools/pseudo_label_pairs.py)"
+        )
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file}: not a JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_file}: expected a dict with 'images' and 'annotations' lists")
+    if not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{json_file}: expected an 'annotations' list of pseudo-boxes")
+    labelled = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    by_image: Dict = {}
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or not {"image_id", "bbox", "phrase"} <= set(a):
+            raise ValueError(f"{json_file}: annotations[{i}] needs 'image_id', 'bbox', 'phrase'")
+        if a["image_id"] not in labelled:
+            raise ValueError(
+                f"{json_file}: annotations[{i}] names image_id {a['image_id']!r}, "
+                "which is not in its 'images'"
+            )
+        box = a["bbox"]
+        ok = isinstance(box, list) and len(box) == 4
+        ok = ok and all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)
+        if not ok or box[2] <= 0 or box[3] <= 0:
+            raise ValueError(
+                f"{json_file}: annotations[{i}] bbox {box!r} is not a finite [x, y, w, h] "
+                "with positive width and height"
+            )
+        by_image.setdefault(a["image_id"], []).append(a)
+    out = []
+    for d in dataset_dicts:
+        if d["image_id"] not in labelled:
+            raise ValueError(
+                f"{json_file}: pair image {d['file_name']!r} (image_id {d['image_id']!r}) was "
+                "not labelled: the file is of other pairs (label them again)"
+            )
+        index = {}
+        for j, p in enumerate(d["phrases"]):
+            index.setdefault(p["key"], j)
+        annotations = []
+        for a in by_image.get(d["image_id"], ()):
+            if a["phrase"] not in index:
+                raise ValueError(
+                    f"{json_file}: a pseudo-box of image_id {d['image_id']!r} names phrase "
+                    f"{a['phrase']!r}, not one of its captions' {sorted(index)}"
+                )
+            annotations.append(
+                {
+                    "bbox": [float(v) for v in a["bbox"]],
+                    "bbox_mode": BoxMode.XYWH_ABS,
+                    "category_id": index[a["phrase"]],
+                    "iscrowd": 0,
+                    "score": float(a.get("score", 1.0)),
+                }
+            )
+        out.append({**d, "annotations": annotations})
+    return out

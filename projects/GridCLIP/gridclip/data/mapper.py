@@ -10,6 +10,10 @@
   mapper's first augmentation), so Detectron2's ``__call__`` is used as it is. An unreadable,
   truncated or refused image is an error that says which file, instead of a bare PIL/IO error
   deep inside a data-loader worker.
+- :class:`PairsDatasetMapper`: image-text pairs; a teacher's pseudo-boxes (the dicts'
+  ``annotations``, :func:`~.captions.attach_pseudo_boxes`) go through the same augmentation as
+  the image and come out as ``pseudo_boxes`` (``Instances``: ``gt_boxes``, ``gt_classes`` = the
+  phrase's index in ``phrases``), never as ``instances``: a pair input stays a pair input.
 - :class:`ViLDDatasetMapper`: also attaches ViLD's cached distillation proposals
   (:class:`gridclip.clip.teacher_cache.TeacherCache`). It applies the training augmentation
   (resize, flip) to the cached boxes, so they line up with the augmented image; the crop
@@ -38,6 +42,7 @@ __all__ = [
     "CheckedDatasetMapper",
     "ImageOfTheRule",
     "ImageReadError",
+    "PairsDatasetMapper",
     "ViLDDatasetMapper",
     "read_image_by_the_rule",
 ]
@@ -107,6 +112,16 @@ class CheckedDatasetMapper(DatasetMapper):
             ) from e
         finally:
             self.image_of_the_rule.pending = None
+
+
+class PairsDatasetMapper(CheckedDatasetMapper):
+    """:class:`CheckedDatasetMapper` for image-text pairs (module doc)."""
+
+    def __call__(self, dataset_dict):
+        out = super().__call__(dataset_dict)
+        if "instances" in out:
+            out["pseudo_boxes"] = out.pop("instances")
+        return out
 
 
 class ViLDDatasetMapper(CheckedDatasetMapper):

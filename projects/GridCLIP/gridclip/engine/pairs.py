@@ -10,7 +10,10 @@ box iterations, DetCLIPv2's alternation, cost the 300-iteration embedded schedul
 the box iterations given up, README.) Pair images are resized to ``PAIRS_MIN_SIZE_TRAIN`` (a
 lower resolution is DetCLIPv2's efficiency trick; the embedded config keeps the box resolution,
 where pseudo-boxes are better) and batched by ``PAIRS_IMS_PER_BATCH``; no pair batch is added
-before ``PAIRS_START_ITER``. A resumed run restarts the period's phase at its first iteration.
+before ``PAIRS_START_ITER``. With ``PAIRS_PSEUDO_BOXES`` (a file of a trained detector's
+pseudo-boxes, ``tools/pseudo_label_pairs.py``) pair inputs carry those boxes
+(``pseudo_boxes``) and the model trains on them instead of searching its own. A resumed run
+restarts the period's phase at its first iteration.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Iterable, Iterator, List
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.utils.events import get_event_storage
 
-from ..data.mapper import CheckedDatasetMapper
+from ..data.captions import attach_pseudo_boxes
+from ..data.mapper import PairsDatasetMapper
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,13 @@ def build_pairs_train_loader(cfg):
         dicts = [d for d in dicts if d.get("phrases")]
     if not dicts:
         raise ValueError(f"DATASETS.PAIRS_TRAIN {names}: no image with a phrase")
+    if g.PAIRS_PSEUDO_BOXES:
+        dicts = attach_pseudo_boxes(dicts, g.PAIRS_PSEUDO_BOXES)
+        boxes = sum(len(d["annotations"]) for d in dicts)
+        logger.info(
+            f"Teacher pseudo-boxes of {g.PAIRS_PSEUDO_BOXES}: {boxes} for {len(dicts)} pair images "
+            "(the online search is off)"
+        )
     pair_cfg = cfg.clone()
     pair_cfg.defrost()
     if g.PAIRS_MIN_SIZE_TRAIN:
@@ -109,7 +120,7 @@ def build_pairs_train_loader(cfg):
     )
     return build_detection_train_loader(
         dicts,
-        mapper=CheckedDatasetMapper(pair_cfg, True),
+        mapper=PairsDatasetMapper(pair_cfg, True),
         total_batch_size=batch,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )

@@ -522,7 +522,8 @@ class GridCLIP(RetinaNet):
           named phrases with objects not found yet): no target.
 
         (:func:`pseudo_box_targets`.) Normalised by the number of positive anchors, as
-        RetinaNet's focal loss.
+        RetinaNet's focal loss. A batch carrying a teacher's pseudo-boxes
+        (:meth:`given_pseudo_boxes`) trains on those instead of searching its own.
         """
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         alignment = self.pairs_alignment
@@ -535,19 +536,23 @@ class GridCLIP(RetinaNet):
         num_phrases = logits.shape[-1]
         anchors = Boxes.cat(self.anchor_generator(features))
         with torch.no_grad():
-            found, columns = self.find_pseudo_boxes(
-                images,
-                features,
-                box_deltas,
-                logits.detach(),
-                named,
-                counts,
-                [x["image"] for x in batched_inputs],
-                alignment.phrase_embeddings,
-                rows,
-                alignment.pseudo_min_score,
-                anchors,
-            )
+            given = self.given_pseudo_boxes(batched_inputs)
+            if given is not None:
+                found, columns = given
+            else:
+                found, columns = self.find_pseudo_boxes(
+                    images,
+                    features,
+                    box_deltas,
+                    logits.detach(),
+                    named,
+                    counts,
+                    [x["image"] for x in batched_inputs],
+                    alignment.phrase_embeddings,
+                    rows,
+                    alignment.pseudo_min_score,
+                    anchors,
+                )
             labels = []
             for b, c in zip(found, columns):
                 image_labels = torch.full(
@@ -568,6 +573,32 @@ class GridCLIP(RetinaNet):
             "pairs_pseudo_boxes", sum(len(b) for b in found) / len(found)
         )
         return loss / max(int(positive.sum()), 1) * alignment.weight
+
+    def given_pseudo_boxes(
+        self, batched_inputs: List[Dict]
+    ) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+        """A teacher's pseudo-boxes carried by a pair batch (``pseudo_boxes``, with
+        ``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES``: :class:`gridclip.data.mapper.PairsDatasetMapper`)
+        as :meth:`find_pseudo_boxes` returns its own (per image: boxes, phrase columns of
+        :meth:`PairsAlignment.batch_phrases`); None when the batch carries none."""
+        carried = ["pseudo_boxes" in x for x in batched_inputs]
+        if not any(carried):
+            return None
+        if not all(carried):
+            raise ValueError(
+                "a pair batch mixes images with and without teacher pseudo-boxes "
+                "(MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES labels every pair image)"
+            )
+        column = {k: j for j, k in enumerate(self.pairs_alignment.batch_keys(batched_inputs))}
+        found, columns = [], []
+        for x in batched_inputs:
+            given = x["pseudo_boxes"]
+            keys = [x["phrases"][int(c)]["key"] for c in given.gt_classes]
+            found.append(given.gt_boxes.tensor.to(self.device, torch.float32))
+            columns.append(
+                torch.tensor([column[k] for k in keys], dtype=torch.long, device=self.device)
+            )
+        return found, columns
 
     @torch.no_grad()
     def find_pseudo_boxes(

@@ -210,6 +210,11 @@ class PairsAlignment(nn.Module):
             f"pseudo_min_score={self.pseudo_min_score}"
         )
 
+    @staticmethod
+    def batch_keys(batched_inputs: List[Dict]) -> List[str]:
+        """The batch's distinct phrase keys, sorted: its columns (:meth:`batch_phrases`)."""
+        return sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+
     def batch_phrases(
         self, batched_inputs: List[Dict]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,7 +226,7 @@ class PairsAlignment(nn.Module):
           largest when several captions name it), 0 when they do not name it, -1 when they
           name it without a count ("blue rings").
         """
-        keys = sorted({p["key"] for x in batched_inputs for p in x["phrases"]})
+        keys = self.batch_keys(batched_inputs)
         missing = [k for k in keys if k not in self.index]
         if missing:
             raise KeyError(
