@@ -168,6 +168,21 @@ def _checked_phrases(given, caption: str, json_file: str, ann_id, caption_index:
     return [p for p in phrases if p["key"]]
 
 
+def _read_images_and_annotations(json_file: str, where: str, what: str) -> Dict:
+    """A COCO-style JSON with an ``images`` list and an ``annotations`` list (of ``what``);
+    errors start with ``where``."""
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not a JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{where}: expected a dict with an 'images' list and 'annotations' list")
+    if not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{where}: expected an 'annotations' list of {what}")
+    return data
+
+
 def load_coco_captions_json(json_file: str, image_root: str, dataset_name: str = "") -> List[Dict]:
     """Read a COCO-captions-style JSON (module doc) into dataset dicts, one per captioned image.
 
@@ -177,15 +192,7 @@ def load_coco_captions_json(json_file: str, image_root: str, dataset_name: str =
     where = f"{json_file}" + (f" (dataset {dataset_name!r})" if dataset_name else "")
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"captions file of {where} not found")
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not a JSON file ({type(e).__name__}: {e})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{where}: expected a dict with an 'images' list and 'annotations' list")
-    if not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{where}: expected an 'annotations' list of captions")
+    data = _read_images_and_annotations(json_file, where, "captions")
     images: Dict = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
@@ -276,15 +283,7 @@ def attach_pseudo_boxes(dataset_dicts: Sequence[Dict], json_file: str) -> List[D
             f"MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES: {json_file!r} not found "
             "(write it with tools/pseudo_label_pairs.py)"
         )
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_file}: not a JSON file ({type(e).__name__}: {e})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_file}: expected a dict with 'images' and 'annotations' lists")
-    if not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{json_file}: expected an 'annotations' list of pseudo-boxes")
+    data = _read_images_and_annotations(json_file, json_file, "pseudo-boxes")
     labelled = {im.get("id") for im in data["images"] if isinstance(im, dict)}
     by_image: Dict = {}
     for i, a in enumerate(data["annotations"]):
