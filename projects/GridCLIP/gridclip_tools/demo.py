@@ -264,24 +264,35 @@ def build_cfg(args):
     return cfg
 
 
-def evaluation_setup(parser: argparse.ArgumentParser, args) -> tuple:
-    """``(cfg, dataset)`` of an evaluation command (``add_evaluated_model``'s flags and
-    ``--iou``): the config with ``--weights`` (:func:`build_cfg`), its datasets registered, and
-    ``--dataset`` or else the config's ``DATASETS.TEST[0]``. A bad value ends the command with
+def evaluated_model_setup(parser: argparse.ArgumentParser, args):
+    """The config of a command that runs a trained model over registered datasets
+    (``add_evaluated_model``'s flags): ``--num-images`` checked, the config with ``--weights``
+    (:func:`build_cfg`) and its datasets registered. A bad value ends the command with
     ``parser.error`` naming it."""
-    if not 0.0 < args.iou <= 1.0:
-        parser.error(f"--iou {args.iou}: must be in (0, 1]")
     if args.num_images < 0:
         parser.error(f"--num-images {args.num_images}: must be >= 0")
     try:
         cfg = build_cfg(args)
         register_datasets_from_cfg(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        parser.error(str(e))
+    return cfg
+
+
+def evaluation_setup(parser: argparse.ArgumentParser, args) -> tuple:
+    """``(cfg, dataset)`` of an evaluation command (``add_evaluated_model``'s flags and
+    ``--iou``): :func:`evaluated_model_setup`, and ``--dataset`` or else the config's
+    ``DATASETS.TEST[0]``. A bad value ends the command with ``parser.error`` naming it."""
+    if not 0.0 < args.iou <= 1.0:
+        parser.error(f"--iou {args.iou}: must be in (0, 1]")
+    cfg = evaluated_model_setup(parser, args)
+    try:
         dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
         if dataset is None:
             raise ValueError("no --dataset and the config has no DATASETS.TEST")
         if dataset not in DatasetCatalog.list():
             raise ValueError(f"--dataset {dataset!r} is not registered")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except ValueError as e:
         parser.error(str(e))
     return cfg, dataset
 

@@ -35,10 +35,9 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 import gridclip  # noqa: F401  (registers models and datasets)
-from gridclip.data import register_datasets_from_cfg
 from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, add_evaluated_model
-from gridclip_tools.demo import build_cfg, read_image_bgr
+from gridclip_tools.demo import evaluated_model_setup, read_image_bgr
 from gridclip_tools.pseudo_box_quality import find_image_pseudo_boxes
 
 __all__ = ["label_pair_images", "main"]
@@ -101,11 +100,8 @@ def main(argv=None) -> Dict:
     args = parser.parse_args(argv)
     setup_logger(name="gridclip")
     setup_logger()
-    if args.num_images < 0:
-        parser.error(f"--num-images {args.num_images}: must be >= 0")
+    cfg = evaluated_model_setup(parser, args)
     try:
-        cfg = build_cfg(args)
-        register_datasets_from_cfg(cfg)
         names = [args.dataset] if args.dataset else list(cfg.DATASETS.PAIRS_TRAIN)
         if not names:
             raise ValueError("no --dataset and the config has no DATASETS.PAIRS_TRAIN")
@@ -117,7 +113,7 @@ def main(argv=None) -> Dict:
                 f"{args.config_file}: pseudo-labelling needs GridCLIP with "
                 "MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0 (the phrase embeddings of its pairs)"
             )
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except ValueError as e:
         parser.error(str(e))
     min_score = (
         cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE if args.min_score is None else args.min_score

@@ -25,8 +25,7 @@ written by ``tools/pseudo_label_pairs.py``): a JSON of the pair images a trained
 labelled (every one, with or without boxes) and its boxes, each naming its phrase key::
 
     {"info": {...}, "images": [{"id": 2000001, "file_name": "..."}, ...],
-     "annotations": [{"image_id": 2000001, "bbox": [x, y, w, h], "phrase": "red star",
-                      "score": 0.93}, ...]}
+     "annotations": [{"image_id": 2000001, "bbox": [x, y, w, h], "phrase": "red star"}, ...]}
 
 :func:`attach_pseudo_boxes` turns them into the dicts' ``annotations`` (``category_id`` = the
 index of the phrase in the image's ``phrases``), which the pair mapper carries as
@@ -276,7 +275,8 @@ def attach_pseudo_boxes(dataset_dicts: Sequence[Dict], json_file: str) -> List[D
 
     Returns:
         new dicts (the given ones are not changed): ``annotations`` = ``{"bbox" (XYWH_ABS),
-        "bbox_mode", "category_id" (index in ``phrases``), "iscrowd": 0, "score"}``.
+        "bbox_mode", "category_id" (index in ``phrases``), "iscrowd": 0}``; other keys of the
+        file's boxes are not read.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
@@ -326,7 +326,6 @@ def attach_pseudo_boxes(dataset_dicts: Sequence[Dict], json_file: str) -> List[D
                     "bbox_mode": BoxMode.XYWH_ABS,
                     "category_id": index[a["phrase"]],
                     "iscrowd": 0,
-                    "score": float(a.get("score", 1.0)),
                 }
             )
         out.append({**d, "annotations": annotations})
