@@ -210,53 +210,6 @@ def test_empty_and_half_empty_ground_truth(assets):
     assert losses["loss_box_reg"] > 0 and torch.isfinite(losses["loss_cls"])
 
 
-def test_calibrate_prior_sets_mean_probability_once(assets):
-    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.CALIBRATE_PRIOR", True))
-    head = model.head
-    assert not bool(head.prior_calibrated)
-    torch.manual_seed(0)
-    logits = (torch.randn(2, 50, K) * 2 + 3).requires_grad_()  # CLIP-like: most classes > 0.5
-    bias = head.classifier.bias.item()
-    out = head.calibrate_prior(logits)
-    shift = head.classifier.bias.item() - bias
-    assert bool(head.prior_calibrated) and shift < -3
-    assert torch.allclose(out, logits + shift)
-    assert abs(torch.sigmoid(out).mean().item() - head.prior_prob) < 1e-4
-    out.sum().backward()  # gradients flow as through the logits
-    assert torch.equal(logits.grad, torch.ones_like(logits))
-    assert head.calibrate_prior(logits) is logits  # once only
-    assert head.classifier.bias.item() == bias + shift
-
-
-def test_calibrate_prior_on_first_batch_and_checkpoints(assets):
-    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.CALIBRATE_PRIOR", True))
-    plain = build_model(make_cfg(assets))
-    assert bool(plain.head.prior_calibrated)  # off: RetinaNet's fixed prior, nothing to do
-    assert plain.head.classifier.bias.item() == pytest.approx(-math.log(99))
-    with torch.no_grad():  # logits far from the prior, as CLIP's cosines make them
-        for m in (model, plain):
-            m.head.classifier.bias.fill_(4.0)
-    inputs = make_inputs()
-    calibrated = train_losses(model, inputs)[0]["loss_cls"]
-    uncalibrated = train_losses(plain, inputs)[0]["loss_cls"]
-    assert bool(model.head.prior_calibrated)
-    assert model.head.classifier.bias.item() < 0 and calibrated < uncalibrated / 10
-    # the flag travels with the weights: a resumed or fine-tuned run does not redo it
-    state = copy.deepcopy(model.state_dict())
-    assert bool(state["head.prior_calibrated"])
-    resumed = build_model(make_cfg(assets, "MODEL.GRIDCLIP.CALIBRATE_PRIOR", True))
-    resumed.load_state_dict(state)
-    assert bool(resumed.head.prior_calibrated)
-    bias = resumed.head.classifier.bias.item()
-    train_losses(resumed, inputs)
-    assert resumed.head.classifier.bias.item() == bias
-    # a checkpoint from before the flag existed holds a trained bias: loaded as calibrated
-    del state["head.prior_calibrated"]
-    old = build_model(make_cfg(assets, "MODEL.GRIDCLIP.CALIBRATE_PRIOR", True))
-    assert old.load_state_dict(state, strict=True) is not None
-    assert bool(old.head.prior_calibrated)
-
-
 def _hand_focal(logits, targets, alpha=0.25, gamma=2.0):
     p = torch.sigmoid(logits.double())
     t = targets.double()

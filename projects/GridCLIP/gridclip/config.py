@@ -78,14 +78,6 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.ANCHOR_OFFSET = True
     # Logits = LOGIT_SCALE * cos(grid embedding, text embedding) + prior bias.
     _C.MODEL.GRIDCLIP.LOGIT_SCALE = 20.0
-    # RetinaNet's prior (every class starts at probability RETINANET.PRIOR_PROB) set by a bias
-    # of -log((1 - p) / p) assumes logits start near 0. Cosines in CLIP space do not: with the
-    # dense CLIP term the grid embeddings start at cos ~0.3 with every text embedding (the
-    # embedded world: mean probability 0.76, first loss_cls ~26,000). True: the first training
-    # batch sets the shared bias so that its mean probability over anchors and trained classes
-    # is PRIOR_PROB (once; a flag in the checkpoint keeps resumed and fine-tuned runs from
-    # redoing it). False: the fixed RetinaNet bias.
-    _C.MODEL.GRIDCLIP.CALIBRATE_PRIOR = False
     # Learn the logit scale (clamped to [1, 100]) instead of keeping it fixed.
     _C.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE = False
     # Kernel size of the conv that outputs the grid embeddings: 3 (RetinaNet's classifier conv)

@@ -729,7 +729,6 @@ class GridCLIP(RetinaNet):
 
         rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
         logits = self.head.logits(rows, trained_indices)  # (N, M, K'), M rows of G anchors
-        logits = self.head.calibrate_prior(logits)  # once, on the first batch (when enabled)
         offsets = None
         if anchor_offsets is not None and self.head.anchors_per_embedding > 1:
             n, m = logits.shape[:2]

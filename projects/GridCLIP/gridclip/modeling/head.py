@@ -8,7 +8,6 @@ and inference use :meth:`GridCLIPHead.forward_embeddings` and score only what th
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import List, Optional, Tuple
 
@@ -17,7 +16,6 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-from detectron2.utils import comm
 from torch import Tensor, nn
 
 from .text_classifier import TextEmbeddingClassifier
@@ -55,7 +53,6 @@ class GridCLIPHead(RetinaNetHead):
         learn_logit_scale: bool = False,
         text_product_dtype: str = "float32",
         objectness_ranker: bool = False,
-        calibrate_prior: bool = False,
     ):
         """
         Args:
@@ -74,9 +71,6 @@ class GridCLIPHead(RetinaNetHead):
                 by GridCLIP's ``loss_objectness_ranker`` to rank locations for
                 ``TEST_TOPK_LOCATIONS``. Built after every other layer from a forked random
                 state, so the detector's initialisation is the same with or without it.
-            calibrate_prior: the first training batch sets the classifier's bias so that its
-                mean probability is ``prior_prob`` (:meth:`calibrate_prior`) instead of
-                RetinaNet's fixed ``-log((1 - prior_prob) / prior_prob)``.
         """
         # RetinaNet's towers and box predictor; its K-class predictor is replaced below.
         if isinstance(embed_kernel_size, bool) or embed_kernel_size not in EMBED_KERNEL_SIZES:
@@ -115,10 +109,6 @@ class GridCLIPHead(RetinaNetHead):
             learn_bias=True,
         )
         self.classifier.set_product_dtype(text_product_dtype)
-        self.prior_prob = float(prior_prob)
-        # True once the bias holds the calibrated prior (or when there is nothing to calibrate);
-        # in the checkpoint, so that a resumed or fine-tuned run does not redo it.
-        self.register_buffer("prior_calibrated", torch.tensor(not calibrate_prior))
         self.objectness = None
         if objectness_ranker:
             # Fork the global random state: creating and initialising this conv must not shift
@@ -141,53 +131,8 @@ class GridCLIPHead(RetinaNetHead):
             learn_logit_scale=cfg.MODEL.GRIDCLIP.LEARN_LOGIT_SCALE,
             text_product_dtype=cfg.MODEL.GRIDCLIP.TEXT_PRODUCT_DTYPE,
             objectness_ranker=cfg.MODEL.GRIDCLIP.OBJECTNESS_RANKER,
-            calibrate_prior=cfg.MODEL.GRIDCLIP.CALIBRATE_PRIOR,
         )
         return ret
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before the flag existed hold a trained bias: nothing to calibrate.
-        flag = prefix + "prior_calibrated"
-        if flag not in state_dict and prefix + "classifier.bias" in state_dict:
-            state_dict[flag] = torch.tensor(True)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def calibrate_prior(self, logits: Tensor, max_samples: int = 1 << 20) -> Tensor:
-        """RetinaNet's prior, measured instead of assumed: once, on the first training batch.
-
-        ``logits`` (any shape) were computed with the current bias. Finds the shift d with
-        mean(sigmoid(logits + d)) = ``prior_prob`` (bisection over at most ``max_samples``
-        evenly strided logits; averaged over the processes of a distributed run, which must
-        stay identical), adds it to the shared bias and returns ``logits + d`` (gradients flow
-        as through ``logits``). Returns ``logits`` unchanged once calibrated (or without
-        ``calibrate_prior``).
-        """
-        if bool(self.prior_calibrated):
-            return logits
-        with torch.no_grad():
-            flat = logits.detach().flatten().float()
-            flat = flat[:: max(1, flat.numel() // max_samples)]
-            low, high = -100.0, 100.0
-            for _ in range(60):
-                mid = (low + high) / 2
-                if float(torch.sigmoid(flat + mid).mean()) < self.prior_prob:
-                    low = mid
-                else:
-                    high = mid
-            shift = torch.tensor((low + high) / 2, device=self.classifier.bias.device)
-            if comm.get_world_size() > 1:
-                torch.distributed.all_reduce(shift)
-                shift /= comm.get_world_size()
-            before = float(torch.sigmoid(flat).mean())
-            old = self.classifier.bias.item()
-            self.classifier.bias.add_(shift)
-            self.prior_calibrated.fill_(True)
-        new = self.classifier.bias.item()
-        logging.getLogger(__name__).info(
-            f"Calibrated the classification prior on the first batch: mean probability "
-            f"{before:.3f} -> {self.prior_prob:g}, bias {old:.2f} -> {new:.2f}"
-        )
-        return logits + shift.to(logits.dtype)
 
     @property
     def num_classes(self) -> int:
