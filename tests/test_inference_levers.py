@@ -598,6 +598,17 @@ def test_box_refiner_loss_on_a_hand_built_case():
     # refine() applies the predicted deltas to the boxes
     refined = refiner.refine(features, [boxes[:2]])[0]
     torch.testing.assert_close(refined, refiner.transform.apply_deltas(deltas, boxes[:2]))
+    # steps > 1: each step refines the previous one's boxes (per image, order kept)
+    again = refiner.transform.apply_deltas(refiner(features, [Boxes(refined)]), refined)
+    three = [f.repeat(3, 1, 1, 1) for f in features]  # three images, the same features
+    twice = refiner.refine(three, [boxes[:2], boxes[:0], boxes[:1]], steps=2)
+    torch.testing.assert_close(twice[0], again)
+    assert twice[1].shape == (0, 4)
+    torch.testing.assert_close(twice[2], again[:1])
+    assert not torch.allclose(again, refined)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="whole number"):
+            refiner.refine(features, [boxes[:2]], steps=bad)
 
 
 def test_box_refinement_trains_on_the_dense_boxes_and_moves_only_boxes(assets):
@@ -626,8 +637,15 @@ def test_box_refinement_trains_on_the_dense_boxes_and_moves_only_boxes(assets):
         plain = model.forward_inference(images, features, predictions)
         model.box_refiner = refiner
         expected = refiner.refine(features, [p.pred_boxes.tensor for p in plain])
+        model.test_box_refine_steps = 2  # MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS
+        refined_twice = model.forward_inference(images, features, predictions)
+        expected_twice = refiner.refine(features, expected)
     for r, p, e in zip(refined, plain, expected):
         assert len(p) > 5
         assert torch.equal(r.scores, p.scores) and torch.equal(r.pred_classes, p.pred_classes)
         torch.testing.assert_close(r.pred_boxes.tensor, e)
         assert not torch.allclose(r.pred_boxes.tensor, p.pred_boxes.tensor)
+    for r, e in zip(refined_twice, expected_twice):
+        torch.testing.assert_close(r.pred_boxes.tensor, e)
+    with pytest.raises(ValueError, match="TEST_BOX_REFINE_STEPS"):
+        build_model(make_cfg(assets, *REFINE, "MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS", 0))

@@ -11,8 +11,10 @@ class-agnostic deltas (Fast R-CNN's parametrisation) from the box to its object.
 Training: the boxes are the dense head's own decoded predictions at its positive anchors
 (detached, so the dense regression is trained by its own loss only), at most
 ``samples_per_image`` per image drawn at random, each regressed to the ground-truth box of its
-anchor; L1 loss on the deltas, averaged over the boxes. Inference: applied once to the boxes NMS
-(and box voting) kept; scores and classes unchanged.
+anchor; L1 loss on the deltas, averaged over the boxes. Inference: applied to the boxes NMS (and
+box voting) kept, once or, with ``steps`` > 1, again to its own output (the same regressor: a
+refined box is closer to its object than the boxes it was trained on, and a second look moves it
+closer still; measured in the README); scores and classes unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from detectron2.structures import Boxes
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 
-__all__ = ["BoxRefiner"]
+__all__ = ["BoxRefiner", "build_box_refiner", "check_refine_steps"]
 
 
 class BoxRefiner(nn.Module):
@@ -76,13 +78,18 @@ class BoxRefiner(nn.Module):
         x = self.pooler(features, boxes).flatten(1)
         return self.deltas(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
-    def refine(self, features: List[Tensor], boxes: List[Tensor]) -> List[Tensor]:
-        """Per image (R_i, 4) XYXY boxes -> the refined boxes, same order."""
+    def refine(self, features: List[Tensor], boxes: List[Tensor], steps: int = 1) -> List[Tensor]:
+        """Per image (R_i, 4) XYXY boxes -> the refined boxes, same order; ``steps`` times, each
+        step refining the previous one's boxes."""
+        steps = check_refine_steps(steps)
         if sum(len(b) for b in boxes) == 0:
             return list(boxes)
-        deltas = self(features, [Boxes(b) for b in boxes])
-        refined = self.transform.apply_deltas(deltas, torch.cat(boxes))
-        return list(refined.split([len(b) for b in boxes]))
+        sizes = [len(b) for b in boxes]
+        refined = torch.cat(boxes)
+        for _ in range(steps):
+            deltas = self(features, [Boxes(b) for b in refined.split(sizes)])
+            refined = self.transform.apply_deltas(deltas, refined)
+        return list(refined.split(sizes))
 
     def losses(self, features: List[Tensor], boxes: List[Tensor], targets: List[Tensor]) -> Tensor:
         """L1 loss of the predicted deltas against the deltas from each box to its target.
@@ -111,6 +118,13 @@ class BoxRefiner(nn.Module):
         deltas = self(features, [Boxes(b) for b in kept_boxes])
         wanted = self.transform.get_deltas(torch.cat(kept_boxes), torch.cat(kept_targets))
         return F.l1_loss(deltas, wanted, reduction="sum") / count
+
+
+def check_refine_steps(steps, key: str = "steps") -> int:
+    """A refinement step count as an int >= 1 (``key`` names the setting in the error)."""
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"{key}={steps!r}: the box refiner runs a whole number >= 1 of times")
+    return int(steps)
 
 
 def build_box_refiner(cfg, feature_shapes) -> "BoxRefiner | None":

@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from ..clip import build_clip_teacher_from_cfg
 from ..data import novel_class_mask
-from .box_refinement import BoxRefiner, build_box_refiner
+from .box_refinement import BoxRefiner, build_box_refiner, check_refine_steps
 from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
@@ -164,6 +164,7 @@ class GridCLIP(RetinaNet):
         test_box_voting_iou: float = 0.0,
         box_refiner: Optional[BoxRefiner] = None,
         box_refine_loss_weight: float = 1.0,
+        test_box_refine_steps: int = 1,
         **kwargs,
     ):
         """
@@ -198,6 +199,9 @@ class GridCLIP(RetinaNet):
                 (:func:`box_voting`); 0 = off.
             box_refiner: class-agnostic refinement of the kept boxes (:class:`BoxRefiner`,
                 trained by ``loss_box_refine``), or None.
+            test_box_refine_steps: how many times the refiner regresses each kept box at
+                inference (and when the model is a teacher: :meth:`find_pseudo_boxes`' caller
+                says); training's own pseudo-box search refines once.
             box_refine_loss_weight: weight of ``loss_box_refine``.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
@@ -237,6 +241,9 @@ class GridCLIP(RetinaNet):
         )
         self.box_refiner = box_refiner
         self.box_refine_loss_weight = float(box_refine_loss_weight)
+        self.test_box_refine_steps = check_refine_steps(
+            test_box_refine_steps, "MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS"
+        )
         self.clip_ensemble = clip_ensemble
         self.clip_ensemble_weights, self.clip_ensemble_crop_scales = check_rescoring_settings(
             clip_ensemble_weights,
@@ -294,6 +301,7 @@ class GridCLIP(RetinaNet):
             "test_box_voting_iou": cfg.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU,
             "box_refiner": build_box_refiner(cfg, feature_shapes),
             "box_refine_loss_weight": cfg.MODEL.GRIDCLIP.BOX_REFINE_LOSS_WEIGHT,
+            "test_box_refine_steps": cfg.MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -614,6 +622,7 @@ class GridCLIP(RetinaNet):
         rows: Tensor,
         min_score: float,
         anchors: Optional[Boxes] = None,
+        refine_steps: int = 1,
     ) -> Tuple[List[Tensor], List[Tensor]]:
         """Caption pseudo-boxes of a batch (:meth:`pairs_pseudo_box_loss`;
         ``tools/pseudo_box_quality.py`` measures them on annotated images).
@@ -628,6 +637,8 @@ class GridCLIP(RetinaNet):
             vocabulary: (V, D) text embeddings the ensemble's softmax runs over; rows: (P,)
                 each column's row in it.
             min_score: ``min_score`` of :func:`caption_pseudo_boxes`.
+            refine_steps: box refiner steps (training: 1; a trained teacher: its
+                ``test_box_refine_steps``).
         Returns:
             per image, the (K, 4) pseudo-boxes (refined by the box refiner when there is one)
             and their (K,) phrase columns.
@@ -653,7 +664,7 @@ class GridCLIP(RetinaNet):
             found.append(b)
             columns.append(phrases[c])
         if self.box_refiner is not None:
-            found = self.box_refiner.refine(features, found)
+            found = self.box_refiner.refine(features, found, refine_steps)
         return found, columns
 
     def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
@@ -918,7 +929,9 @@ class GridCLIP(RetinaNet):
             )
             results.append(kept)
         if self.box_refiner is not None:
-            refined = self.box_refiner.refine(features, [r.pred_boxes.tensor for r in results])
+            refined = self.box_refiner.refine(
+                features, [r.pred_boxes.tensor for r in results], self.test_box_refine_steps
+            )
             for r, boxes in zip(results, refined):
                 r.pred_boxes = Boxes(boxes)
         return results
