@@ -30,6 +30,7 @@ from gridclip.data.phrases import phrase_count
 from gridclip.data.world import generate_world, generate_world_pairs, register_world
 from gridclip.engine import Trainer
 from gridclip.engine.pairs import JointLoader
+from gridclip.modeling.box_refinement import BoxRefiner
 from gridclip.modeling.pairs_alignment import (
     PairsAlignment,
     caption_pseudo_boxes,
@@ -392,7 +393,19 @@ def _tiny_pairs_opts(tmp_path):
     # fmt: on
 
 
-def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
+def _record_refine_steps(monkeypatch):
+    """The ``steps`` of every :meth:`BoxRefiner.refine` call from now on."""
+    steps, refine = [], BoxRefiner.refine
+
+    def recording(self, features, boxes, steps_=1):
+        steps.append(steps_)
+        return refine(self, features, boxes, steps_)
+
+    monkeypatch.setattr(BoxRefiner, "refine", recording)
+    return steps
+
+
+def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path, monkeypatch):
     opts = _tiny_pairs_opts(tmp_path) + ["OUTPUT_DIR", str(tmp_path / "run")]
     cfg = get_gridclip_cfg("embedded/GridCLIP_world_pairs.yaml", opts)
     trainer = Trainer(cfg)
@@ -406,7 +419,10 @@ def test_two_iterations_on_boxes_and_pairs(pairs_world, tmp_path):
     before = model.head.grid_embed.weight.detach().clone()
     record = _RecordLosses()
     trainer.register_hooks([record])
+    refine_steps = _record_refine_steps(monkeypatch)
     trainer.train()
+    # training's own pseudo-box search refines once, whatever TEST_BOX_REFINE_STEPS says
+    assert model.test_box_refine_steps == 2 and refine_steps == [1]
     # pairs on top of the box batches: both losses at step 0, box losses alone at step 1
     box_losses = ["loss_box_refine", "loss_box_reg", "loss_cls"]  # the world config refines
     assert record.keys[0] == box_losses + ["loss_pairs"]
@@ -553,7 +569,10 @@ def test_second_round_labels_pairs_and_trains_on_the_teacher_boxes(
     weights = str(tmp_path / "teacher.pth")
     torch.save({"model": teacher.model.state_dict()}, weights)
     labels = str(tmp_path / "labels" / "round2.json")
+    refine_steps = _record_refine_steps(monkeypatch)
     result = pseudo_label_pairs.main(["--weights", weights, "--output", labels] + opts)
+    # a teacher refines as at inference: the world config's TEST_BOX_REFINE_STEPS
+    assert refine_steps and set(refine_steps) == {cfg.MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS} == {2}
     dicts = {d["image_id"]: d for d in DatasetCatalog.get("test_pairs_world_pairs")}
     assert sorted(im["id"] for im in result["images"]) == sorted(dicts)
     assert result["annotations"], "floor 0: every named phrase gets its boxes"
