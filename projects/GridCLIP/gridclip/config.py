@@ -135,9 +135,8 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.BOX_REFINE = False
     _C.MODEL.GRIDCLIP.BOX_REFINE_LOSS_WEIGHT = 1.0
     # Inference: how many times the refiner regresses each kept box, its output fed back in (the
-    # iterative box regression of Cascade R-CNN's test, with one shared stage). Also what a
-    # trained model uses as a teacher (tools/pseudo_label_pairs.py, tools/pseudo_box_quality.py);
-    # training's own pseudo-box search refines once. 1 = once.
+    # iterative box regression of Cascade R-CNN's test, with one shared stage). The caption
+    # pseudo-box search (training's and tools/pseudo_label_pairs.py's) refines once. 1 = once.
     _C.MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS = 1
     # Train the classification loss only on classes annotated in training (LVIS OVD: f + c).
     # Novel (frequency 'r') classes still get scored at test time.

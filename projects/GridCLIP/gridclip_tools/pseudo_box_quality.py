@@ -9,10 +9,9 @@ training code itself). Pair images have no boxes to check them against; this com
 same game on a box-annotated dataset: each image's "caption" names every annotated class with its
 count (a perfect caption), the pseudo-boxes are found exactly as in training (the config's
 ``PAIRS_PSEUDO_MIN_SCORE``, the CLIP score ensemble when ``TEST_CLIP_ENSEMBLE`` is on, the box
-refiner when the model has one, ``TEST_BOX_REFINE_STEPS`` times as when it labels pairs for a
-second round, where training's own search refines once; ``--min-score`` overrides the floor) with
-the model's class names as the vocabulary, and each pseudo-box is **correct** when it overlaps an
-annotated box of its class at IoU >= ``--iou`` (0.5), each box matched once, best score first.
+refiner once when the model has one; ``--min-score`` overrides the floor) with the model's class
+names as the vocabulary, and each pseudo-box is **correct** when it overlaps an annotated box of
+its class at IoU >= ``--iou`` (0.5), each box matched once, best score first.
 
 Reported per class frequency (base ``f``/``c``, novel ``r``): precision (correct / pseudo-boxes)
 and recall (correct / annotated objects), on stdout and in ``--output`` (JSON).
@@ -94,7 +93,6 @@ def find_image_pseudo_boxes(model, image_bgr, cfg, vocabulary, rows, counts, min
         vocabulary,
         rows,
         min_score,
-        refine_steps=model.test_box_refine_steps,  # the teacher's boxes, as at inference
     )
     return found[0].cpu(), columns[0].cpu(), transform
 

@@ -11,11 +11,11 @@ pseudo-boxes with the model being trained, which is weak early on. A detector al
 on boxes + pairs finds better ones (README: novel-class recall 68% -> 77%); this command runs its
 search (:meth:`GridCLIP.find_pseudo_boxes`, the training code: the caption's counts, the
 ``PAIRS_PSEUDO_MIN_SCORE`` floor or ``--min-score``, the CLIP ranking when ``TEST_CLIP_ENSEMBLE``
-is on, the box refiner ``TEST_BOX_REFINE_STEPS`` times, as at inference) once over every image of
-the config's ``DATASETS.PAIRS_TRAIN`` (or ``--dataset``) at the test resolution, and writes the
-boxes in image pixels with their phrase keys (format: :mod:`gridclip.data.captions`). A new
-detector trained with ``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES`` set to the file learns from these boxes
-from its first pair batch instead of searching its own.
+is on, the one-step box refiner) once over every image of the config's ``DATASETS.PAIRS_TRAIN`` (or
+``--dataset``) at the test resolution, and writes the boxes in image pixels with their phrase keys
+(format: :mod:`gridclip.data.captions`). A new detector trained with
+``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES`` set to the file learns from these boxes from its first pair
+batch instead of searching its own.
 """
 
 from __future__ import annotations

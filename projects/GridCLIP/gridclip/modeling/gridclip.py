@@ -200,8 +200,7 @@ class GridCLIP(RetinaNet):
             box_refiner: class-agnostic refinement of the kept boxes (:class:`BoxRefiner`,
                 trained by ``loss_box_refine``), or None.
             test_box_refine_steps: how many times the refiner regresses each kept box at
-                inference (and when the model is a teacher: :meth:`find_pseudo_boxes`' caller
-                says); training's own pseudo-box search refines once.
+                inference; the pseudo-box search (:meth:`find_pseudo_boxes`) refines once.
             box_refine_loss_weight: weight of ``loss_box_refine``.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
@@ -622,7 +621,6 @@ class GridCLIP(RetinaNet):
         rows: Tensor,
         min_score: float,
         anchors: Optional[Boxes] = None,
-        refine_steps: int = 1,
     ) -> Tuple[List[Tensor], List[Tensor]]:
         """Caption pseudo-boxes of a batch (:meth:`pairs_pseudo_box_loss`;
         ``tools/pseudo_box_quality.py`` measures them on annotated images).
@@ -637,8 +635,6 @@ class GridCLIP(RetinaNet):
             vocabulary: (V, D) text embeddings the ensemble's softmax runs over; rows: (P,)
                 each column's row in it.
             min_score: ``min_score`` of :func:`caption_pseudo_boxes`.
-            refine_steps: box refiner steps (training: 1; a trained teacher: its
-                ``test_box_refine_steps``).
         Returns:
             per image, the (K, 4) pseudo-boxes (refined by the box refiner when there is one)
             and their (K,) phrase columns.
@@ -664,7 +660,8 @@ class GridCLIP(RetinaNet):
             found.append(b)
             columns.append(phrases[c])
         if self.box_refiner is not None:
-            found = self.box_refiner.refine(features, found, refine_steps)
+            found = self.box_refiner.refine(features, found)  # once (README: a teacher refining
+            # twice, TEST_BOX_REFINE_STEPS, labelled pairs that trained a worse second round)
         return found, columns
 
     def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
