@@ -199,9 +199,9 @@ class GridCLIP(RetinaNet):
                 (:func:`box_voting`); 0 = off.
             box_refiner: class-agnostic refinement of the kept boxes (:class:`BoxRefiner`,
                 trained by ``loss_box_refine``), or None.
+            box_refine_loss_weight: weight of ``loss_box_refine``.
             test_box_refine_steps: how many times the refiner regresses each kept box at
                 inference; the pseudo-box search (:meth:`find_pseudo_boxes`) refines once.
-            box_refine_loss_weight: weight of ``loss_box_refine``.
             kwargs: the arguments of :class:`RetinaNet` except ``head`` and ``num_classes``.
         """
         assert isinstance(head, GridCLIPHead), f"GridCLIP needs a GridCLIPHead, got {type(head)}"
@@ -660,8 +660,9 @@ class GridCLIP(RetinaNet):
             found.append(b)
             columns.append(phrases[c])
         if self.box_refiner is not None:
-            found = self.box_refiner.refine(features, found)  # once (README: a teacher refining
-            # twice, TEST_BOX_REFINE_STEPS, labelled pairs that trained a worse second round)
+            # One step, whatever TEST_BOX_REFINE_STEPS says: labels a teacher refined twice
+            # trained a worse second round (README, "Training with image-text pairs").
+            found = self.box_refiner.refine(features, found)
         return found, columns
 
     def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
