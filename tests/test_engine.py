@@ -90,5 +90,5 @@ def test_default_device_follows_machine():
 @pytest.mark.parametrize("batch", [0, -4])
 def test_a_batch_size_that_is_not_positive_is_named(batch):
     cfg = get_gridclip_cfg("embedded/GridCLIP_world.yaml", ["SOLVER.IMS_PER_BATCH", batch])
-    with pytest.raises(ValueError, match=rf"SOLVER.IMS_PER_BATCH = {batch}: .* positive"):
+    with pytest.raises(ValueError, match=rf"SOLVER.IMS_PER_BATCH = {batch} .*whole number >= 1"):
         Trainer.build_train_loader(cfg)

@@ -5,6 +5,7 @@ file modes. Each test injects a fault that ``main`` (ba4ce31) absorbed or report
 
 import json
 import os
+import re
 import stat
 import tracemalloc
 
@@ -25,6 +26,7 @@ from gridclip.data.images import ImageInputError, read_image_bgr, to_bgr_uint8
 from gridclip.data.world import generate_world
 from gridclip.engine import AtomicCheckpointer, write_results
 from gridclip.engine.predictor import MAX_DRAWING_SIDE, OpenVocabularyPredictor
+from gridclip.utils import check_whole_number
 from gridclip_tools import cache_teacher_embeddings, cache_vild_teacher
 from gridclip_tools import compare_eval as compare
 from gridclip_tools import demo, embedded_demo, make_world, small_clip_training
@@ -276,6 +278,14 @@ def test_numeric_options_of_the_tools_are_checked(parse, args, needle, capsys):
         parse(args)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, 2.0, True, "3", None])
+def test_whole_number_settings_name_the_key_and_value(bad):
+    with pytest.raises(ValueError, match=rf"SOME.KEY = {re.escape(repr(bad))} \(steps\): .*>= 1"):
+        check_whole_number(bad, "SOME.KEY", meaning="steps")
+    assert check_whole_number(3, "SOME.KEY") == 3
+    assert check_whole_number(0, "SOME.KEY", minimum=0) == 0
 
 
 # ------------------------------------------------------------------------- CLIP weights files

@@ -26,6 +26,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..data.captions import attach_pseudo_boxes
 from ..data.mapper import PairsDatasetMapper
+from ..utils import check_whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,8 @@ class JointLoader:
     it stopped) is below ``start``."""
 
     def __init__(self, boxes: Iterable, pairs: Iterable, period: int, start: int = 0):
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"MODEL.GRIDCLIP.PAIRS_PERIOD must be an integer >= 1, got {period!r}")
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(
-                f"MODEL.GRIDCLIP.PAIRS_START_ITER must be an integer >= 0, got {start!r}"
-            )
+        check_whole_number(period, "MODEL.GRIDCLIP.PAIRS_PERIOD", meaning="box steps per pair step")
+        check_whole_number(start, "MODEL.GRIDCLIP.PAIRS_START_ITER", minimum=0)
         self.boxes, self.pairs, self.period, self.start = boxes, pairs, period, start
 
     def _started(self) -> bool:
@@ -90,9 +87,15 @@ def build_pairs_train_loader(cfg):
             "DATASETS.PAIRS_TRAIN (e.g. ('gridclip_world_pairs',))"
         )
     g = cfg.MODEL.GRIDCLIP
-    batch = g.PAIRS_IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH = {batch!r}: must be >= 0")
+    check_whole_number(
+        g.PAIRS_IMS_PER_BATCH,
+        "MODEL.GRIDCLIP.PAIRS_IMS_PER_BATCH",
+        minimum=0,
+        meaning="0: SOLVER.IMS_PER_BATCH",
+    )
+    batch = g.PAIRS_IMS_PER_BATCH or check_whole_number(
+        cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH"
+    )
     if g.PAIRS_MIN_SIZE_TRAIN < 0:
         raise ValueError(f"MODEL.GRIDCLIP.PAIRS_MIN_SIZE_TRAIN = {g.PAIRS_MIN_SIZE_TRAIN} < 0")
     dicts = [d for n in names for d in DatasetCatalog.get(n)]

@@ -18,7 +18,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluato
 from ..data import dataset_metadata, register_datasets_from_cfg
 from ..data.mapper import CheckedDatasetMapper, ViLDDatasetMapper
 from ..evaluation import FixedAPLVISEvaluator, NovelBaseCOCOEvaluator
-from ..utils.io import atomic_write
+from ..utils import atomic_write, check_whole_number
 from .checkpoint import make_atomic, project_checkpointer
 from .pairs import JointLoader, build_pairs_train_loader, pairs_enabled
 from .run_guard import lock_output_dir
@@ -156,12 +156,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        batch = cfg.SOLVER.IMS_PER_BATCH
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-            raise ValueError(
-                f"SOLVER.IMS_PER_BATCH = {batch!r}: the number of training images per iteration "
-                "(all GPUs together) must be a positive whole number"
-            )
+        check_whole_number(
+            cfg.SOLVER.IMS_PER_BATCH,
+            "SOLVER.IMS_PER_BATCH",
+            meaning="training images per iteration, all GPUs together",
+        )
         if cfg.MODEL.META_ARCHITECTURE == "ViLD":
             # also attaches cached teacher proposals (MODEL.VILD.TEACHER "cache"), transformed
             # with the image's own resize/flip

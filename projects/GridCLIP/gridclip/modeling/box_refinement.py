@@ -30,6 +30,8 @@ from detectron2.structures import Boxes
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 
+from ..utils import check_whole_number
+
 __all__ = ["BoxRefiner", "build_box_refiner", "check_refine_steps"]
 
 
@@ -122,9 +124,7 @@ class BoxRefiner(nn.Module):
 
 def check_refine_steps(steps, key: str = "steps") -> int:
     """A refinement step count as an int >= 1 (``key`` names the setting in the error)."""
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"{key}={steps!r}: the box refiner runs a whole number >= 1 of times")
-    return int(steps)
+    return check_whole_number(steps, key, meaning="times the box refiner runs")
 
 
 def build_box_refiner(cfg, feature_shapes) -> "BoxRefiner | None":

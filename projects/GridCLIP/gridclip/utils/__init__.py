@@ -1,5 +1,5 @@
-"""Layer 0 helpers with no project imports: atomic file writes, the one cache file format and
-content keys for provenance."""
+"""Layer 0 helpers with no project imports: atomic file writes, the one cache file format,
+content keys for provenance and checks of numeric settings."""
 
 from .cache import (
     CACHE_FORMAT_VERSION,
@@ -11,6 +11,7 @@ from .cache import (
     read_cache_header,
     save_cache,
 )
+from .checks import check_whole_number
 from .fingerprint import dataset_fingerprint, file_content_key
 from .io import atomic_write
 
@@ -19,6 +20,7 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "atomic_write",
+    "check_whole_number",
     "dataset_fingerprint",
     "decode_strings",
     "encode_strings",
