@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from test_gridclip import D, K, _random_head, make_cfg, make_tiny_clip
 
+from gridclip.modeling.clip_rescoring import clip_rescored_scores, shared_crop_groups
 from gridclip.modeling.gridclip import GridCLIP
 
 
@@ -40,6 +41,7 @@ def test_ensemble_is_the_weighted_geometric_mean_with_base_and_novel_weights():
         trained_class_mask=torch.tensor([True, False]),  # class 0 base, class 1 novel
         clip_ensemble_weights=(0.35, 0.65),
         clip_ensemble_crop_scales=(1.0, 1.5),
+        clip_ensemble_share_iou=1.0,
     )
     det = Instances((8, 8))
     det.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 8.0, 8.0]]))
@@ -97,3 +99,48 @@ def test_ensemble_rescores_the_same_detections_and_zero_weights_change_nothing(a
 def test_ensemble_weights_are_checked(assets):
     with pytest.raises(ValueError, match="TEST_CLIP_ENSEMBLE_WEIGHTS"):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS", [0.5, 1.5]))
+
+
+def test_near_duplicate_boxes_share_their_crops():
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # a
+            [20.0, 20.0, 30.0, 30.0],  # b, apart
+            [0.0, 0.0, 10.0, 10.2],  # a under another class name: IoU 0.98 with a
+            [0.0, 0.0, 10.0, 11.0],  # IoU 0.91 with a
+            [5.0, 5.0, 5.0, 9.0],  # degenerate (no area): overlaps nothing
+        ]
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    cropped, owner = shared_crop_groups(boxes, scores, 0.95)
+    assert cropped.tolist() == [0, 1, 3, 4]
+    assert owner.tolist() == [0, 1, 0, 2, 3]  # box 2 uses a's crop, the others their own
+    cropped, owner = shared_crop_groups(boxes, scores, 0.9)
+    assert cropped.tolist() == [0, 1, 4] and owner.tolist() == [0, 1, 0, 0, 2]
+    # the lower-scored box of a pair uses the higher one's crop, whatever the order given
+    cropped, owner = shared_crop_groups(boxes[[2, 0]], scores[[2, 0]], 0.95)
+    assert cropped.tolist() == [1] and owner.tolist() == [0, 0]
+    cropped, owner = shared_crop_groups(boxes, scores, 1.0)  # 1: no sharing
+    assert cropped.tolist() == owner.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_shared_crops_give_each_detection_clip_s_probability_of_its_own_class():
+    # two detections of one object under two class names, one of another object
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.05], [4.0, 4.0, 8.0, 8.0]])
+    scores, classes = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0, 1, 1])
+    image = torch.zeros(3, 8, 8)
+    args = (torch.eye(2), torch.tensor([True, True]), (0.5, 0.5), (1.0,))
+    teacher = _FixedTeacher([[1.0, 0.0], [0.0, 1.0]])  # crop 0 looks like class 0, crop 1 class 1
+    shared = clip_rescored_scores(scores, boxes, classes, image, teacher, *args, share_iou=0.9)
+    assert torch.equal(teacher.seen[1], boxes[[0, 2]])  # two crops for three detections
+    teacher = _FixedTeacher([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # what each box's crop shows
+    alone = clip_rescored_scores(scores, boxes, classes, image, teacher, *args)
+    assert torch.equal(teacher.seen[1], boxes)
+    torch.testing.assert_close(shared, alone)
+    assert shared[1] < scores[1] < shared[2]  # class 1 on the class-0 crop: CLIP disagrees
+
+
+def test_crop_sharing_iou_is_checked(assets):
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="TEST_CLIP_ENSEMBLE_SHARE_IOU"):
+            build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU", bad))

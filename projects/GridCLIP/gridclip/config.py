@@ -124,6 +124,10 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE = False
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
+    # Detections whose box overlaps a higher-scored detection's by IoU > this share its CLIP
+    # crops (one object under several class names); 1 = every detection cropped on its own.
+    # The world configs set 0.95 (measured lossless there: README, "Crop sharing").
+    _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU = 1.0
     # Inference: box voting (gridclip/modeling/box_voting.py): each box NMS keeps becomes the
     # score-weighted mean of the same-class candidates (before NMS) that overlap it by at least
     # this IoU; scores and classes unchanged. 0 = off.
@@ -205,6 +209,7 @@ def add_gridclip_config(cfg: CN) -> CN:
     # same rescoring (gridclip/modeling/clip_rescoring.py). Not ViLD's own ENSEMBLE above.
     _C.MODEL.VILD.TEST_CLIP_ENSEMBLE = False
     _C.MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS = [0.35, 0.65]
+    _C.MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU = 1.0  # as MODEL.GRIDCLIP's
     # Inference: box voting after NMS, as MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU (0 = off).
     _C.MODEL.VILD.TEST_BOX_VOTING_IOU = 0.0
 

@@ -92,7 +92,7 @@ from ..data import novel_class_mask
 from .box_refinement import BoxRefiner, build_box_refiner, check_refine_steps
 from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
-from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
+from .clip_rescoring import check_rescoring_settings, check_share_iou, clip_rescored_scores
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
@@ -159,6 +159,7 @@ class GridCLIP(RetinaNet):
         clip_ensemble: Optional[TeacherHolder] = None,
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
+        clip_ensemble_share_iou: float = 1.0,
         pairs_alignment: Optional[PairsAlignment] = None,
         train_objectness_ranker_only: bool = False,
         test_box_voting_iou: float = 0.0,
@@ -188,6 +189,8 @@ class GridCLIP(RetinaNet):
                 trained by the focal loss and for the others.
             clip_ensemble_crop_scales: crops around each box given to the teacher (embeddings
                 summed), as ViLD's region teacher.
+            clip_ensemble_share_iou: detections overlapping a higher-scored one by more than
+                this IoU share its crops (1: every detection cropped).
             pairs_alignment: the phrase vocabulary and settings of training on image-text
                 pairs (inputs with ``phrases`` and no ``instances``; loss:
                 :meth:`pairs_pseudo_box_loss`), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
@@ -250,6 +253,9 @@ class GridCLIP(RetinaNet):
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS",
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES",
         )
+        self.clip_ensemble_share_iou = check_share_iou(
+            clip_ensemble_share_iou, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU"
+        )
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -295,6 +301,7 @@ class GridCLIP(RetinaNet):
             ),
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
+            "clip_ensemble_share_iou": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU,
             "pairs_alignment": build_pairs_alignment(cfg),
             "train_objectness_ranker_only": cfg.MODEL.GRIDCLIP.TRAIN_OBJECTNESS_RANKER_ONLY,
             "test_box_voting_iou": cfg.MODEL.GRIDCLIP.TEST_BOX_VOTING_IOU,
@@ -461,6 +468,7 @@ class GridCLIP(RetinaNet):
             self.trained_class_mask,
             self.clip_ensemble_weights,
             self.clip_ensemble_crop_scales,
+            self.clip_ensemble_share_iou,
         )
 
     def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
 from .clip_backbone import build_clip_resnet_rcnn_fpn_backbone
-from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
+from .clip_rescoring import check_rescoring_settings, check_share_iou, clip_rescored_scores
 from .fast_rcnn_topk import fast_rcnn_inference_topk
 from .teacher_holder import TeacherHolder
 from .text_classifier import check_text_embeddings
@@ -96,6 +96,7 @@ class ViLD(GeneralizedRCNN):
         class_names: Optional[Sequence[str]] = None,
         test_clip_ensemble: bool = False,
         test_clip_ensemble_weights: Sequence[float] = (0.35, 0.65),
+        test_clip_ensemble_share_iou: float = 1.0,
         **kwargs,
     ):
         """
@@ -112,6 +113,8 @@ class ViLD(GeneralizedRCNN):
                 (F-VLM's rule, :func:`~gridclip.modeling.clip_rescoring.clip_rescored_scores`,
                 the same as GridCLIP's; crops at ``crop_scales``).
             test_clip_ensemble_weights: its (w_base, w_novel); novel = the novel-class mask.
+            test_clip_ensemble_share_iou: detections overlapping a higher-scored one by more
+                than this IoU share its crops (1: every detection cropped).
             kwargs: ``GeneralizedRCNN`` arguments; ``roi_heads`` must be :class:`ViLDROIHeads`.
         """
         super().__init__(**kwargs)
@@ -134,6 +137,9 @@ class ViLD(GeneralizedRCNN):
             crop_scales,
             "MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS",
             "MODEL.VILD.CROP_SCALES",
+        )
+        self.test_clip_ensemble_share_iou = check_share_iou(
+            test_clip_ensemble_share_iou, "MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU"
         )
         # A plain object, not a submodule: the teacher is never in state_dict / checkpoints.
         self.teacher_holder = TeacherHolder(
@@ -167,6 +173,7 @@ class ViLD(GeneralizedRCNN):
                 "vocabulary_cfg": cfg.clone(),
                 "test_clip_ensemble": v.TEST_CLIP_ENSEMBLE,
                 "test_clip_ensemble_weights": v.TEST_CLIP_ENSEMBLE_WEIGHTS,
+                "test_clip_ensemble_share_iou": v.TEST_CLIP_ENSEMBLE_SHARE_IOU,
             }
         )
         ret["class_names"] = dataset_class_names(cfg)
@@ -289,6 +296,7 @@ class ViLD(GeneralizedRCNN):
                 trained,
                 self.test_clip_ensemble_weights,
                 self.crop_scales,
+                self.test_clip_ensemble_share_iou,
             )
         if not do_postprocess:
             return results
