@@ -677,7 +677,9 @@ class GridCLIP(RetinaNet):
         """``rescore`` of :func:`caption_pseudo_boxes` for one image: the CLIP score ensemble
         of inference (:meth:`clip_ensemble_scores`) over ``vocabulary``, with the novel-class
         weight (a caption's phrases are an open vocabulary); ``phrase_rows``: the vocabulary
-        rows of the image's phrase columns."""
+        rows of the image's phrase columns. Every candidate is cropped: crop sharing
+        (``TEST_CLIP_ENSEMBLE_SHARE_IOU``) is an inference setting, and the pairs results were
+        measured without it."""
         rgb = image.to(self.device, torch.float32)
         if self.input_format == "BGR":
             rgb = rgb.flip(0)
