@@ -140,7 +140,9 @@ def test_shared_crops_give_each_detection_clip_s_probability_of_its_own_class():
     assert shared[1] < scores[1] < shared[2]  # class 1 on the class-0 crop: CLIP disagrees
 
 
-def test_crop_sharing_iou_is_checked(assets):
+def test_crop_sharing_iou_reaches_the_model_and_is_checked(assets):
+    key = "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU"
+    assert build_model(make_cfg(assets, key, 0.9)).clip_ensemble_share_iou == 0.9
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="TEST_CLIP_ENSEMBLE_SHARE_IOU"):
-            build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU", bad))
+            build_model(make_cfg(assets, key, bad))

@@ -408,6 +408,8 @@ def test_clip_rescoring_is_gridclips_rule_on_the_same_detections(assets, teacher
     torch.testing.assert_close(same.scores, a.scores)
     with pytest.raises(ValueError, match="MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS"):
         build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS", "[0.5, 2.0]")
+    shared = build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU", "0.9")
+    assert shared.test_clip_ensemble_share_iou == 0.9
     with pytest.raises(ValueError, match="MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU"):
         build(assets, teacher, "MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU", "0.0")
 
