@@ -228,6 +228,37 @@ def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monk
     assert "--eval-only" not in json.load(open(out / "results.json"))["argv"]
 
 
+def test_demo_reevaluates_a_run_evaluated_under_another_default(tmp_path, monkeypatch):
+    """A default evaluation setting changed in gridclip/config.py leaves the run keys as they
+    were (only non-default settings are hashed); the evaluation settings a run recorded, defaults
+    included, notice it: the run is evaluated again, not reused. A setting the run did not
+    record (added since) and a run recorded before the file existed are reused."""
+    _fake_train_net(tmp_path, monkeypatch)
+    out = tmp_path / "gridclip"
+    config = "embedded/GridCLIP_world.yaml"
+    proc = demo._launch("gridclip", config, [], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    path = out / demo.EVALUATION_SETTINGS
+    recorded = json.loads(path.read_text())
+    assert recorded["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE"] is True
+    assert recorded["TEST.DETECTIONS_PER_IMAGE"] == 100  # the default too
+    assert "SOLVER.MAX_ITER" not in recorded
+    del recorded["MODEL.RETINANET.NMS_THRESH_TEST"]  # as if the project added it since
+    path.write_text(json.dumps(recorded))
+    assert demo._launch("gridclip", config, [], str(out), False) is None
+    path.unlink()  # recorded before the file existed
+    assert demo._launch("gridclip", config, [], str(out), False) is None
+    recorded["TEST.DETECTIONS_PER_IMAGE"] = 300  # evaluated under another default
+    path.write_text(json.dumps(recorded))
+    proc = demo._launch("gridclip", config, [], str(out), False)
+    assert proc is not None and "--eval-only" in proc.args
+    proc.wait()
+    demo._finish(proc)
+    assert json.loads(path.read_text())["TEST.DETECTIONS_PER_IMAGE"] == 100
+    assert demo._launch("gridclip", config, [], str(out), False) is None
+
+
 def test_demo_reevaluates_a_legacy_run_from_its_config_dump(tmp_path, monkeypatch):
     """A run recorded before training keys (run_key.txt only) is evaluated again, not
     retrained, when the config.yaml train_net.py dumped there (nested tuples read back as

@@ -203,6 +203,8 @@ def _stage(msg: str) -> None:
 
 #: Subfolder of a run where a re-evaluation (:func:`_launch`) writes its outputs.
 EVALUATION_DIR = "evaluation"
+#: A finished run's evaluation settings, defaults included (:func:`_evaluation_settings`).
+EVALUATION_SETTINGS = "evaluation_settings.json"
 
 _ABSENT = object()
 
@@ -256,6 +258,29 @@ def _run_keys(config: str, opts) -> Tuple[str, str]:
     return _hash(settings), _hash(training)
 
 
+def _evaluation_settings(config: str, opts) -> Dict[str, Any]:
+    """Every evaluation setting (:func:`is_evaluation_setting`) of the resolved config, default
+    values included: what a finished run records, so that a default changed in
+    ``gridclip/config.py`` (which the run keys cannot see) is noticed (:func:`_evaluated_with`)."""
+    return {
+        k: _canonical(v)
+        for k, v in flatten_config(get_gridclip_cfg(config, list(opts))).items()
+        if is_evaluation_setting(k)
+    }
+
+
+def _evaluated_with(out_dir: str, settings: Dict[str, Any]) -> bool:
+    """Whether the run in ``out_dir`` was evaluated with ``settings``: every setting it recorded
+    in ``EVALUATION_SETTINGS`` has today's value. A setting it did not record (one the project
+    added since, at a default that keeps the old behaviour) and a run recorded before this file
+    existed count as the same."""
+    path = os.path.join(out_dir, EVALUATION_SETTINGS)
+    if not os.path.isfile(path):
+        return True
+    recorded = json.load(open(path))
+    return all(_canonical(recorded[k]) == v for k, v in settings.items() if k in recorded)
+
+
 def _run_key(config: str, opts) -> str:
     """The run key of :func:`_run_keys`."""
     return _run_keys(config, opts)[0]
@@ -289,11 +314,14 @@ def _recorded_train_key(out_dir: str) -> Optional[str]:
         return None
 
 
-def _record_keys(out_dir: str, key: str, train_key: str) -> None:
-    """Write a finished run's run key and training key (:func:`_run_keys`) into its folder."""
+def _record_keys(out_dir: str, key: str, train_key: str, evaluation: Dict[str, Any]) -> None:
+    """Write a finished run's run key and training key (:func:`_run_keys`) and its evaluation
+    settings (:func:`_evaluation_settings`) into its folder."""
     for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
         with atomic_write(os.path.join(out_dir, filename), "w") as f:
             f.write(value)
+    with atomic_write(os.path.join(out_dir, EVALUATION_SETTINGS), "w") as f:
+        json.dump(evaluation, f, indent=1, sort_keys=True)
 
 
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
@@ -303,12 +331,13 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     evaluated again on its final weights instead of retrained."""
     results_path = os.path.join(out_dir, "results.json")
     key, train_key = _run_keys(config, opts)
+    eval_settings = _evaluation_settings(config, opts)
     finished = not force and os.path.isfile(results_path)
     recorded = _read(os.path.join(out_dir, "run_key.txt"))
     legacy = recorded is not None and recorded != key and recorded == _legacy_run_key(config, opts)
-    if finished and (recorded == key or legacy):
+    if finished and (recorded == key or legacy) and _evaluated_with(out_dir, eval_settings):
         if legacy:  # recorded by an earlier version: record today's keys
-            _record_keys(out_dir, key, train_key)
+            _record_keys(out_dir, key, train_key, eval_settings)
         print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
         return None
     final = os.path.join(out_dir, "model_final.pth")
@@ -340,14 +369,14 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     out = open(log_file, "w") if log_file else None
     previous_results = json.load(open(results_path)) if eval_only else None
     proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=out, stderr=out)
-    proc.gridclip_run = (name, out_dir, (key, train_key), time.perf_counter(), out)
+    proc.gridclip_run = (name, out_dir, (key, train_key, eval_settings), time.perf_counter(), out)
     proc.gridclip_trained = previous_results
     return proc
 
 
 def _finish(proc) -> None:
     """Check a finished training (or re-evaluation) process; record its keys and wall time."""
-    name, out_dir, (key, train_key), start, out = proc.gridclip_run
+    name, out_dir, (key, train_key, eval_settings), start, out = proc.gridclip_run
     if out is not None:
         out.close()
     trained = proc.gridclip_trained  # the earlier results of a re-evaluated run, else None
@@ -375,7 +404,7 @@ def _finish(proc) -> None:
         }
     with atomic_write(results_path, "w") as f:
         json.dump(results, f, indent=2)
-    _record_keys(out_dir, key, train_key)
+    _record_keys(out_dir, key, train_key, eval_settings)
 
 
 def _progress(out_dir: str, max_iter: int) -> str:
