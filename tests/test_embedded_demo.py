@@ -193,16 +193,21 @@ def _fake_train_net(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "TRAIN_NET", str(fake))
 
 
+def _trained_fake_run(tmp_path, monkeypatch):
+    """(folder, config) of a GridCLIP world run finished by :func:`_fake_train_net`."""
+    _fake_train_net(tmp_path, monkeypatch)
+    out, config = tmp_path / "gridclip", "embedded/GridCLIP_world.yaml"
+    proc = demo._launch("gridclip", config, [], str(out), False)
+    proc.wait()
+    demo._finish(proc)
+    return out, config
+
+
 def test_demo_reevaluates_a_run_whose_evaluation_settings_changed(tmp_path, monkeypatch):
     """Same training settings, other evaluation settings: `--eval-only` on the final weights
     (into a subfolder, the training's config.yaml kept), not a retraining; results.json gets the
     new metrics and keeps the training's wall time."""
-    _fake_train_net(tmp_path, monkeypatch)
-    out = tmp_path / "gridclip"
-    config = "embedded/GridCLIP_world.yaml"
-    proc = demo._launch("gridclip", config, [], str(out), False)
-    proc.wait()
-    demo._finish(proc)
+    out, config = _trained_fake_run(tmp_path, monkeypatch)
     trained = json.load(open(out / "results.json"))
     assert trained["results"]["bbox"]["AP"] == 1.0 and "--eval-only" not in trained["argv"]
     assert demo._launch("gridclip", config, [], str(out), False) is None  # same: reused
@@ -233,12 +238,7 @@ def test_demo_reevaluates_a_run_evaluated_under_another_default(tmp_path, monkey
     were (only non-default settings are hashed); the evaluation settings a run recorded, defaults
     included, notice it: the run is evaluated again, not reused. A setting the run did not
     record (added since) and a run recorded before the file existed are reused."""
-    _fake_train_net(tmp_path, monkeypatch)
-    out = tmp_path / "gridclip"
-    config = "embedded/GridCLIP_world.yaml"
-    proc = demo._launch("gridclip", config, [], str(out), False)
-    proc.wait()
-    demo._finish(proc)
+    out, config = _trained_fake_run(tmp_path, monkeypatch)
     path = out / demo.EVALUATION_SETTINGS
     recorded = json.loads(path.read_text())
     assert recorded["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE"] is True
