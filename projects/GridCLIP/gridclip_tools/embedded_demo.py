@@ -314,14 +314,14 @@ def _recorded_train_key(out_dir: str) -> Optional[str]:
         return None
 
 
-def _record_keys(out_dir: str, key: str, train_key: str, evaluation: Dict[str, Any]) -> None:
+def _record_keys(out_dir: str, key: str, train_key: str, eval_settings: Dict[str, Any]) -> None:
     """Write a finished run's run key and training key (:func:`_run_keys`) and its evaluation
     settings (:func:`_evaluation_settings`) into its folder."""
     for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
         with atomic_write(os.path.join(out_dir, filename), "w") as f:
             f.write(value)
     with atomic_write(os.path.join(out_dir, EVALUATION_SETTINGS), "w") as f:
-        json.dump(evaluation, f, indent=1, sort_keys=True)
+        json.dump(eval_settings, f, indent=1, sort_keys=True)
 
 
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):

@@ -25,16 +25,21 @@ from torchvision.ops import box_iou, nms
 
 __all__ = [
     "check_rescoring_settings",
-    "check_share_iou",
     "clip_rescored_scores",
     "shared_crop_groups",
 ]
 
 
 def check_rescoring_settings(
-    weights: Sequence[float], crop_scales: Sequence[float], weights_key: str, scales_key: str
-) -> Tuple[Tuple[float, float], Tuple[float, ...]]:
-    """Validated ``(w_base, w_novel)`` and crop scales; the keys name the config options."""
+    weights: Sequence[float],
+    crop_scales: Sequence[float],
+    share_iou: float,
+    weights_key: str,
+    scales_key: str,
+    share_key: str,
+) -> Tuple[Tuple[float, float], Tuple[float, ...], float]:
+    """Validated ``(w_base, w_novel)``, crop scales and crop-sharing IoU (in (0, 1]; 1: every
+    box cropped on its own); the keys name the config options."""
     checked = tuple(float(w) for w in weights)
     if len(checked) != 2 or not all(0.0 <= w <= 1.0 for w in checked):
         raise ValueError(
@@ -42,15 +47,10 @@ def check_rescoring_settings(
         )
     if not crop_scales or min(crop_scales) <= 0:
         raise ValueError(f"{scales_key} must be positive factors, got {list(crop_scales)}")
-    return checked, tuple(float(s) for s in crop_scales)
-
-
-def check_share_iou(value: float, key: str) -> float:
-    """A crop-sharing IoU in (0, 1] (1: every box cropped on its own); ``key`` names the option."""
-    share = float(value)
+    share = float(share_iou)
     if not 0.0 < share <= 1.0:
-        raise ValueError(f"{key} = {value!r}: must be in (0, 1] (1 = no crop sharing)")
-    return share
+        raise ValueError(f"{share_key} = {share_iou!r}: must be in (0, 1] (1 = no crop sharing)")
+    return checked, tuple(float(s) for s in crop_scales), share
 
 
 def shared_crop_groups(boxes: Tensor, scores: Tensor, share_iou: float) -> Tuple[Tensor, Tensor]:

@@ -92,7 +92,7 @@ from ..data import novel_class_mask
 from .box_refinement import BoxRefiner, build_box_refiner, check_refine_steps
 from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
-from .clip_rescoring import check_rescoring_settings, check_share_iou, clip_rescored_scores
+from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
@@ -247,14 +247,17 @@ class GridCLIP(RetinaNet):
             test_box_refine_steps, "MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS"
         )
         self.clip_ensemble = clip_ensemble
-        self.clip_ensemble_weights, self.clip_ensemble_crop_scales = check_rescoring_settings(
+        (
+            self.clip_ensemble_weights,
+            self.clip_ensemble_crop_scales,
+            self.clip_ensemble_share_iou,
+        ) = check_rescoring_settings(
             clip_ensemble_weights,
             clip_ensemble_crop_scales,
+            clip_ensemble_share_iou,
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS",
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES",
-        )
-        self.clip_ensemble_share_iou = check_share_iou(
-            clip_ensemble_share_iou, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU"
+            "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU",
         )
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg

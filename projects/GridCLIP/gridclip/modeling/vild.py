@@ -44,7 +44,7 @@ from torch import nn
 
 from ..clip import build_clip_teacher_from_cfg
 from .clip_backbone import build_clip_resnet_rcnn_fpn_backbone
-from .clip_rescoring import check_rescoring_settings, check_share_iou, clip_rescored_scores
+from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .fast_rcnn_topk import fast_rcnn_inference_topk
 from .teacher_holder import TeacherHolder
 from .text_classifier import check_text_embeddings
@@ -132,14 +132,17 @@ class ViLD(GeneralizedRCNN):
         self.teacher_source = teacher_source
         self.num_distill_proposals = int(num_distill_proposals)
         self.test_clip_ensemble = bool(test_clip_ensemble)
-        self.test_clip_ensemble_weights, self.crop_scales = check_rescoring_settings(
+        (
+            self.test_clip_ensemble_weights,
+            self.crop_scales,
+            self.test_clip_ensemble_share_iou,
+        ) = check_rescoring_settings(
             test_clip_ensemble_weights,
             crop_scales,
+            test_clip_ensemble_share_iou,
             "MODEL.VILD.TEST_CLIP_ENSEMBLE_WEIGHTS",
             "MODEL.VILD.CROP_SCALES",
-        )
-        self.test_clip_ensemble_share_iou = check_share_iou(
-            test_clip_ensemble_share_iou, "MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU"
+            "MODEL.VILD.TEST_CLIP_ENSEMBLE_SHARE_IOU",
         )
         # A plain object, not a submodule: the teacher is never in state_dict / checkpoints.
         self.teacher_holder = TeacherHolder(
