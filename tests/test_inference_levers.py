@@ -28,6 +28,7 @@ from test_gridclip import (
 from gridclip.engine.predictor import OpenVocabularyPredictor
 from gridclip.modeling.box_refinement import BoxRefiner
 from gridclip.modeling.box_voting import box_voting
+from gridclip.modeling.embedding_rows import EmbeddingRowsOnDemand, bilinear_rows
 from gridclip.modeling.gridclip import GridCLIP
 from gridclip.modeling.text_classifier import TextEmbeddingClassifier
 
@@ -649,3 +650,98 @@ def test_box_refinement_trains_on_the_dense_boxes_and_moves_only_boxes(assets):
         torch.testing.assert_close(r.pred_boxes.tensor, e)
     with pytest.raises(ValueError, match="TEST_BOX_REFINE_STEPS"):
         build_model(make_cfg(assets, *REFINE, "MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS", 0))
+
+
+# ------------------------------------------------- grid embeddings made only where scored
+@pytest.mark.parametrize(
+    "size_in,size_out", [((4, 6), (4, 6)), ((3, 5), (13, 17)), ((4, 4), (16, 8))]
+)
+def test_bilinear_rows_follow_interpolate(size_in, size_out):
+    torch.manual_seed(0)
+    feature = torch.randn(7, *size_in)
+    full = torch.nn.functional.interpolate(
+        feature[None], size=size_out, mode="bilinear", align_corners=False
+    )[0]
+    locations = torch.randperm(size_out[0] * size_out[1])[:11]
+    rows = bilinear_rows(feature, size_out, locations)
+    expected = full.reshape(7, -1).t()[locations]
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
+
+
+def _dense_clip_model(assets, *opts):
+    model = build_model(make_cfg(assets, "MODEL.GRIDCLIP.DENSE_CLIP", True, *opts)).eval()
+    _random_head(model)
+    return model
+
+
+def test_embedding_rows_on_demand_equal_the_full_maps(assets):
+    """Every level (upsampled, same size as res5, pooled below it) and image: the rows made on
+    demand equal the full grid embeddings' rows, for chosen locations and for all."""
+    model = _dense_clip_model(assets)
+    assert model.head.embeds_per_location
+    inputs = make_inputs()
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        backbone = model.backbone(images.tensor)
+        features = [backbone[f] for f in model.head_in_features]
+        full = model.predict(features, backbone["res5"])
+        on_demand = model.predict(features, backbone["res5"], rows_on_demand=True)
+    res5_size = tuple(backbone["res5"].shape[-2:])
+    sizes = set()
+    for level, (grid, lazy) in enumerate(zip(full[0], on_demand[0])):
+        assert isinstance(lazy, EmbeddingRowsOnDemand)
+        sizes.add((grid.shape[-2] > res5_size[0]) - (grid.shape[-2] < res5_size[0]))
+        rows = model.head.embedding_rows(grid)
+        for img in range(len(inputs)):
+            torch.testing.assert_close(lazy.rows(img), rows[img], rtol=1e-5, atol=1e-5)
+            locations = torch.randperm(rows.shape[1])[: max(1, rows.shape[1] // 3)]
+            torch.testing.assert_close(
+                lazy.rows(img, locations), rows[img][locations], rtol=1e-5, atol=1e-5
+            )
+    assert sizes == {-1, 0, 1}, "levels above, at and below res5's size are all checked"
+    for a, b in zip(full[1:], on_demand[1:]):  # the other outputs are the same tensors' values
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("k", [0, 7])
+def test_model_inference_with_rows_on_demand_gives_the_full_detections(assets, k):
+    """The whole model at inference (gate off and on, dense CLIP term on): the same detections
+    as with the full grid embeddings."""
+    model = _dense_clip_model(assets, "MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS", k)
+    model.test_score_thresh = 0.0
+    inputs = make_inputs()
+    with torch.no_grad():
+        on_demand = model(inputs)
+        with mock.patch.object(type(model.head), "embeds_per_location", False):
+            full = model(inputs)
+    for a, b in zip(on_demand, full):
+        assert len(a["instances"]) > 0
+        assert_same_detections(a["instances"], b["instances"])
+
+
+def test_a_3x3_embedding_conv_computes_the_full_maps(assets):
+    model = _dense_clip_model(assets, "MODEL.GRIDCLIP.EMBED_KERNEL_SIZE", 3)
+    assert not model.head.embeds_per_location
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.6, 1.0])
+def test_same_class_box_voting_equals_the_dense_form(iou):
+    """Eager voting meets only same-class pairs; an exported graph keeps the dense IoU matrix:
+    the same boxes (many classes, overlapping clusters, a zero-area box, zero scores)."""
+    torch.manual_seed(0)
+    centres = torch.rand(40, 2) * 200
+    boxes = torch.cat([centres, centres + 5 + torch.rand(40, 2) * 60], dim=1)
+    boxes = boxes.repeat(8, 1) + torch.randn(320, 4) * 3
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])
+    boxes[5, 2:] = boxes[5, :2]  # zero area
+    scores = torch.rand(320)
+    scores[::17] = 0.0
+    classes = torch.randint(0, 12, (320,))
+    keep = torch.randperm(320)[:60]
+    keep[0] = 5
+    voted = box_voting(boxes, scores, classes, keep, iou)
+    with mock.patch("gridclip.modeling.box_voting.is_exporting", return_value=True):
+        dense = box_voting(boxes, scores, classes, keep, iou)
+    torch.testing.assert_close(voted, dense, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(voted, boxes[keep]) or iou == 1.0  # votes moved boxes

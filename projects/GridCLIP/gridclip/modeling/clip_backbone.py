@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..clip import attnpool_dense, load_clip_from_cfg
+from ..clip.fused import fused_bottleneck, fused_stem, inference_layout, use_fused_forward
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +127,27 @@ class CLIPResNet(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         assert x.dim() == 4 and x.shape[1] == 3, f"CLIPResNet takes (N, 3, H, W), got {x.shape}"
-        x = self.stem(x.to(self.stem[0].weight.dtype))
+        x = x.to(self.stem[0].weight.dtype)
+        stages = [getattr(self, name) for name in self.stage_names]
+        stem = [
+            (self.stem[0], self.stem[1]),
+            (self.stem[3], self.stem[4]),
+            (self.stem[6], self.stem[7]),
+        ]
+        fused = use_fused_forward(self, [bn for _, bn in stem], stages)
+        # In eval mode, BN folded into the convolutions, channels-last on a CPU (clip/fused.py);
+        # the outputs stay channels-last, so that the FPN's and heads' convolutions run in it too.
+        if fused:
+            x = fused_stem(stem, self.stem[9], inference_layout(x))
+        else:
+            x = self.stem(x)
         outputs = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        for name, stage in zip(self.stage_names, stages):
+            if fused:
+                for block in stage:
+                    x = fused_bottleneck(block, x)
+            else:
+                x = stage(x)
             if name in self._out_features:
                 outputs[name] = x
         return outputs

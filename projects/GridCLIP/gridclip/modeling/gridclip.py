@@ -93,6 +93,7 @@ from .box_refinement import BoxRefiner, build_box_refiner, check_refine_steps
 from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
+from .embedding_rows import EmbeddingRowsOnDemand
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
@@ -427,7 +428,9 @@ class GridCLIP(RetinaNet):
         images = self.preprocess_image(batched_inputs)
         backbone_features = self.backbone(images.tensor)
         features = [backbone_features[f] for f in self.head_in_features]
-        predictions = self.predict(features, backbone_features.get("res5"))
+        # At inference the embeddings are made only where the gate scores (embedding_rows.py).
+        on_demand = not self.training and self.head.embeds_per_location
+        predictions = self.predict(features, backbone_features.get("res5"), on_demand)
 
         if pairs_only:
             # image-text pairs
@@ -474,17 +477,36 @@ class GridCLIP(RetinaNet):
             self.clip_ensemble_share_iou,
         )
 
-    def predict(self, features: List[Tensor], res5: Optional[Tensor] = None) -> List:
+    def predict(
+        self, features: List[Tensor], res5: Optional[Tensor] = None, rows_on_demand: bool = False
+    ) -> List:
         """The head's raw outputs ``[grid_embeddings, box_deltas, anchor_offsets]`` (see
         :meth:`GridCLIPHead.forward_embeddings`), the grid embeddings with the dense CLIP term
         of ``res5`` (the backbone's trunk output) when it is on; a fourth, the objectness
-        ranker's logits, only when the head has one."""
-        predictions = list(self.head.forward_embeddings(features))
+        ranker's logits, only when the head has one.
+
+        ``rows_on_demand`` (inference, 1x1 embedding conv): per level an
+        :class:`EmbeddingRowsOnDemand` instead of the grid embeddings, which
+        :meth:`forward_inference` asks for the rows of the locations it scores only.
+        """
+        if rows_on_demand:
+            predictions = list(self.head.forward_towers(features))
+            dense, scale = None, None
+            if self.dense_clip is not None:
+                assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
+                dense, scale = F.normalize(self.dense_clip(res5), dim=1), self.dense_clip_scale
+            conv = self.head.grid_embed
+            weight = conv.weight.reshape(conv.out_channels, -1)
+            predictions[0] = [
+                EmbeddingRowsOnDemand(x, weight, conv.bias, dense, scale) for x in predictions[0]
+            ]
+        else:
+            predictions = list(self.head.forward_embeddings(features))
+            if self.dense_clip is not None:
+                assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
+                predictions[0] = self._add_dense_clip(predictions[0], res5)
         if predictions[3] is None:
             predictions = predictions[:3]
-        if self.dense_clip is not None:
-            assert res5 is not None, "the dense CLIP term needs the backbone's res5 output"
-            predictions[0] = self._add_dense_clip(predictions[0], res5)
         return predictions
 
     def image_alignment_losses(
@@ -890,8 +912,11 @@ class GridCLIP(RetinaNet):
         grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
         objectness = predictions[3] if len(predictions) > 3 else None
         anchors = self.anchor_generator(features)
-        # Per level (N, Hi*Wi, D) embedding rows, one per location.
-        rows = [self.head.embedding_rows(x) for x in grid_embeddings]
+        # Per level (N, Hi*Wi, D) embedding rows, one per location, or rows made on demand.
+        rows = [
+            x if isinstance(x, EmbeddingRowsOnDemand) else self.head.embedding_rows(x)
+            for x in grid_embeddings
+        ]
         deltas = [permute_to_N_HWA_K(x, 4) for x in box_deltas]
         offsets = None
         if anchor_offsets is not None:
@@ -902,18 +927,24 @@ class GridCLIP(RetinaNet):
         for img_idx, image_size in enumerate(images.image_sizes):
             per_level = []
             for level, level_anchors in enumerate(anchors):
-                level_rows, level_deltas = rows[level][img_idx], deltas[level][img_idx]
+                level_deltas = deltas[level][img_idx]
                 level_offsets = offsets[level][img_idx] if offsets is not None else None
                 level_objectness = objectness[level][img_idx] if objectness is not None else None
                 locations = self._scored_locations(level_offsets, level_objectness)
                 if locations is not None and locations.numel() == 0:
                     continue  # no location of this level can reach the score threshold
-                if locations is not None:  # score a subset: gather its rows, anchors, deltas
+                if isinstance(rows[level], EmbeddingRowsOnDemand):
+                    level_rows = rows[level].rows(img_idx, locations)
+                elif locations is not None:
+                    level_rows = rows[level][img_idx][locations]
+                else:
+                    level_rows = rows[level][img_idx]
+                if locations is not None:  # score a subset: gather its anchors, deltas
                     group = level_offsets.shape[1]
                     anchor_idxs = (
                         locations[:, None] * group + torch.arange(group, device=locations.device)
                     ).flatten()
-                    level_rows, level_offsets = level_rows[locations], level_offsets[locations]
+                    level_offsets = level_offsets[locations]
                     level_deltas = level_deltas[anchor_idxs]
                     level_anchors = level_anchors[anchor_idxs]
                 per_level.append(

@@ -156,12 +156,21 @@ class GridCLIPHead(RetinaNetHead):
             objectness: per level (N, 1, Hi, Wi) ranking logits of the objectness ranker
                 (computed on the detached box tower), or None.
         """
+        class_features, box_deltas, anchor_offsets, objectness = self.forward_towers(features)
+        grid_embeddings = [self.grid_embed(x) for x in class_features]
+        return grid_embeddings, box_deltas, anchor_offsets, objectness
+
+    def forward_towers(
+        self, features: List[Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]], Optional[List[Tensor]]]:
+        """:meth:`forward_embeddings` before the embedding conv: the class tower's (N, C, Hi,
+        Wi) features per level instead of the grid embeddings, the rest the same."""
         assert (
             len(features) == self._num_features
         ), f"head built for {self._num_features} levels, got {len(features)}"
-        grid_embeddings, box_deltas, anchor_offsets, objectness = [], [], [], []
+        class_features, box_deltas, anchor_offsets, objectness = [], [], [], []
         for feature in features:
-            grid_embeddings.append(self.grid_embed(self.cls_subnet(feature)))
+            class_features.append(self.cls_subnet(feature))
             box_features = self.bbox_subnet(feature)
             box_deltas.append(self.bbox_pred(box_features))
             if self.anchor_offset is not None:
@@ -172,7 +181,14 @@ class GridCLIPHead(RetinaNetHead):
             anchor_offsets = None
         if self.objectness is None:
             objectness = None
-        return grid_embeddings, box_deltas, anchor_offsets, objectness
+        return class_features, box_deltas, anchor_offsets, objectness
+
+    @property
+    def embeds_per_location(self) -> bool:
+        """Whether a location's grid embedding depends on that location's class features only
+        (the 1x1 embedding conv): then it can be computed for chosen locations alone
+        (:class:`~gridclip.modeling.embedding_rows.EmbeddingRowsOnDemand`)."""
+        return self.grid_embed.kernel_size == (1, 1) and self.grid_embed.groups == 1
 
     def embedding_rows(self, grid_embeddings: Tensor) -> Tensor:
         """(N, D, Hi, Wi) -> (N, Hi*Wi, D), one row per location ((h, w) order)."""

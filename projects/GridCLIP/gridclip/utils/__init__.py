@@ -1,5 +1,6 @@
 """Layer 0 helpers with no project imports: atomic file writes, the one cache file format,
-content keys for provenance and checks of numeric settings."""
+content keys for provenance, checks of numeric settings, and whether a graph is being
+exported."""
 
 from .cache import (
     CACHE_FORMAT_VERSION,
@@ -14,6 +15,7 @@ from .cache import (
 from .checks import check_whole_number
 from .fingerprint import dataset_fingerprint, file_content_key
 from .io import atomic_write
+from .tracing import is_exporting
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -25,6 +27,7 @@ __all__ = [
     "decode_strings",
     "encode_strings",
     "file_content_key",
+    "is_exporting",
     "load_cache",
     "read_cache_header",
     "save_cache",
