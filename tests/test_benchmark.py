@@ -24,7 +24,7 @@ from gridclip_tools.benchmark.measure import (
     num_anchor_locations,
 )
 from gridclip_tools.benchmark.models import build_benchmark_model, build_cfg
-from gridclip_tools.benchmark.report import compute_ratios
+from gridclip_tools.benchmark.report import PAIRED_RATIOS, compute_paired_ratios, compute_ratios
 from gridclip_tools.benchmark.specs import (
     INFERENCE_MODELS,
     TRAIN_MODELS,
@@ -136,6 +136,10 @@ def test_quick_mode_measures_every_model_and_path(quick_run):
             continue
         assert _positive_finite(value), (key, value)
         assert _positive_finite(results["ratios_cpu"][key]), (key, results["ratios_cpu"])
+    paired = results["ratios_paired_cpu"]
+    ran = {r["model"] for r in results["inference"] if r["suite"] == "main"}
+    for key, (top, bottom) in PAIRED_RATIOS.items():
+        assert _positive_finite(paired[key]) if {top, bottom} <= ran else paired[key] is None
     # the 1x1 variant is built from the config key, not patched; the dense CLIP term (on in
     # Base-GridCLIP) has parameters of its own
     assert costs["gridclip_1x1"]["params"] == costs["gridclip"]["params"]  # the configs' 1x1
@@ -267,6 +271,22 @@ def test_ratios_from_known_times():
     assert r["resolution_growth_gridclip_100_to_200"] == pytest.approx(2.0)
     assert r["train_speedup_gridclip_online_vs_vild_online"] == pytest.approx(15.0)
     assert r["train_speedup_gridclip_cache_vs_vild_cache"] is None  # not measured
+
+
+def test_paired_ratios_are_medians_of_each_rounds_ratio():
+    """A noisy machine: the same two runs slow down together in round 2; each round's ratio is
+    3, so the paired ratio is 3 where the ratio of the medians is not."""
+    main = [
+        {"suite": "main", "model": "vild", "cpu_times_ms": [300.0, 900.0, 330.0, 600.0]},
+        {"suite": "main", "model": "gridclip", "cpu_times_ms": [100.0, 300.0, 110.0, 200.0]},
+        {"suite": "main", "model": "retinanet_80", "cpu_times_ms": [50.0, 100.0, 100.0, 55.0]},
+        {"suite": "vocab", "model": "vild", "cpu_times_ms": [1.0, 1.0, 1.0, 1.0]},
+    ]
+    paired = compute_paired_ratios({"inference": main})
+    assert paired["inference_speedup_gridclip_vs_vild"] == pytest.approx(3.0)
+    assert paired["inference_gridclip_over_retinanet_80"] == pytest.approx((2.0 + 3.0) / 2)
+    assert paired["inference_speedup_gridclip_head128x2_objtop1000_vs_vild"] is None  # not run
+    assert set(paired) == set(PAIRED_RATIOS)
 
 
 def test_lvis_like_frequencies_match_lvis_mix():

@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 
+_ACTIVE_LABELS: set = set()
+
+
 @contextlib.contextmanager
 def _recorded_method(obj, name: str, label: str, times: Optional[Dict] = None):
     """Run every call of ``obj.<name>`` inside ``torch.profiler.record_function(label)`` and,
@@ -36,6 +39,15 @@ def _recorded_method(obj, name: str, label: str, times: Optional[Dict] = None):
     device = next((p.device for p in getattr(obj, "parameters", lambda: [])()), None)
 
     def wrapper(*args, **kwargs):
+        if label in _ACTIVE_LABELS:  # called inside a part of the same label: counted there
+            return original(*args, **kwargs)
+        _ACTIVE_LABELS.add(label)
+        try:
+            return timed(*args, **kwargs)
+        finally:
+            _ACTIVE_LABELS.discard(label)
+
+    def timed(*args, **kwargs):
         if device is not None:
             sync_device(device)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -78,6 +90,9 @@ INFERENCE_PROFILE_LABELS = (
     ("backbone", "forward", "## backbone (trunk + FPN)"),
     ("head", "forward", "## dense head (towers + output convs)"),
     ("head", "forward_embeddings", "## dense head (towers + output convs)"),
+    # GridCLIP's inference with the 1x1 embedding conv: the towers only, the grid embeddings
+    # of the scored locations are made in decoding (gridclip/modeling/embedding_rows.py)
+    ("head", "forward_towers", "## dense head (towers + output convs)"),
     ("", "forward_inference", "## dense decoding (class scores, top-k, boxes, NMS)"),
     ("proposal_generator", "forward", "## RPN (head, proposals, NMS)"),
     ("roi_heads", "forward", "## RoI heads (RoIAlign, box head, text classifier, NMS)"),

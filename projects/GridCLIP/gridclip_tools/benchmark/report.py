@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Dict, List, Optional
 
 from .specs import INFERENCE_MODELS, image_size_for_short_side
 
-__all__ = ["jsonable", "compute_ratios", "markdown_report", "write_plot", "write_report"]
+__all__ = [
+    "jsonable",
+    "PAIRED_RATIOS",
+    "compute_paired_ratios",
+    "compute_ratios",
+    "markdown_report",
+    "write_plot",
+    "write_report",
+]
 
 
 def jsonable(x):
@@ -62,6 +71,36 @@ def _batch_ms(records, model, batch_size, field="median_ms"):
 
 def _ratio(a, b):
     return a / b if (a is not None and b is not None and b > 0) else None
+
+
+#: The main suite's speed ratios also reported paired (:func:`compute_paired_ratios`):
+#: name -> (numerator model, denominator model).
+PAIRED_RATIOS = {
+    "inference_speedup_gridclip_vs_vild": ("vild", "gridclip"),
+    "inference_gridclip_over_retinanet_80": ("gridclip", "retinanet_80"),
+    "inference_speedup_gridclip_head128x2_objtop1000_vs_vild": (
+        "vild",
+        "gridclip_head128x2_objtop1000",
+    ),
+}
+
+
+def compute_paired_ratios(results: Dict) -> Dict[str, Optional[float]]:
+    """:data:`PAIRED_RATIOS` as the median over rounds of each round's ratio of CPU times.
+
+    The main suite runs its models round-robin (one run of each per round), so the two runs
+    of a round see the same state of a shared machine. On a noisy one (the same inference's
+    CPU time varied 2x between rounds on the 2-core machine of docs/BENCHMARKS.md's seventh
+    pass) the ratio of each round is steadier than the ratio of two medians taken over
+    different rounds. None where a model was not run.
+    """
+    main = {r["model"]: r.get("cpu_times_ms") for r in results["inference"] if r["suite"] == "main"}
+    paired: Dict[str, Optional[float]] = {}
+    for name, (top, bottom) in PAIRED_RATIOS.items():
+        a, b = main.get(top), main.get(bottom)
+        rounds = [x / y for x, y in zip(a or (), b or ()) if y > 0]
+        paired[name] = float(statistics.median(rounds)) if rounds else None
+    return paired
 
 
 def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[float]]:
@@ -225,6 +264,17 @@ def markdown_report(results: Dict) -> str:
     ratios_cpu = results.get("ratios_cpu") or {}
     for k, v in results["ratios"].items():
         lines.append(f"| `{k}` | {_fmt(v, 2)} | {_fmt(ratios_cpu.get(k), 2)} |")
+    paired = {k: v for k, v in (results.get("ratios_paired_cpu") or {}).items() if v is not None}
+    if paired:
+        lines += [
+            "",
+            "Paired (CPU): the median over rounds of each round's ratio (the models of a round "
+            "run back to back, so they share the machine's state):",
+            "",
+            "| ratio | paired CPU |",
+            "|---|---|",
+        ]
+        lines += [f"| `{k}` | {_fmt(v, 2)} |" for k, v in paired.items()]
 
     costs = {c["model"]: c for c in results["costs"]}
     lines += [

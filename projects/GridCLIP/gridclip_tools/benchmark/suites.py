@@ -35,7 +35,7 @@ from .measure import (
 )
 from .models import build_benchmark_model, build_cfg
 from .profile import profile_inference, profile_training
-from .report import compute_ratios, jsonable
+from .report import compute_paired_ratios, compute_ratios, jsonable
 from .specs import (
     INFERENCE_MODELS,
     TRAIN_MODELS,
@@ -501,6 +501,7 @@ def run_benchmark(
     results["wall_s"] = time.perf_counter() - started
     results["ratios"] = compute_ratios(results, "wall")
     results["ratios_cpu"] = compute_ratios(results, "cpu")
+    results["ratios_paired_cpu"] = compute_paired_ratios(results)
     if os.path.exists(partial):
         os.remove(partial)
     return results
