@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .fused import fused_bottleneck, fused_stem, inference_layout, use_fused_forward
+from .fused import fused_trunk, use_fused_forward
 
 __all__ = [
     "CLIP_PIXEL_MEAN",
@@ -150,13 +150,8 @@ def modified_resnet_features(visual, images: torch.Tensor) -> Dict[str, torch.Te
     stages = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
     stem = [(visual.conv1, visual.bn1), (visual.conv2, visual.bn2), (visual.conv3, visual.bn3)]
     if use_fused_forward(visual, [bn for _, bn in stem], stages):  # eval: BN folded (fused.py)
-        x = fused_stem(stem, visual.avgpool, inference_layout(x))
-        outputs = []
-        for stage in stages:
-            for block in stage:
-                x = fused_bottleneck(block, x)
-            outputs.append(x.contiguous())
-        return dict(zip(("res2", "res3", "res4", "res5"), outputs))
+        outputs = fused_trunk(stem, visual.avgpool, stages, x)
+        return {name: y.contiguous() for name, y in zip(("res2", "res3", "res4", "res5"), outputs)}
     x = visual.relu1(visual.bn1(visual.conv1(x)))
     x = visual.relu2(visual.bn2(visual.conv2(x)))
     x = visual.relu3(visual.bn3(visual.conv3(x)))

@@ -21,7 +21,7 @@ were. Results equal the modules' own forward up to float rounding (relative 1e-6
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ __all__ = [
     "fusable_blocks",
     "fused_bottleneck",
     "fused_stem",
+    "fused_trunk",
     "inference_layout",
     "use_fused_forward",
 ]
@@ -118,6 +119,24 @@ def fused_stem(
     for conv, bn in pairs:
         x = F.relu_(folded_conv_bn(x, conv, bn))
     return pool(x)
+
+
+def fused_trunk(
+    stem: Sequence[Tuple[nn.Conv2d, nn.Module]],
+    pool: nn.Module,
+    stages: Sequence[nn.Module],
+    x: torch.Tensor,
+) -> List[torch.Tensor]:
+    """The whole trunk folded: the stem (:func:`fused_stem`) on ``x`` in the
+    :func:`inference_layout`, then every block of ``stages``; each stage's output, in order
+    (channels-last on a CPU)."""
+    x = fused_stem(stem, pool, inference_layout(x))
+    outputs = []
+    for stage in stages:
+        for block in stage:
+            x = fused_bottleneck(block, x)
+        outputs.append(x)
+    return outputs
 
 
 def inference_layout(x: torch.Tensor) -> torch.Tensor:

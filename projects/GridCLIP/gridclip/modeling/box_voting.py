@@ -11,6 +11,7 @@ score and the class are unchanged, so only localisation (AP75 and above) can mov
 from __future__ import annotations
 
 import torch
+from detectron2.structures.boxes import Boxes, matched_pairwise_iou
 from torch import Tensor
 from torchvision.ops import box_iou
 
@@ -75,12 +76,8 @@ def _same_class_voting(
     within = torch.arange(owner.numel(), device=boxes.device) - first[owner]
     candidate = order[start[owner] + within]
     kept = boxes[keep]
-    a, b = kept[owner], boxes[candidate]
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(dim=1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(dim=1)
-    iou = inter / (area_a + area_b - inter)  # zero-area pairs: NaN, never passes
+    b = boxes[candidate]
+    iou = matched_pairwise_iou(Boxes(kept[owner]), Boxes(b))  # zero-area pairs: NaN, never pass
     weights = (iou >= iou_thresh).to(boxes.dtype) * scores[candidate].clamp(min=0)
     total = boxes.new_zeros(keep.numel()).index_add_(0, owner, weights)
     summed = boxes.new_zeros(keep.numel(), 4).index_add_(0, owner, weights[:, None] * b)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..clip import attnpool_dense, load_clip_from_cfg
-from ..clip.fused import fused_bottleneck, fused_stem, inference_layout, use_fused_forward
+from ..clip.fused import fused_trunk, use_fused_forward
 
 logger = logging.getLogger(__name__)
 
@@ -134,23 +134,18 @@ class CLIPResNet(Backbone):
             (self.stem[3], self.stem[4]),
             (self.stem[6], self.stem[7]),
         ]
-        fused = use_fused_forward(self, [bn for _, bn in stem], stages)
         # In eval mode, BN folded into the convolutions, channels-last on a CPU (clip/fused.py);
         # the outputs stay channels-last, so that the FPN's and heads' convolutions run in it too.
-        if fused:
-            x = fused_stem(stem, self.stem[9], inference_layout(x))
+        if use_fused_forward(self, [bn for _, bn in stem], stages):
+            per_stage = fused_trunk(stem, self.stem[9], stages, x)
         else:
-            x = self.stem(x)
-        outputs = {}
-        for name, stage in zip(self.stage_names, stages):
-            if fused:
-                for block in stage:
-                    x = fused_bottleneck(block, x)
-            else:
+            per_stage, x = [], self.stem(x)
+            for stage in stages:
                 x = stage(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return outputs
+                per_stage.append(x)
+        return {
+            name: y for name, y in zip(self.stage_names, per_stage) if name in self._out_features
+        }
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {

@@ -23,7 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EmbeddingRowsOnDemand", "bilinear_rows"]
+__all__ = ["EmbeddingRowsOnDemand", "bilinear_rows", "dense_resampling"]
+
+
+def dense_resampling(level_size, dense_size) -> str:
+    """How the dense CLIP map (res5's size) is brought to a level of ``level_size`` (H, W):
+    ``"same"`` (the map itself), ``"upsample"`` (bilinear, levels finer than res5) or ``"pool"``
+    (adaptive average pooling, coarser ones). The one rule of the full maps
+    (``GridCLIP._add_dense_clip``) and of the rows made on demand."""
+    (height, width), (h5, w5) = tuple(level_size), tuple(dense_size)
+    if (height, width) == (h5, w5):
+        return "same"
+    return "upsample" if height >= h5 and width >= w5 else "pool"
 
 
 def _source_index(size_in: int, size_out: int, index: Tensor):
@@ -85,10 +96,6 @@ class EmbeddingRowsOnDemand:
         self.dense = dense
         self.dense_scale = dense_scale
 
-    @property
-    def num_locations(self) -> int:
-        return self.features.shape[-2] * self.features.shape[-1]
-
     def rows(self, image: int, locations: Optional[Tensor] = None) -> Tensor:
         """(M, D) embedding rows of image ``image`` at ``locations`` ((H*W) order; None: all)."""
         feature = self.features[image]
@@ -111,11 +118,10 @@ class EmbeddingRowsOnDemand:
         height, width = size
         if locations is None:
             locations = torch.arange(height * width, device=dense.device)
-        if (height, width) == tuple(dense.shape[-2:]):
-            level = dense.reshape(dense.shape[0], -1).t()[locations]
-        elif height >= dense.shape[-2] and width >= dense.shape[-1]:
+        how = dense_resampling(size, dense.shape[-2:])
+        if how == "upsample":
             level = bilinear_rows(dense, (height, width), locations)
         else:
-            pooled = F.adaptive_avg_pool2d(dense, (height, width))
-            level = pooled.reshape(pooled.shape[0], -1).t()[locations]
+            level = dense if how == "same" else F.adaptive_avg_pool2d(dense, (height, width))
+            level = level.reshape(level.shape[0], -1).t()[locations]
         return F.normalize(level, dim=1) * self.dense_scale

@@ -93,7 +93,7 @@ from .box_refinement import BoxRefiner, build_box_refiner, check_refine_steps
 from .box_voting import check_box_voting_iou, kept_boxes
 from .clip_backbone import DenseCLIPProjection, build_dense_clip_projection
 from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
-from .embedding_rows import EmbeddingRowsOnDemand
+from .embedding_rows import EmbeddingRowsOnDemand, dense_resampling
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
 from .image_alignment import ImageAlignment, build_image_alignment
@@ -731,10 +731,11 @@ class GridCLIP(RetinaNet):
         dense = F.normalize(self.dense_clip(res5), dim=1)  # (N, D, h5, w5)
         out = []
         for x in grid_embeddings:
-            n, e, h, w = x.shape
-            if (h, w) == dense.shape[-2:]:
+            h, w = x.shape[-2:]
+            how = dense_resampling((h, w), dense.shape[-2:])
+            if how == "same":
                 level = dense
-            elif h >= dense.shape[-2] and w >= dense.shape[-1]:
+            elif how == "upsample":
                 level = F.interpolate(dense, size=(h, w), mode="bilinear", align_corners=False)
             else:
                 level = F.adaptive_avg_pool2d(dense, (h, w))
