@@ -8,8 +8,8 @@ convolution followed by it is one convolution with rescaled weights and a bias::
 The trunk then runs one kernel per convolution instead of a convolution and a separate pass
 over its output, and on a CPU with channels-last activations, which oneDNN serves with its
 fastest kernels (CLIP's 1x1 convolutions otherwise fall back to PyTorch's slow im2col path).
-On one CPU thread at 800x1216 the RN50 trunk takes 3.2 s instead of 4.7-5.7 s
-(docs/BENCHMARKS.md, issue 13, seventh pass). The weights are folded at every call (a few
+On one CPU thread at 800x1216 the RN50 trunk takes 3.4-3.5 s instead of 4.6-5.3 s
+(docs/BENCHMARKS.md, issue 13, seventh pass, with the command). The weights are folded at every call (a few
 milliseconds), so nothing is cached that a training step or a loaded checkpoint could make
 stale, and the modules and their state dicts stay CLIP's.
 
