@@ -6,12 +6,12 @@ convolution followed by it is one convolution with rescaled weights and a bias::
     bn(conv(x)) = conv(x; w * s) + (beta - mean * s),   s = gamma / sqrt(var + eps)
 
 The trunk then runs one kernel per convolution instead of a convolution and a separate pass
-over its output, and on a CPU with channels-last activations, which oneDNN serves with its
-fastest kernels (CLIP's 1x1 convolutions otherwise fall back to PyTorch's slow im2col path).
-On one CPU thread at 800x1216 the RN50 trunk takes 3.4-3.5 s instead of 4.6-5.3 s
-(docs/BENCHMARKS.md, issue 13, seventh pass, with the command). The weights are folded at every call (a few
-milliseconds), so nothing is cached that a training step or a loaded checkpoint could make
-stale, and the modules and their state dicts stay CLIP's.
+over its output, and on a CPU with channels-last activations, in which oneDNN runs the 3x3
+convolutions faster (the 1x1 ones stay memory-bound matrix products either way). On one CPU
+thread at 800x1216 the RN50 trunk takes 3.4-3.5 s instead of 4.6-5.3 s (docs/BENCHMARKS.md,
+issue 13, seventh pass, with the command). The weights are folded at every call, so nothing is
+cached that a training step or a loaded checkpoint could make stale, and the modules and their
+state dicts stay CLIP's.
 
 Used by the detector's trunk (``CLIPResNet`` in eval mode) and by every CLIP image forward of
 the frozen teacher (``modified_resnet_features``). Training keeps the modules' own forward:
