@@ -258,12 +258,16 @@ def test_ratios_from_known_times():
         ("retinanet", 10, big): 400.0,
         ("gridclip", 100, big): 180.0,
         ("gridclip", 10, small): 50.0,
+        ("gridclip_head256x4", 10, big): 300.0,
+        ("vild_fpn128", 10, big): 450.0,
     }
     results = _fake_results(times, train={"gridclip_online": 2.0, "vild_online": 30.0})
     r = compute_ratios(results)
     assert r["inference_speedup_gridclip_vs_vild"] == pytest.approx(6.0)
     assert r["inference_speedup_gridclip_vs_vild_ensemble"] == pytest.approx(7.0)
     assert r["inference_gridclip_over_retinanet_80"] == pytest.approx(1.25)
+    assert r["inference_speedup_gridclip_head256x4_vs_vild"] == pytest.approx(2.0)
+    assert r["inference_speedup_gridclip_vs_vild_fpn128"] == pytest.approx(4.5)
     assert r["inference_speedup_gridclip_vs_retinanet_10"] == pytest.approx(4.0)
     assert r["inference_gridclip_1x1_over_retinanet_80"] == pytest.approx(1.1)
     assert r["inference_gridclip_1x1_over_gridclip"] == pytest.approx(0.88)
