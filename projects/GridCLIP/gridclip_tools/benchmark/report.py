@@ -125,9 +125,7 @@ def compute_ratios(results: Dict, metric: str = "wall") -> Dict[str, Optional[fl
         # against ViLD with GridCLIP's 128-channel FPN (a fairness check, not a config)
         "inference_speedup_gridclip_vs_vild_fpn128": _ratio(t["vild_fpn128"], t["gridclip"]),
         # RetinaNet's head (256 x 4), the configs' until issue 13's eighth pass
-        "inference_speedup_gridclip_head256x4_vs_vild": _ratio(
-            t["vild"], t["gridclip_head256x4"]
-        ),
+        "inference_speedup_gridclip_head256x4_vs_vild": _ratio(t["vild"], t["gridclip_head256x4"]),
         f"inference_speedup_gridclip_vs_retinanet_{k}": _ratio(t["retinanet"], t["gridclip"]),
         "inference_gridclip_1x1_over_retinanet_80": _ratio(t["gridclip_1x1"], t["retinanet_80"]),
         "inference_gridclip_1x1_over_gridclip": _ratio(t["gridclip_1x1"], t["gridclip"]),
