@@ -1066,34 +1066,30 @@ class GridCLIP(RetinaNet):
             return empty, empty
         if exhaustive is None:
             exhaustive = logits.is_cuda and logits.numel() <= cls.EXHAUSTIVE_TOP_PAIRS_LIMIT
-        if exhaustive:
-            values = logits if row_bonus is None else logits + row_bonus[:, None]
-            idxs = values.flatten().topk(k).indices
-            return torch.div(idxs, num_classes, rounding_mode="floor"), idxs % num_classes
-        c = -(-k // num_rows)
-        row_top = logits.max(dim=1).values[:, None] if c == 1 else logits.topk(c, dim=1).values
-        if row_bonus is not None:
-            row_top = row_top + row_bonus[:, None]
-        tau = row_top.flatten().topk(k).values[-1]
-        # Every pair with logit + bonus >= tau, found by comparing the logits in place with each
-        # row's bound tau - bonus (no (rows, classes) copy with the bonus added). The bound is
-        # lowered by a few units of rounding so that no pair at tau is lost to the subtraction's
-        # rounding; the top-k below ranks the exact sums, so the extra pairs change nothing.
-        if row_bonus is None:
-            passing = (logits >= tau).flatten().nonzero().flatten()
-        else:
-            slack = 4 * torch.finfo(logits.dtype).eps * (tau.abs() + row_bonus.abs())
-            bound = (tau - row_bonus - slack)[:, None]
+        if not exhaustive:
+            c = -(-k // num_rows)
+            row_top = logits.max(dim=1).values[:, None] if c == 1 else logits.topk(c, dim=1).values
+            if row_bonus is not None:
+                row_top = row_top + row_bonus[:, None]
+            tau = row_top.flatten().topk(k).values[-1]
+            # Every pair with logit + bonus >= tau, found by comparing the logits in place with
+            # each row's bound tau - bonus (no (rows, classes) copy with the bonus added). The
+            # bound is lowered by a few units of rounding so that no pair at tau is lost to the
+            # subtraction's rounding; the top-k below ranks the exact sums, so the extra pairs
+            # change nothing.
+            bound = tau
+            if row_bonus is not None:
+                slack = 4 * torch.finfo(logits.dtype).eps * (tau.abs() + row_bonus.abs())
+                bound = (tau - row_bonus - slack)[:, None]
             passing = (logits >= bound).flatten().nonzero().flatten()
-        rows = torch.div(passing, num_classes, rounding_mode="floor")
-        classes = passing % num_classes
-        values = logits.flatten()[passing]
-        if row_bonus is not None:
-            values = values + row_bonus[rows]
-        if passing.numel() >= k:
-            top = values.topk(k).indices
-            return rows[top], classes[top]
-        # NaN: comparisons fail; rank every pair as torch.topk does
+            if passing.numel() >= k:
+                rows = torch.div(passing, num_classes, rounding_mode="floor")
+                values = logits.flatten()[passing]
+                if row_bonus is not None:
+                    values = values + row_bonus[rows]
+                top = values.topk(k).indices
+                return rows[top], passing[top] % num_classes
+            # NaN: comparisons fail; rank every pair as torch.topk does (below)
         values = logits if row_bonus is None else logits + row_bonus[:, None]
         idxs = values.flatten().topk(k).indices
         return torch.div(idxs, num_classes, rounding_mode="floor"), idxs % num_classes
