@@ -259,6 +259,40 @@ def test_demo_reevaluates_a_run_evaluated_under_another_default(tmp_path, monkey
     assert demo._launch("gridclip", config, [], str(out), False) is None
 
 
+def test_demo_retrains_a_run_trained_under_another_training_default(tmp_path, monkeypatch):
+    """A training default changed in gridclip/config.py leaves the run keys as they were; the
+    training settings a run recorded when it started (defaults included) notice it: the run is
+    trained again from scratch (its folder kept aside, never resumed or re-evaluated), not
+    reused. A setting it did not record (added since) and a run recorded before the file
+    existed are reused."""
+    out, config = _trained_fake_run(tmp_path, monkeypatch)
+    path = out / demo.TRAINING_SETTINGS
+    recorded = json.loads(path.read_text())
+    assert recorded["SOLVER.MAX_ITER"] == 300 and "OUTPUT_DIR" not in recorded
+    assert recorded["MODEL.GRIDCLIP.LOGIT_SCALE"] == get_gridclip_cfg().MODEL.GRIDCLIP.LOGIT_SCALE
+    assert "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE" not in recorded  # an evaluation setting
+    del recorded["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT"]  # as if the project added it since
+    path.write_text(json.dumps(recorded))
+    assert demo._launch("gridclip", config, [], str(out), False) is None
+    path.unlink()  # recorded before the file existed
+    assert demo._launch("gridclip", config, [], str(out), False) is None
+    recorded["MODEL.GRIDCLIP.LOGIT_SCALE"] = -1.0  # trained under another default
+    path.write_text(json.dumps(recorded))
+    # an evaluation change too: still a training, not an --eval-only of the old weights
+    proc = demo._launch("gridclip", config, ["TEST.DETECTIONS_PER_IMAGE", "50"], str(out), False)
+    assert proc is not None and "--eval-only" not in proc.args
+    proc.wait()
+    demo._finish(proc)
+    previous = tmp_path / "gridclip.previous"
+    assert (
+        json.loads((previous / demo.TRAINING_SETTINGS).read_text())["MODEL.GRIDCLIP.LOGIT_SCALE"]
+        == -1.0
+    )
+    assert json.loads(path.read_text())["MODEL.GRIDCLIP.LOGIT_SCALE"] != -1.0
+    opts = ["TEST.DETECTIONS_PER_IMAGE", "50"]
+    assert demo._launch("gridclip", config, opts, str(out), False) is None
+
+
 def test_demo_reevaluates_a_legacy_run_from_its_config_dump(tmp_path, monkeypatch):
     """A run recorded before training keys (run_key.txt only) is evaluated again, not
     retrained, when the config.yaml train_net.py dumped there (nested tuples read back as

@@ -205,6 +205,9 @@ def _stage(msg: str) -> None:
 EVALUATION_DIR = "evaluation"
 #: A finished run's evaluation settings, defaults included (:func:`_evaluation_settings`).
 EVALUATION_SETTINGS = "evaluation_settings.json"
+#: The training settings a run's checkpoints were trained with, defaults included
+#: (:func:`_training_settings`), written when its training starts.
+TRAINING_SETTINGS = "training_settings.json"
 
 _ABSENT = object()
 
@@ -258,27 +261,50 @@ def _run_keys(config: str, opts) -> Tuple[str, str]:
     return _hash(settings), _hash(training)
 
 
-def _evaluation_settings(config: str, opts) -> Dict[str, Any]:
-    """Every evaluation setting (:func:`is_evaluation_setting`) of the resolved config, default
-    values included: what a finished run records, so that a default changed in
-    ``gridclip/config.py`` (which the run keys cannot see) is noticed (:func:`_evaluated_with`)."""
+def _all_settings(config: str, opts, evaluation: bool) -> Dict[str, Any]:
+    """Every evaluation setting (:func:`is_evaluation_setting`) of the resolved config, or every
+    other one (the output folder left out), default values included."""
     return {
         k: _canonical(v)
         for k, v in flatten_config(get_gridclip_cfg(config, list(opts))).items()
-        if is_evaluation_setting(k)
+        if is_evaluation_setting(k) == evaluation and k != "OUTPUT_DIR"
     }
 
 
-def _evaluated_with(out_dir: str, settings: Dict[str, Any]) -> bool:
-    """Whether the run in ``out_dir`` was evaluated with ``settings``: every setting it recorded
-    in ``EVALUATION_SETTINGS`` has today's value. A setting it did not record (one the project
-    added since, at a default that keeps the old behaviour) and a run recorded before this file
-    existed count as the same."""
-    path = os.path.join(out_dir, EVALUATION_SETTINGS)
+def _evaluation_settings(config: str, opts) -> Dict[str, Any]:
+    """Every evaluation setting of the resolved config, default values included: what a
+    finished run records, so that a default changed in ``gridclip/config.py`` (which the run
+    keys cannot see) is noticed (:func:`_recorded_same`)."""
+    return _all_settings(config, opts, evaluation=True)
+
+
+def _training_settings(config: str, opts) -> Dict[str, Any]:
+    """Every training setting of the resolved config, default values included: recorded when a
+    run starts, so that a run trained under another *training* default is retrained, not reused
+    or resumed (:func:`_recorded_same`)."""
+    return _all_settings(config, opts, evaluation=False)
+
+
+def _recorded_same(out_dir: str, filename: str, settings: Dict[str, Any]) -> bool:
+    """Whether every setting the run in ``out_dir`` recorded in ``filename`` has today's value.
+    A setting it did not record (one the project added since, at a default that keeps the old
+    behaviour) and a run recorded before the file existed count as the same."""
+    path = os.path.join(out_dir, filename)
     if not os.path.isfile(path):
         return True
     recorded = json.load(open(path))
     return all(_canonical(recorded[k]) == v for k, v in settings.items() if k in recorded)
+
+
+def _changed_settings(out_dir: str, filename: str, settings: Dict[str, Any]) -> List[str]:
+    """``key: recorded -> today`` for each setting of ``filename`` whose value changed."""
+    path = os.path.join(out_dir, filename)
+    recorded = json.load(open(path)) if os.path.isfile(path) else {}
+    return [
+        f"{k}: {recorded[k]!r} -> {v!r}"
+        for k, v in sorted(settings.items())
+        if k in recorded and _canonical(recorded[k]) != v
+    ]
 
 
 def _run_key(config: str, opts) -> str:
@@ -314,14 +340,18 @@ def _recorded_train_key(out_dir: str) -> Optional[str]:
         return None
 
 
+def _write_settings(out_dir: str, filename: str, settings: Dict[str, Any]) -> None:
+    with atomic_write(os.path.join(out_dir, filename), "w") as f:
+        json.dump(settings, f, indent=1, sort_keys=True)
+
+
 def _record_keys(out_dir: str, key: str, train_key: str, eval_settings: Dict[str, Any]) -> None:
     """Write a finished run's run key and training key (:func:`_run_keys`) and its evaluation
     settings (:func:`_evaluation_settings`) into its folder."""
     for filename, value in (("run_key.txt", key), ("train_key.txt", train_key)):
         with atomic_write(os.path.join(out_dir, filename), "w") as f:
             f.write(value)
-    with atomic_write(os.path.join(out_dir, EVALUATION_SETTINGS), "w") as f:
-        json.dump(eval_settings, f, indent=1, sort_keys=True)
+    _write_settings(out_dir, EVALUATION_SETTINGS, eval_settings)
 
 
 def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
@@ -332,10 +362,17 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     results_path = os.path.join(out_dir, "results.json")
     key, train_key = _run_keys(config, opts)
     eval_settings = _evaluation_settings(config, opts)
-    finished = not force and os.path.isfile(results_path)
+    train_settings = _training_settings(config, opts)
+    # Trained under another training default (the keys hash non-default settings only): its
+    # checkpoints are another model, neither reused, re-evaluated nor resumed.
+    retrain = _changed_settings(out_dir, TRAINING_SETTINGS, train_settings)
+    if retrain:
+        print(f"    {out_dir} was trained with other defaults: " + "; ".join(retrain), flush=True)
+    finished = not force and not retrain and os.path.isfile(results_path)
     recorded = _read(os.path.join(out_dir, "run_key.txt"))
     legacy = recorded is not None and recorded != key and recorded == _legacy_run_key(config, opts)
-    if finished and (recorded == key or legacy) and _evaluated_with(out_dir, eval_settings):
+    evaluated = _recorded_same(out_dir, EVALUATION_SETTINGS, eval_settings)
+    if finished and (recorded == key or legacy) and evaluated:
         if legacy:  # recorded by an earlier version: record today's keys
             _record_keys(out_dir, key, train_key, eval_settings)
         print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
@@ -344,7 +381,12 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     eval_only = finished and os.path.isfile(final) and _recorded_train_key(out_dir) == train_key
     started_path = os.path.join(out_dir, "run_key_started.txt")
     started = _read(started_path)
-    if not eval_only and os.path.isdir(out_dir) and os.listdir(out_dir) and started != key:
+    if (
+        not eval_only
+        and os.path.isdir(out_dir)
+        and os.listdir(out_dir)
+        and (started != key or retrain)
+    ):
         # Checkpoints of another config (or of unknown origin): `--resume` would load them into
         # a different model. Keep them aside instead of resuming or deleting.
         previous = out_dir.rstrip("/") + ".previous"
@@ -361,6 +403,7 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     else:
         with atomic_write(started_path, "w") as f:
             f.write(key)  # a killed run of this same config resumes from its last checkpoint
+        _write_settings(out_dir, TRAINING_SETTINGS, train_settings)
         cmd += ["--resume", "OUTPUT_DIR", out_dir] + list(opts)
     print("    $ " + " ".join(cmd), flush=True)
     env = dict(os.environ)
