@@ -274,8 +274,9 @@ def test_demo_retrains_a_run_trained_under_another_training_default(tmp_path, mo
     del recorded["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT"]  # as if the project added it since
     path.write_text(json.dumps(recorded))
     assert demo._launch("gridclip", config, [], str(out), False) is None
-    path.unlink()  # recorded before the file existed
+    path.unlink()  # recorded before the file existed: reused, and today's settings adopted
     assert demo._launch("gridclip", config, [], str(out), False) is None
+    assert json.loads(path.read_text())["MODEL.GRIDCLIP.IMAGE_ALIGN_WEIGHT"] == 1.0
     recorded["MODEL.GRIDCLIP.LOGIT_SCALE"] = -1.0  # trained under another default
     path.write_text(json.dumps(recorded))
     # an evaluation change too: still a training, not an --eval-only of the old weights

@@ -345,6 +345,14 @@ def _write_settings(out_dir: str, filename: str, settings: Dict[str, Any]) -> No
         json.dump(settings, f, indent=1, sort_keys=True)
 
 
+def _adopt_training_settings(out_dir: str, settings: Dict[str, Any]) -> None:
+    """A run recorded before ``TRAINING_SETTINGS`` existed and accepted as today's training
+    (same training key) records today's training settings, so that a later default change is
+    noticed."""
+    if not os.path.isfile(os.path.join(out_dir, TRAINING_SETTINGS)):
+        _write_settings(out_dir, TRAINING_SETTINGS, settings)
+
+
 def _record_keys(out_dir: str, key: str, train_key: str, eval_settings: Dict[str, Any]) -> None:
     """Write a finished run's run key and training key (:func:`_run_keys`) and its evaluation
     settings (:func:`_evaluation_settings`) into its folder."""
@@ -376,9 +384,12 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
         if legacy:  # recorded by an earlier version: record today's keys
             _record_keys(out_dir, key, train_key, eval_settings)
         print(f"    reusing {results_path} (same config; --force retrains)", flush=True)
+        _adopt_training_settings(out_dir, train_settings)
         return None
     final = os.path.join(out_dir, "model_final.pth")
     eval_only = finished and os.path.isfile(final) and _recorded_train_key(out_dir) == train_key
+    if eval_only:
+        _adopt_training_settings(out_dir, train_settings)
     started_path = os.path.join(out_dir, "run_key_started.txt")
     started = _read(started_path)
     if (
