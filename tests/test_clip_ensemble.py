@@ -101,6 +101,45 @@ def test_ensemble_weights_are_checked(assets):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS", [0.5, 1.5]))
 
 
+def test_pseudo_box_ranking_has_its_own_weight_not_the_inference_ones():
+    """The pseudo-box search of pair training ranks a phrase's candidates with
+    PAIRS_PSEUDO_CLIP_WEIGHT for every phrase: tuning the inference weights
+    (TEST_CLIP_ENSEMBLE_WEIGHTS) must not change what pairs train on."""
+    teacher = _FixedTeacher([[1.0, 0.0], [0.0, 1.0]])  # box 0 looks like phrase 0, box 1 phrase 1
+    fake = SimpleNamespace(
+        clip_ensemble=teacher,
+        device=torch.device("cpu"),
+        input_format="RGB",
+        clip_ensemble_weights=(0.0, 0.0),  # inference weights: would leave p_det unchanged
+        clip_ensemble_crop_scales=(1.0,),
+        pairs_pseudo_clip_weight=0.65,
+    )
+    image = torch.zeros(3, 8, 8)
+    rescore = GridCLIP._pseudo_box_rescorer(fake, image, torch.eye(2), torch.tensor([0, 1]))
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 8.0, 8.0]])
+    probs = torch.tensor([0.5, 0.2])
+    p_match = math.exp(10.0) / (math.exp(10.0) + 1.0)
+    out = rescore(boxes, torch.tensor([1, 1]), probs)  # both boxes as phrase 1
+    expected = [0.5**0.35 * (1 - p_match) ** 0.65, 0.2**0.35 * p_match**0.65]
+    assert out.tolist() == pytest.approx(expected, rel=1e-5)
+    assert out[1] > out[0]  # CLIP's view outranks the detector's higher probability
+
+
+def test_pseudo_box_weight_is_checked_and_test_ensemble_off_keeps_scores(assets):
+    with pytest.raises(ValueError, match="PAIRS_PSEUDO_CLIP_WEIGHT"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT", 1.5))
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (3, 64, 80)).float()
+    plain = build_model(make_cfg(assets)).eval()
+    _random_head(plain)
+    plain.test_score_thresh, plain.max_detections_per_image = 0.0, 20
+    held = build_model(make_cfg(assets)).eval()  # a teacher kept for the pseudo-box search only
+    held.load_state_dict(plain.state_dict())
+    held.test_score_thresh, held.max_detections_per_image = 0.0, 20
+    held.clip_ensemble, held.test_clip_ensemble = _FixedTeacher([[1.0] + [0.0] * (D - 1)]), False
+    assert torch.equal(_detect(held, image).scores, _detect(plain, image).scores)
+
+
 def test_near_duplicate_boxes_share_their_crops():
     boxes = torch.tensor(
         [

@@ -173,6 +173,11 @@ def add_gridclip_config(cfg: CN) -> CN:
     # best boxes, as many as the caption counts: gridclip/modeling/pairs_alignment.py); a
     # pseudo-box is taken only when its detection probability is at least this.
     _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_MIN_SCORE = 0.2
+    # The frozen CLIP ranks each phrase's pseudo-box candidates with the score ensemble's rule,
+    # p_det^(1 - w) p_clip^w, at this w (0: no CLIP ranking). A training setting of its own, not
+    # TEST_CLIP_ENSEMBLE_WEIGHTS (until 2026-12-01 the search used their novel weight, 0.65 in
+    # every measured pairs run); the crops are TEST_CLIP_ENSEMBLE_CROP_SCALES.
+    _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT = 0.65
     # A second self-training round: a JSON of pseudo-boxes a trained detector found on the pair
     # images (tools/pseudo_label_pairs.py); the pairs' loss trains on them instead of the model's
     # own search. "" = the model's own search in every pair batch.

@@ -161,6 +161,8 @@ class GridCLIP(RetinaNet):
         clip_ensemble_weights: Tuple[float, float] = (0.35, 0.65),
         clip_ensemble_crop_scales: Sequence[float] = (1.0, 1.5),
         clip_ensemble_share_iou: float = 1.0,
+        test_clip_ensemble: Optional[bool] = None,
+        pairs_pseudo_clip_weight: float = 0.65,
         pairs_alignment: Optional[PairsAlignment] = None,
         train_objectness_ranker_only: bool = False,
         test_box_voting_iou: float = 0.0,
@@ -192,6 +194,13 @@ class GridCLIP(RetinaNet):
                 summed), as ViLD's region teacher.
             clip_ensemble_share_iou: detections overlapping a higher-scored one by more than
                 this IoU share its crops (1: every detection cropped).
+            test_clip_ensemble: rescore the final detections with ``clip_ensemble`` at
+                inference; None: whenever there is one. False keeps the teacher for the
+                pseudo-box search alone.
+            pairs_pseudo_clip_weight: the CLIP score's exponent when the pseudo-box search
+                (:meth:`find_pseudo_boxes`) ranks a phrase's candidates; 0: no CLIP ranking. A
+                training setting of its own (``MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT``), not
+                the inference weights, so that tuning inference never changes what pairs train.
             pairs_alignment: the phrase vocabulary and settings of training on image-text
                 pairs (inputs with ``phrases`` and no ``instances``; loss:
                 :meth:`pairs_pseudo_box_loss`), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
@@ -248,6 +257,18 @@ class GridCLIP(RetinaNet):
             test_box_refine_steps, "MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS"
         )
         self.clip_ensemble = clip_ensemble
+        self.test_clip_ensemble = (
+            clip_ensemble is not None if test_clip_ensemble is None else bool(test_clip_ensemble)
+        )
+        if self.test_clip_ensemble and clip_ensemble is None:
+            raise ValueError("test_clip_ensemble needs clip_ensemble (the frozen CLIP teacher)")
+        w = float(pairs_pseudo_clip_weight)
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(
+                f"MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT = {pairs_pseudo_clip_weight!r}: must be "
+                "in [0, 1] (0: no CLIP ranking of the pseudo-box candidates)"
+            )
+        self.pairs_pseudo_clip_weight = w
         (
             self.clip_ensemble_weights,
             self.clip_ensemble_crop_scales,
@@ -283,6 +304,11 @@ class GridCLIP(RetinaNet):
         head = GridCLIPHead(cfg, feature_shapes, text_embeddings)
         vocabulary_cfg = cfg.clone()
         cfg_for_teacher = cfg.clone()
+        # the pseudo-box search of pair training ranks with the frozen CLIP (its own weight)
+        rank_pairs = (
+            cfg.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0
+            and cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT > 0
+        )
         return {
             "backbone": backbone,
             "head": head,
@@ -300,9 +326,11 @@ class GridCLIP(RetinaNet):
                     builder=lambda: build_clip_teacher_from_cfg(cfg_for_teacher),
                     name="CLIP teacher of the score ensemble",
                 )
-                if cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE
+                if cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE or rank_pairs
                 else None
             ),
+            "test_clip_ensemble": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE,
+            "pairs_pseudo_clip_weight": cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT,
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "clip_ensemble_share_iou": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU,
@@ -443,7 +471,7 @@ class GridCLIP(RetinaNet):
                 losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
             return losses
         results = self.forward_inference(images, features, predictions)
-        if self.clip_ensemble is not None:
+        if self.test_clip_ensemble:
             for inst, inputs in zip(results, batched_inputs):
                 inst.scores = self.clip_ensemble_scores(inst, inputs["image"])
         return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
@@ -681,7 +709,7 @@ class GridCLIP(RetinaNet):
             boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
             boxes.clip(image_size)
             rescore = None
-            if self.clip_ensemble is not None:
+            if self.clip_ensemble is not None and self.pairs_pseudo_clip_weight > 0:
                 rescore = self._pseudo_box_rescorer(raw_images[i], vocabulary, rows[phrases.cpu()])
             b, c, _ = caption_pseudo_boxes(
                 logits[i][:, phrases],
@@ -700,8 +728,10 @@ class GridCLIP(RetinaNet):
 
     def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
         """``rescore`` of :func:`caption_pseudo_boxes` for one image: the CLIP score ensemble
-        of inference (:meth:`clip_ensemble_scores`) over ``vocabulary``, with the novel-class
-        weight (a caption's phrases are an open vocabulary); ``phrase_rows``: the vocabulary
+        of inference (:meth:`clip_ensemble_scores`) over ``vocabulary``, every phrase with the
+        weight ``PAIRS_PSEUDO_CLIP_WEIGHT`` (a caption's phrases are an open vocabulary; 0.65,
+        F-VLM's novel-class weight, with which the pairs results were measured); the crops
+        are inference's (``TEST_CLIP_ENSEMBLE_CROP_SCALES``); ``phrase_rows``: the vocabulary
         rows of the image's phrase columns. Every candidate is cropped: crop sharing
         (``TEST_CLIP_ENSEMBLE_SHARE_IOU``) is an inference setting, and the pairs results were
         measured without it."""
@@ -720,7 +750,7 @@ class GridCLIP(RetinaNet):
                 self.clip_ensemble.on(self.device),
                 vocabulary,
                 untrained,
-                self.clip_ensemble_weights,
+                (self.pairs_pseudo_clip_weight, self.pairs_pseudo_clip_weight),
                 self.clip_ensemble_crop_scales,
             )
 
