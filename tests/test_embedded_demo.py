@@ -171,6 +171,9 @@ def test_demo_run_keys_separate_training_from_evaluation_settings(tmp_path):
         (["SOLVER.MAX_ITER", "301"], True),
         (["INPUT.MIN_SIZE_TRAIN", "(224,)"], True),
         (["DATASETS.TRAIN", "('gridclip_world_train_full',)"], True),
+        (["MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS", "[0.35, 0.9]"], False),
+        # the pseudo-box search of pair training has its own weight: a training setting
+        (["MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT", "0.35"], True),
     ):
         other, other_train = demo._run_keys(config, opts)
         assert other != key and (other_train != train_key) == trains, opts
