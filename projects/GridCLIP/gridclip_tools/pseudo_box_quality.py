@@ -8,7 +8,7 @@ caption the detector's own best boxes for it (:meth:`GridCLIP.find_pseudo_boxes`
 training code itself). Pair images have no boxes to check them against; this command plays the
 same game on a box-annotated dataset: each image's "caption" names every annotated class with its
 count (a perfect caption), the pseudo-boxes are found exactly as in training (the config's
-``PAIRS_PSEUDO_MIN_SCORE``, the CLIP score ensemble when ``TEST_CLIP_ENSEMBLE`` is on, the box
+``PAIRS_PSEUDO_MIN_SCORE``, the frozen CLIP's ranking at ``PAIRS_PSEUDO_CLIP_WEIGHT``, the box
 refiner once when the model has one; ``--min-score`` overrides the floor) with the model's class
 names as the vocabulary, and each pseudo-box is **correct** when it overlaps an annotated box of
 its class at IoU >= ``--iou`` (0.5), each box matched once, best score first.
@@ -179,7 +179,7 @@ def main(argv=None) -> Dict:
         "images": len(dicts),
         "min_score": min_score,
         "iou": args.iou,
-        "clip_ensemble": bool(cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE),
+        "clip_ranking_weight": model.pseudo_box_ranking_weight,
         "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
         "by_frequency": {
             g: {

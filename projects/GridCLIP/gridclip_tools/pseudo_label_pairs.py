@@ -10,12 +10,12 @@ Training on pairs (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0``) finds each caption 
 pseudo-boxes with the model being trained, which is weak early on. A detector already trained
 on boxes + pairs finds better ones (README: novel-class recall 68% -> 77%); this command runs its
 search (:meth:`GridCLIP.find_pseudo_boxes`, the training code: the caption's counts, the
-``PAIRS_PSEUDO_MIN_SCORE`` floor or ``--min-score``, the CLIP ranking when ``TEST_CLIP_ENSEMBLE``
-is on, the one-step box refiner) once over every image of the config's ``DATASETS.PAIRS_TRAIN`` (or
-``--dataset``) at the test resolution, and writes the boxes in image pixels with their phrase keys
-(format: :mod:`gridclip.data.captions`). A new detector trained with
-``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES`` set to the file learns from these boxes from its first pair
-batch instead of searching its own.
+``PAIRS_PSEUDO_MIN_SCORE`` floor or ``--min-score``, the frozen CLIP's ranking at
+``PAIRS_PSEUDO_CLIP_WEIGHT``, the one-step box refiner) once over every image of the config's
+``DATASETS.PAIRS_TRAIN`` (or ``--dataset``) at the test resolution, and writes the boxes in
+image pixels with their phrase keys (format: :mod:`gridclip.data.captions`). A new detector
+trained with ``MODEL.GRIDCLIP.PAIRS_PSEUDO_BOXES`` set to the file learns from these boxes from
+its first pair batch instead of searching its own.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv=None) -> Dict:
             "weights": cfg.MODEL.WEIGHTS,
             "datasets": names,
             "min_score": min_score,
-            "clip_ensemble": bool(cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE),
+            "clip_ranking_weight": model.pseudo_box_ranking_weight,
             "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
             "seconds": round(time.perf_counter() - start, 1),
         },

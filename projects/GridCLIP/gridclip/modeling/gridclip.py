@@ -709,7 +709,7 @@ class GridCLIP(RetinaNet):
             boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors.tensor))
             boxes.clip(image_size)
             rescore = None
-            if self.clip_ensemble is not None and self.pairs_pseudo_clip_weight > 0:
+            if self.pseudo_box_ranking_weight > 0:
                 rescore = self._pseudo_box_rescorer(raw_images[i], vocabulary, rows[phrases.cpu()])
             b, c, _ = caption_pseudo_boxes(
                 logits[i][:, phrases],
@@ -725,6 +725,12 @@ class GridCLIP(RetinaNet):
             # trained a worse second round (README, "Training with image-text pairs").
             found = self.box_refiner.refine(features, found)
         return found, columns
+
+    @property
+    def pseudo_box_ranking_weight(self) -> float:
+        """The CLIP score's exponent with which :meth:`find_pseudo_boxes` ranks a phrase's
+        candidates (``PAIRS_PSEUDO_CLIP_WEIGHT``); 0 when it does not rank (no teacher)."""
+        return self.pairs_pseudo_clip_weight if self.clip_ensemble is not None else 0.0
 
     def _pseudo_box_rescorer(self, image: Tensor, vocabulary: Tensor, phrase_rows: Tensor):
         """``rescore`` of :func:`caption_pseudo_boxes` for one image: the CLIP score ensemble
