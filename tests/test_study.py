@@ -93,6 +93,20 @@ def test_variant_values_take_the_run_seed_and_split(tmp_path):
     assert files == {2: "out/split1/labels_s2.json", 3: "out/split1/labels_s3.json"}
 
 
+def test_a_pairs_variant_generates_its_world_pairs_first(tmp_path, monkeypatch):
+    """A variant trained on the world's image-text pairs gets them generated before training
+    (a fresh machine has only the world), once per world; box-only variants need none."""
+    made = []
+    monkeypatch.setattr(study, "generate_world_pairs", lambda root, **kw: made.append(root))
+    box_only = study.plan_runs({"gridclip": embedded_demo.MODELS["gridclip"]}, [1], [0], 60, [],
+                               str(tmp_path))  # fmt: skip
+    assert study.generate_run_pairs(box_only) == [] and made == []
+    name, model = study.parse_variant("pairs@embedded/GridCLIP_world_pairs.yaml=")
+    runs = study.plan_runs({name: model}, [1, 2], [0], 60, [], str(tmp_path))
+    roots = study.generate_run_pairs(runs)
+    assert roots == made == [study.default_world_root("demo", 0)]
+
+
 def test_aggregate_mean_std_and_paired_differences():
     def rec(v, seed, ap, apr):
         return {

@@ -34,11 +34,14 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+from detectron2.data import MetadataCatalog
+
 from gridclip.config import get_gridclip_cfg
 from gridclip.data.world import (
     REGISTERED_SPLIT_SEEDS,
     default_world_root,
     generate_world,
+    generate_world_pairs,
     world_categories,
     world_prefix,
 )
@@ -149,6 +152,24 @@ def plan_runs(
                 run = (name, label, model.config, opts, out_dir, max_iter)
                 runs.append((run, {"variant": name, "split": split, "seed": seed}))
     return runs
+
+
+def generate_run_pairs(runs) -> List[str]:
+    """Generate (or reuse: cached) the embedded world's image-text pairs that a planned run
+    trains on (``PAIRS_LOSS_WEIGHT`` > 0 and a world pairs set in ``DATASETS.PAIRS_TRAIN``), so
+    that a pairs variant runs on a fresh machine; returns the world roots whose pairs it made."""
+    roots = set()
+    for (_, _, config, opts, _, _), _ in runs:
+        cfg = get_gridclip_cfg(config, opts)
+        if cfg.MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT > 0:
+            for name in cfg.DATASETS.PAIRS_TRAIN:
+                root = MetadataCatalog.get(name).get("world_root", None)
+                if root:
+                    roots.add(root)
+    for root in sorted(roots):
+        print(f"==> image-text pairs of the world at {root}", flush=True)
+        generate_world_pairs(root, progress=True)
+    return sorted(roots)
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -295,6 +316,7 @@ def main(argv=None) -> Dict:
     runs = plan_runs(
         variants, args.seeds, args.splits, args.iters, args.opts, args.output_dir, args.preset
     )
+    generate_run_pairs(runs)
     jobs = args.jobs or min(2, len(runs))
     print(f"==> {len(runs)} runs, {jobs} at a time, {args.threads} thread(s) each", flush=True)
     train_all([run for run, _ in runs], args.force, jobs, args.threads, stage="train + evaluate")
