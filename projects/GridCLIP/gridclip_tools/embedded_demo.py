@@ -274,30 +274,22 @@ def _all_settings(config: str, opts, evaluation: bool) -> Dict[str, Any]:
 def _evaluation_settings(config: str, opts) -> Dict[str, Any]:
     """Every evaluation setting of the resolved config, default values included: what a
     finished run records, so that a default changed in ``gridclip/config.py`` (which the run
-    keys cannot see) is noticed (:func:`_recorded_same`)."""
+    keys cannot see) is noticed (:func:`_changed_settings`)."""
     return _all_settings(config, opts, evaluation=True)
 
 
 def _training_settings(config: str, opts) -> Dict[str, Any]:
     """Every training setting of the resolved config, default values included: recorded when a
     run starts, so that a run trained under another *training* default is retrained, not reused
-    or resumed (:func:`_recorded_same`)."""
+    or resumed (:func:`_changed_settings`)."""
     return _all_settings(config, opts, evaluation=False)
 
 
-def _recorded_same(out_dir: str, filename: str, settings: Dict[str, Any]) -> bool:
-    """Whether every setting the run in ``out_dir`` recorded in ``filename`` has today's value.
-    A setting it did not record (one the project added since, at a default that keeps the old
-    behaviour) and a run recorded before the file existed count as the same."""
-    path = os.path.join(out_dir, filename)
-    if not os.path.isfile(path):
-        return True
-    recorded = json.load(open(path))
-    return all(_canonical(recorded[k]) == v for k, v in settings.items() if k in recorded)
-
-
 def _changed_settings(out_dir: str, filename: str, settings: Dict[str, Any]) -> List[str]:
-    """``key: recorded -> today`` for each setting of ``filename`` whose value changed."""
+    """``key: recorded -> today`` for each setting the run in ``out_dir`` recorded in
+    ``filename`` with another value than today's (empty: the same). A setting it did not record
+    (one the project added since, at a default that keeps the old behaviour) and a run recorded
+    before the file existed count as the same."""
     path = os.path.join(out_dir, filename)
     recorded = json.load(open(path)) if os.path.isfile(path) else {}
     return [
@@ -379,7 +371,7 @@ def _launch(name, config, opts, out_dir, force, threads=None, log_file=None):
     finished = not force and not retrain and os.path.isfile(results_path)
     recorded = _read(os.path.join(out_dir, "run_key.txt"))
     legacy = recorded is not None and recorded != key and recorded == _legacy_run_key(config, opts)
-    evaluated = _recorded_same(out_dir, EVALUATION_SETTINGS, eval_settings)
+    evaluated = not _changed_settings(out_dir, EVALUATION_SETTINGS, eval_settings)
     if finished and (recorded == key or legacy) and evaluated:
         if legacy:  # recorded by an earlier version: record today's keys
             _record_keys(out_dir, key, train_key, eval_settings)
