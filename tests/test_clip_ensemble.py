@@ -101,10 +101,11 @@ def test_ensemble_weights_are_checked(assets):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS", [0.5, 1.5]))
 
 
-def test_pseudo_box_ranking_has_its_own_weight_not_the_inference_ones():
+def test_pseudo_box_ranking_has_its_own_weight_and_crops_not_the_inference_ones():
     """The pseudo-box search of pair training ranks a phrase's candidates with
-    PAIRS_PSEUDO_CLIP_WEIGHT for every phrase: tuning the inference weights
-    (TEST_CLIP_ENSEMBLE_WEIGHTS) must not change what pairs train on."""
+    PAIRS_PSEUDO_CLIP_WEIGHT for every phrase, through crops at PAIRS_PSEUDO_CLIP_CROP_SCALES:
+    tuning the inference settings (TEST_CLIP_ENSEMBLE_WEIGHTS / _CROP_SCALES) must not change
+    what pairs train on."""
     teacher = _FixedTeacher([[1.0, 0.0], [0.0, 1.0]])  # box 0 looks like phrase 0, box 1 phrase 1
     fake = SimpleNamespace(
         clip_ensemble=teacher,
@@ -113,6 +114,7 @@ def test_pseudo_box_ranking_has_its_own_weight_not_the_inference_ones():
         clip_ensemble_weights=(0.0, 0.0),  # inference weights: would leave p_det unchanged
         clip_ensemble_crop_scales=(1.0,),
         pairs_pseudo_clip_weight=0.65,
+        pairs_pseudo_clip_crop_scales=(1.0, 1.5),
     )
     image = torch.zeros(3, 8, 8)
     rescore = GridCLIP._pseudo_box_rescorer(fake, image, torch.eye(2), torch.tensor([0, 1]))
@@ -123,11 +125,14 @@ def test_pseudo_box_ranking_has_its_own_weight_not_the_inference_ones():
     expected = [0.5**0.35 * (1 - p_match) ** 0.65, 0.2**0.35 * p_match**0.65]
     assert out.tolist() == pytest.approx(expected, rel=1e-5)
     assert out[1] > out[0]  # CLIP's view outranks the detector's higher probability
+    assert tuple(teacher.seen[2]) == (1.0, 1.5)  # the search's crops, not inference's (1.0,)
 
 
 def test_pseudo_box_weight_is_checked_and_test_ensemble_off_keeps_scores(assets):
     with pytest.raises(ValueError, match="PAIRS_PSEUDO_CLIP_WEIGHT"):
         build_model(make_cfg(assets, "MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT", 1.5))
+    with pytest.raises(ValueError, match="PAIRS_PSEUDO_CLIP_CROP_SCALES"):
+        build_model(make_cfg(assets, "MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_CROP_SCALES", [1.0, 0.0]))
     torch.manual_seed(0)
     image = torch.randint(0, 255, (3, 64, 80)).float()
     plain = build_model(make_cfg(assets)).eval()

@@ -176,8 +176,12 @@ def add_gridclip_config(cfg: CN) -> CN:
     # The frozen CLIP ranks each phrase's pseudo-box candidates with the score ensemble's rule,
     # p_det^(1 - w) p_clip^w, at this w (0: no CLIP ranking). A training setting of its own, not
     # TEST_CLIP_ENSEMBLE_WEIGHTS (until 2026-12-01 the search used their novel weight, 0.65 in
-    # every measured pairs run); the crops are TEST_CLIP_ENSEMBLE_CROP_SCALES.
+    # every measured pairs run).
     _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT = 0.65
+    # ... and CLIP sees each candidate through crops at these scales around its box (embeddings
+    # summed). Its own training key for the same reason (until 2026-12-01 the search cropped at
+    # TEST_CLIP_ENSEMBLE_CROP_SCALES, whose default this is).
+    _C.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_CROP_SCALES = [1.0, 1.5]
     # A second self-training round: a JSON of pseudo-boxes a trained detector found on the pair
     # images (tools/pseudo_label_pairs.py); the pairs' loss trains on them instead of the model's
     # own search. "" = the model's own search in every pair batch.

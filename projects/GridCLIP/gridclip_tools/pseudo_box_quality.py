@@ -180,6 +180,8 @@ def main(argv=None) -> Dict:
         "min_score": min_score,
         "iou": args.iou,
         "clip_ranking_weight": model.pseudo_box_ranking_weight,
+        "clip_crop_scales": list(model.pairs_pseudo_clip_crop_scales),
+        "test_size": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
         "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
         "by_frequency": {
             g: {

@@ -135,6 +135,8 @@ def main(argv=None) -> Dict:
             "datasets": names,
             "min_score": min_score,
             "clip_ranking_weight": model.pseudo_box_ranking_weight,
+            "clip_crop_scales": list(model.pairs_pseudo_clip_crop_scales),
+            "test_size": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
             "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
             "seconds": round(time.perf_counter() - start, 1),
         },

@@ -163,6 +163,7 @@ class GridCLIP(RetinaNet):
         clip_ensemble_share_iou: float = 1.0,
         test_clip_ensemble: Optional[bool] = None,
         pairs_pseudo_clip_weight: float = 0.65,
+        pairs_pseudo_clip_crop_scales: Sequence[float] = (1.0, 1.5),
         pairs_alignment: Optional[PairsAlignment] = None,
         train_objectness_ranker_only: bool = False,
         test_box_voting_iou: float = 0.0,
@@ -201,6 +202,8 @@ class GridCLIP(RetinaNet):
                 (:meth:`find_pseudo_boxes`) ranks a phrase's candidates; 0: no CLIP ranking. A
                 training setting of its own (``MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT``), not
                 the inference weights, so that tuning inference never changes what pairs train.
+            pairs_pseudo_clip_crop_scales: the crops around each candidate CLIP sees in that
+                ranking (``MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_CROP_SCALES``), likewise its own.
             pairs_alignment: the phrase vocabulary and settings of training on image-text
                 pairs (inputs with ``phrases`` and no ``instances``; loss:
                 :meth:`pairs_pseudo_box_loss`), or None (``MODEL.GRIDCLIP.PAIRS_LOSS_WEIGHT``).
@@ -269,6 +272,13 @@ class GridCLIP(RetinaNet):
                 "in [0, 1] (0: no CLIP ranking of the pseudo-box candidates)"
             )
         self.pairs_pseudo_clip_weight = w
+        scales = [float(x) for x in pairs_pseudo_clip_crop_scales]
+        if not scales or min(scales) <= 0:
+            raise ValueError(
+                "MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_CROP_SCALES must be positive factors, got "
+                f"{list(pairs_pseudo_clip_crop_scales)}"
+            )
+        self.pairs_pseudo_clip_crop_scales = tuple(scales)
         (
             self.clip_ensemble_weights,
             self.clip_ensemble_crop_scales,
@@ -331,6 +341,7 @@ class GridCLIP(RetinaNet):
             ),
             "test_clip_ensemble": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE,
             "pairs_pseudo_clip_weight": cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_WEIGHT,
+            "pairs_pseudo_clip_crop_scales": cfg.MODEL.GRIDCLIP.PAIRS_PSEUDO_CLIP_CROP_SCALES,
             "clip_ensemble_weights": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_WEIGHTS,
             "clip_ensemble_crop_scales": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES,
             "clip_ensemble_share_iou": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU,
@@ -737,7 +748,7 @@ class GridCLIP(RetinaNet):
         of inference (:meth:`clip_ensemble_scores`) over ``vocabulary``, every phrase with the
         weight ``PAIRS_PSEUDO_CLIP_WEIGHT`` (a caption's phrases are an open vocabulary; 0.65,
         F-VLM's novel-class weight, with which the pairs results were measured); the crops
-        are inference's (``TEST_CLIP_ENSEMBLE_CROP_SCALES``); ``phrase_rows``: the vocabulary
+        are the search's own (``PAIRS_PSEUDO_CLIP_CROP_SCALES``); ``phrase_rows``: the vocabulary
         rows of the image's phrase columns. Every candidate is cropped: crop sharing
         (``TEST_CLIP_ENSEMBLE_SHARE_IOU``) is an inference setting, and the pairs results were
         measured without it."""
@@ -757,7 +768,7 @@ class GridCLIP(RetinaNet):
                 vocabulary,
                 untrained,
                 (self.pairs_pseudo_clip_weight, self.pairs_pseudo_clip_weight),
-                self.clip_ensemble_crop_scales,
+                self.pairs_pseudo_clip_crop_scales,
             )
 
         return rescore
