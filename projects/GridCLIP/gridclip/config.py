@@ -83,13 +83,13 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Kernel size of the conv that outputs the grid embeddings: 3 (RetinaNet's classifier conv)
     # or 1 (cheaper: the towers' 3x3 convs already give context; at 800x1216 with D=1024 the
     # 3x3 conv is ~48 GFLOPs, the 1x1 ~5). Padding is kernel // 2. 1 measured as accurate or
-    # better on the embedded world (README).
+    # better on the embedded world (docs/RESULTS.md).
     _C.MODEL.GRIDCLIP.EMBED_KERNEL_SIZE = 1
     # Add CLIP's own dense embeddings to the grid embeddings: the attention pool's value path
     # (frozen, from MODEL.CLIP) applied to the trunk's res5 at every cell, resampled to every
     # FPN level and L2-normalised, times a learned scale starting at DENSE_CLIP_WEIGHT. The grid
     # embeddings then start zero-shot aligned with the text embeddings of every class, novel
-    # ones included (measured: README). Needs MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone
+    # ones included (measured: docs/RESULTS.md). Needs MODEL.BACKBONE.NAME build_clip_resnet_fpn_backbone
     # with 'res5' in MODEL.CLIP_RESNET.OUT_FEATURES; set it False for other backbones.
     _C.MODEL.GRIDCLIP.DENSE_CLIP = True
     _C.MODEL.GRIDCLIP.DENSE_CLIP_WEIGHT = 1.0
@@ -126,7 +126,7 @@ def add_gridclip_config(cfg: CN) -> CN:
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES = [1.0, 1.5]
     # Detections whose box overlaps a higher-scored detection's by IoU > this share its CLIP
     # crops (one object under several class names); 1 = every detection cropped on its own.
-    # The world configs set 0.95 (measured lossless there: README, "Crop sharing").
+    # The world configs set 0.95 (measured lossless there: docs/RESULTS.md, "Crop sharing").
     _C.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU = 1.0
     # Inference: box voting (gridclip/modeling/box_voting.py): each box NMS keeps becomes the
     # score-weighted mean of the same-class candidates (before NMS) that overlap it by at least

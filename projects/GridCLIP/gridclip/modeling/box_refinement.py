@@ -3,7 +3,7 @@
 A dense head regresses every anchor once, from the features at the anchor's own location. A
 two-stage detector such as the ViLD baseline pools features *inside* each proposal and
 regresses again; on the embedded world that is where its lead over GridCLIP lies (level at IoU
-0.5, ahead at IoU 0.75: README, issue 16). :class:`BoxRefiner` gives GridCLIP that second look
+0.5, ahead at IoU 0.75: docs/RESULTS.md, issue 16). :class:`BoxRefiner` gives GridCLIP that second look
 for the few boxes it keeps: each box's FPN features are pooled (Detectron2's ``ROIPooler``,
 ROIAlignV2, the level chosen by the box's size) into a two-layer MLP that predicts
 class-agnostic deltas (Fast R-CNN's parametrisation) from the box to its object.
@@ -14,7 +14,7 @@ Training: the boxes are the dense head's own decoded predictions at its positive
 anchor; L1 loss on the deltas, averaged over the boxes. Inference: applied to the boxes NMS (and
 box voting) kept, once or, with ``steps`` > 1, again to its own output (the same regressor: a
 refined box is closer to its object than the boxes it was trained on, and a second look moves it
-closer still; measured in the README); scores and classes unchanged.
+closer still; measured in docs/RESULTS.md); scores and classes unchanged.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The head predicts one D-d embedding per grid cell, shared by its A anchors: the 
   top-k would. The same offsets make the per-location objectness that gates the text product
   (below). (One embedding per anchor, ``EMBED_PER_ANCHOR``, was measured and removed: 3.65x
   slower at 800x1216, and over 3 seeds on the embedded world not better: APr -0.9, AP +0.3 on
-  average; README.)
+  average; docs/RESULTS.md.)
 
 Scoring only promising locations (inference; ``MODEL.GRIDCLIP.TEST_TOPK_LOCATIONS``). The text
 product costs (locations x classes x D); at 800x1216 and 10,000 classes it is most of the
@@ -31,12 +31,12 @@ the rest of the logit (no extra loss, no training change). Before the product, p
 2. top-K: of the rest, only the K locations of highest objectness are scored, so the
    vocabulary costs at most K x C per level. Exact when K covers every location that can
    reach the detections (K >= the level's locations always); otherwise an approximation whose
-   accuracy is measured (README, docs/BENCHMARKS.md).
+   accuracy is measured (docs/RESULTS.md, docs/BENCHMARKS.md).
 
 A dedicated objectness output trained by its own focal loss ("a positive anchor of a trained
 class at this location", issue 13) ranked locations losslessly (K = 100 as K = 0), but the
 detector trained with that loss was below the default in all 3 seeds (APr -2.4 / -1.3 / -3.7):
-removed; its numbers are in the README and docs/BENCHMARKS.md.
+removed; its numbers are in docs/RESULTS.md and docs/BENCHMARKS.md.
 
 ``MODEL.GRIDCLIP.OBJECTNESS_RANKER`` keeps the ranking without that cost: the same kind of
 output (one logit per location, 3x3 conv on the box tower, the same focal loss and target) on
