@@ -3,9 +3,9 @@
 A dense head regresses every anchor once, from the features at the anchor's own location. A
 two-stage detector such as the ViLD baseline pools features *inside* each proposal and
 regresses again; on the embedded world that is where its lead over GridCLIP lies (level at IoU
-0.5, ahead at IoU 0.75: docs/RESULTS.md, issue 16). :class:`BoxRefiner` gives GridCLIP that second look
-for the few boxes it keeps: each box's FPN features are pooled (Detectron2's ``ROIPooler``,
-ROIAlignV2, the level chosen by the box's size) into a two-layer MLP that predicts
+0.5, ahead at IoU 0.75: docs/RESULTS.md, issue 16). :class:`BoxRefiner` gives GridCLIP that
+second look for the few boxes it keeps: each box's FPN features are pooled (Detectron2's
+``ROIPooler``, ROIAlignV2, the level chosen by the box's size) into a two-layer MLP that predicts
 class-agnostic deltas (Fast R-CNN's parametrisation) from the box to its object.
 
 Training: the boxes are the dense head's own decoded predictions at its positive anchors

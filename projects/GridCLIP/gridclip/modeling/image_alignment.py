@@ -22,8 +22,8 @@ the optimizer or DDP, moved to the input device lazily, built only when training
 
 Pooling: a view's grid embeddings (all FPN levels, normalised) are averaged into one student
 embedding per level, then over levels. Other poolings were measured worse on the embedded world
-and removed (docs/RESULTS.md: matched-level pooling, a soft maximum over each view's locations, dense
-MaskCLIP-style alignment of every location).
+and removed (docs/RESULTS.md: matched-level pooling, a soft maximum over each view's locations,
+dense MaskCLIP-style alignment of every location).
 
 Loss (``MODEL.GRIDCLIP.IMAGE_ALIGN_LOSS``), on L2-normalised student ``s`` / teacher ``t``:
 
