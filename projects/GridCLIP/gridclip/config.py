@@ -154,14 +154,6 @@ def add_gridclip_config(cfg: CN) -> CN:
     # Each view is compared with the mean of the normalised grid embeddings under it (per level,
     # then over levels): gridclip/modeling/image_alignment.py.
     _C.MODEL.GRIDCLIP.IMAGE_ALIGN_GRIDS = [1]
-    # Region-level alignment on the detector's own unlabelled boxes (gridclip/modeling/
-    # region_alignment.py): per training image the REGION_ALIGN_BOXES most object-like boxes of the
-    # dense head (anchor offsets), after NMS, that overlap no ground-truth box by IoU >=
-    # REGION_ALIGN_MAX_GT_IOU, cropped by the frozen CLIP teacher; the grid embedding at each box's
-    # location is aligned (1 - cos) with the crop's embedding. 0 disables it.
-    _C.MODEL.GRIDCLIP.REGION_ALIGN_WEIGHT = 0.0
-    _C.MODEL.GRIDCLIP.REGION_ALIGN_BOXES = 8
-    _C.MODEL.GRIDCLIP.REGION_ALIGN_MAX_GT_IOU = 0.5
     # Optional per-image teacher-embedding cache built by tools/cache_teacher_embeddings.py.
     _C.MODEL.GRIDCLIP.TEACHER_CACHE = ""
     # Image-text pairs (captions, no boxes; gridclip/modeling/pairs_alignment.py): weight of the

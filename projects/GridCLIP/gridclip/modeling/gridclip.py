@@ -96,14 +96,13 @@ from .clip_rescoring import check_rescoring_settings, clip_rescored_scores
 from .embedding_rows import EmbeddingRowsOnDemand, dense_resampling
 from .focal_loss import grid_focal_loss
 from .head import EMBED_KERNEL_SIZES, GridCLIPHead
-from .image_alignment import ImageAlignment, build_image_alignment, raw_rgb_image
+from .image_alignment import ImageAlignment, build_image_alignment
 from .pairs_alignment import (
     PairsAlignment,
     build_pairs_alignment,
     caption_pseudo_boxes,
     pseudo_box_targets,
 )
-from .region_alignment import region_alignment_loss, select_unlabelled_boxes
 from .teacher_holder import TeacherHolder
 from .vocabulary import resolve_vocabulary, vocabulary_from_cfg
 
@@ -171,9 +170,6 @@ class GridCLIP(RetinaNet):
         box_refiner: Optional[BoxRefiner] = None,
         box_refine_loss_weight: float = 1.0,
         test_box_refine_steps: int = 1,
-        region_align_weight: float = 0.0,
-        region_align_boxes: int = 8,
-        region_align_max_gt_iou: float = 0.5,
         **kwargs,
     ):
         """
@@ -295,24 +291,6 @@ class GridCLIP(RetinaNet):
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_CROP_SCALES",
             "MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE_SHARE_IOU",
         )
-        self.region_align_weight = float(region_align_weight)
-        self.region_align_boxes = int(region_align_boxes)
-        self.region_align_max_gt_iou = float(region_align_max_gt_iou)
-        if self.region_align_weight < 0 or not math.isfinite(self.region_align_weight):
-            raise ValueError(
-                f"MODEL.GRIDCLIP.REGION_ALIGN_WEIGHT = {region_align_weight!r}: must be >= 0"
-            )
-        if self.region_align_weight > 0:
-            if clip_ensemble is None:
-                raise ValueError(
-                    "MODEL.GRIDCLIP.REGION_ALIGN_WEIGHT needs the frozen CLIP teacher "
-                    "(clip_ensemble)"
-                )
-            if self.region_align_boxes < 1 or not 0.0 < self.region_align_max_gt_iou <= 1.0:
-                raise ValueError(
-                    "MODEL.GRIDCLIP.REGION_ALIGN_BOXES must be >= 1 and REGION_ALIGN_MAX_GT_IOU in "
-                    f"(0, 1], got {region_align_boxes!r} and {region_align_max_gt_iou!r}"
-                )
         self.class_names = list(class_names) if class_names is not None else None
         self._vocabulary_cfg = vocabulary_cfg
         self._set_trained_class_mask(trained_class_mask)
@@ -358,9 +336,7 @@ class GridCLIP(RetinaNet):
                     builder=lambda: build_clip_teacher_from_cfg(cfg_for_teacher),
                     name="CLIP teacher of the score ensemble",
                 )
-                if cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE
-                or rank_pairs
-                or cfg.MODEL.GRIDCLIP.REGION_ALIGN_WEIGHT > 0
+                if cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE or rank_pairs
                 else None
             ),
             "test_clip_ensemble": cfg.MODEL.GRIDCLIP.TEST_CLIP_ENSEMBLE,
@@ -375,9 +351,6 @@ class GridCLIP(RetinaNet):
             "box_refiner": build_box_refiner(cfg, feature_shapes),
             "box_refine_loss_weight": cfg.MODEL.GRIDCLIP.BOX_REFINE_LOSS_WEIGHT,
             "test_box_refine_steps": cfg.MODEL.GRIDCLIP.TEST_BOX_REFINE_STEPS,
-            "region_align_weight": cfg.MODEL.GRIDCLIP.REGION_ALIGN_WEIGHT,
-            "region_align_boxes": cfg.MODEL.GRIDCLIP.REGION_ALIGN_BOXES,
-            "region_align_max_gt_iou": cfg.MODEL.GRIDCLIP.REGION_ALIGN_MAX_GT_IOU,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": Matcher(
@@ -507,10 +480,6 @@ class GridCLIP(RetinaNet):
             losses = self.forward_training(images, features, predictions, gt_instances)
             if self.image_alignment is not None and not self.train_objectness_ranker_only:
                 losses.update(self.image_alignment_losses(images, predictions, batched_inputs))
-            if self.region_align_weight > 0 and not self.train_objectness_ranker_only:
-                losses["loss_region_align"] = self.region_align_weight * self.region_alignment(
-                    features, predictions, batched_inputs, gt_instances
-                )
             return losses
         results = self.forward_inference(images, features, predictions)
         if self.test_clip_ensemble:
@@ -587,47 +556,6 @@ class GridCLIP(RetinaNet):
         shapes = self.backbone.output_shape()
         strides = [shapes[f].stride for f in self.head_in_features]
         return self.image_alignment(predictions[0], strides, images.image_sizes, batched_inputs)
-
-    def region_alignment(
-        self,
-        features: List[Tensor],
-        predictions: List,
-        batched_inputs: List[Dict],
-        gt_instances: List[Instances],
-    ) -> Tensor:
-        """The unweighted region-level alignment loss of a box batch (region_alignment.py): the
-        grid embeddings at the dense head's most object-like boxes that match no ground truth,
-        aligned with the frozen CLIP's crops of those boxes."""
-        grid_embeddings, box_deltas, anchor_offsets = predictions[:3]
-        rows = torch.cat([self.head.embedding_rows(x) for x in grid_embeddings], dim=1)
-        per_row = self.head.anchors_per_embedding
-        anchors = Boxes.cat(self.anchor_generator(features)).tensor
-        deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in box_deltas], dim=1).detach()
-        if anchor_offsets is not None:
-            objectness = torch.cat([permute_to_N_HWA_K(x, 1) for x in anchor_offsets], dim=1)
-            objectness = objectness[..., 0].detach()
-        else:  # no offsets: every anchor of a location is alike; rank by the embedding's norm
-            objectness = rows.detach().norm(dim=-1).repeat_interleave(per_row, dim=1)
-        teacher = self.clip_ensemble.on(self.device)
-        students, targets = [], []
-        for i, (inputs, gt) in enumerate(zip(batched_inputs, gt_instances)):
-            boxes = Boxes(self.box2box_transform.apply_deltas(deltas[i], anchors))
-            boxes.clip(tuple(inputs["image"].shape[-2:]))
-            boxes = boxes.tensor
-            picked = select_unlabelled_boxes(
-                objectness[i],
-                boxes,
-                gt.gt_boxes.tensor,
-                self.region_align_boxes,
-                self.region_align_max_gt_iou,
-                min_size=4.0,
-            )
-            rgb = raw_rgb_image(inputs["image"].to(self.device), self.input_format)
-            targets.append(
-                teacher.embed_boxes(rgb, boxes[picked], scales=self.clip_ensemble_crop_scales)
-            )
-            students.append(rows[i, torch.div(picked, per_row, rounding_mode="floor")])
-        return region_alignment_loss(students, targets)
 
     def pairs_losses(
         self,
