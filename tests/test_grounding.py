@@ -399,6 +399,16 @@ def test_pseudo_box_quality_command(ci_demo, tmp_path):
         # no floor: one pseudo-box per annotated object (a perfect caption's counts)
         assert g["pseudo_boxes"] == g["objects"] and 0 <= g["correct"] <= g["pseudo_boxes"]
     assert json.loads(report.read_text())["by_frequency"] == groups
+    # per class: the same totals, misnamed boxes among the wrong ones, confusions between classes
+    by_class = result["by_class"]
+    for key in ("pseudo_boxes", "correct", "objects"):
+        assert sum(c[key] for c in by_class.values()) == sum(g[key] for g in groups.values())
+    for c in by_class.values():
+        assert 0 <= c["misnamed"] <= c["pseudo_boxes"] - c["correct"]
+    assert sum(c["misnamed"] for c in by_class.values()) == sum(
+        x["pseudo_boxes"] for x in result["confusions"]
+    )
+    assert all(x["named"] != x["actual"] for x in result["confusions"])
     # a floor above every score leaves nothing
     high = pseudo_box_quality.main(args + ["--min-score", "0.999999"] + opts)
     assert all(g["pseudo_boxes"] == 0 for g in high["by_frequency"].values())

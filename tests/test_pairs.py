@@ -38,7 +38,7 @@ from gridclip.modeling.pairs_alignment import (
 )
 from gridclip.modeling.prompts import parse_prompt
 from gridclip_tools import pseudo_label_pairs
-from gridclip_tools.pseudo_box_quality import score_pseudo_boxes
+from gridclip_tools.pseudo_box_quality import misnamed_as, score_pseudo_boxes
 
 TINY = dict(preset="ci", num_train=4, num_val=2, image_size=96)
 
@@ -326,6 +326,13 @@ def test_pseudo_box_quality_scoring_matches_each_box_once():
     ]  # fmt: skip
     assert score_pseudo_boxes(boxes[:0].float(), classes[:0], gt, gt_classes, 0.5) == []
     assert score_pseudo_boxes(boxes.float(), classes, gt[:0], gt_classes[:0], 0.5) == [False] * 4
+    # wrong boxes on an object of another class are "misnamed" as that class; a wrong box on
+    # an object of its own class (taken) or on nothing is not
+    correct = score_pseudo_boxes(boxes.float(), classes, gt, gt_classes, 0.5)
+    assert misnamed_as(boxes.float(), classes, gt, gt_classes, correct, 0.5) == [
+        None, None, 2, None
+    ]  # fmt: skip
+    assert misnamed_as(boxes.float(), classes, gt[:0], gt_classes[:0], correct, 0.5) == [None] * 4
 
 
 def test_pseudo_box_targets_hand_built():

@@ -14,7 +14,10 @@ names as the vocabulary, and each pseudo-box is **correct** when it overlaps an 
 its class at IoU >= ``--iou`` (0.5), each box matched once, best score first.
 
 Reported per class frequency (base ``f``/``c``, novel ``r``): precision (correct / pseudo-boxes)
-and recall (correct / annotated objects), on stdout and in ``--output`` (JSON).
+and recall (correct / annotated objects), on stdout and in ``--output`` (JSON). The JSON also has
+them per class (``by_class``), with the wrong pseudo-boxes that sit on an object of *another*
+class (``misnamed``: IoU >= ``--iou`` with it) and which classes were taken for which
+(``confusions``, most frequent first); ``--per-class`` prints those too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import argparse
 import json
 import os
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -39,7 +42,13 @@ from gridclip.utils.io import atomic_write
 from gridclip_tools.args import add_config_overrides, add_evaluated_model
 from gridclip_tools.demo import evaluation_setup, read_image_bgr
 
-__all__ = ["find_image_pseudo_boxes", "image_pseudo_boxes", "score_pseudo_boxes", "main"]
+__all__ = [
+    "find_image_pseudo_boxes",
+    "image_pseudo_boxes",
+    "misnamed_as",
+    "score_pseudo_boxes",
+    "main",
+]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,6 +59,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, help="score floor (default: the config's)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU for a correct pseudo-box")
     p.add_argument("--output", help="JSON report")
+    p.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also print precision, recall and misnamed pseudo-boxes per class, and the confusions",
+    )
     add_config_overrides(p)
     return p
 
@@ -138,6 +152,23 @@ def score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, iou: float) -> List
     return correct
 
 
+def misnamed_as(boxes, classes, gt_boxes, gt_classes, correct, iou: float) -> List[Optional[int]]:
+    """Per pseudo-box, the class of the annotated object of *another* class it sits on (the one
+    it overlaps most at IoU >= ``iou``) when it is not correct; None when it is correct or sits on
+    no such object."""
+    if not len(gt_boxes):
+        return [None] * len(boxes)
+    overlaps = pairwise_iou(Boxes(boxes), Boxes(gt_boxes))
+    out: List[Optional[int]] = []
+    for k in range(len(boxes)):
+        other = (gt_classes != classes[k]) & (overlaps[k] >= iou)
+        if correct[k] or not other.any():
+            out.append(None)
+        else:
+            out.append(int(gt_classes[torch.where(other, overlaps[k], -1.0).argmax()]))
+    return out
+
+
 def _group(category: int, frequencies) -> str:
     return frequencies[category] if frequencies is not None else "all"
 
@@ -161,17 +192,44 @@ def main(argv=None) -> Dict:
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     kept, right, objects = Counter(), Counter(), Counter()
+    per_class = {"pseudo_boxes": Counter(), "correct": Counter(), "misnamed": Counter()}
+    per_class["objects"] = Counter()
+    confusions = Counter()
     for d in tqdm(dicts, desc="pseudo-boxes", unit="img"):
         boxes, classes, gt_boxes, gt_classes = image_pseudo_boxes(
             model, read_image_bgr(d["file_name"]), d["annotations"], cfg, min_score
         )
         correct = score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, args.iou)
-        for c, ok in zip(classes.tolist(), correct):
+        wrong_object = misnamed_as(boxes, classes, gt_boxes, gt_classes, correct, args.iou)
+        for c, ok, actual in zip(classes.tolist(), correct, wrong_object):
             kept[_group(c, frequencies)] += 1
             right[_group(c, frequencies)] += ok
+            per_class["pseudo_boxes"][c] += 1
+            per_class["correct"][c] += ok
+            if actual is not None:
+                per_class["misnamed"][c] += 1
+                confusions[(c, actual)] += 1
         for c in gt_classes.tolist():
             objects[_group(c, frequencies)] += 1
+            per_class["objects"][c] += 1
     groups = sorted(objects)
+    names = list(getattr(MetadataCatalog.get(dataset), "thing_classes", []))
+
+    def name(c: int) -> str:
+        return names[c] if c < len(names) else str(c)
+
+    by_class = {}
+    for c in sorted(set(per_class["objects"]) | set(per_class["pseudo_boxes"])):
+        n, ok, objs = (per_class[k][c] for k in ("pseudo_boxes", "correct", "objects"))
+        by_class[name(c)] = {
+            "frequency": _group(c, frequencies),
+            "pseudo_boxes": n,
+            "correct": ok,
+            "misnamed": per_class["misnamed"][c],
+            "objects": objs,
+            "precision": ok / n if n else None,
+            "recall": ok / objs if objs else None,
+        }
     result = {
         "config_file": args.config_file,
         "weights": cfg.MODEL.WEIGHTS,
@@ -193,6 +251,11 @@ def main(argv=None) -> Dict:
             }
             for g in groups
         },
+        "by_class": by_class,
+        "confusions": [
+            {"named": name(named), "actual": name(actual), "pseudo_boxes": count}
+            for (named, actual), count in confusions.most_common()
+        ],
     }
     for g in groups:
         r = result["by_frequency"][g]
@@ -201,6 +264,15 @@ def main(argv=None) -> Dict:
             f"{100 * (r['precision'] or 0):.1f}%, recall {100 * (r['recall'] or 0):.1f}% "
             f"(IoU >= {args.iou}, score >= {min_score})"
         )
+    if args.per_class:
+        for cname, r in by_class.items():
+            print(
+                f"  {cname} ({r['frequency']}): {r['pseudo_boxes']} pseudo-boxes for "
+                f"{r['objects']} objects, precision {100 * (r['precision'] or 0):.1f}%, recall "
+                f"{100 * (r['recall'] or 0):.1f}%, {r['misnamed']} on an object of another class"
+            )
+        for c in result["confusions"][:10]:
+            print(f"  named {c['named']} on a {c['actual']}: {c['pseudo_boxes']} pseudo-boxes")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with atomic_write(args.output, "w") as f:
