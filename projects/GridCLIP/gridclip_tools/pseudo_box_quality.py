@@ -169,6 +169,16 @@ def misnamed_as(boxes, classes, gt_boxes, gt_classes, correct, iou: float) -> Li
     return out
 
 
+def _rates(counts: Dict[str, int]) -> Dict:
+    """``counts`` (pseudo_boxes, correct, objects, ...) with precision and recall added."""
+    n, ok, objects = counts["pseudo_boxes"], counts["correct"], counts["objects"]
+    return {
+        **counts,
+        "precision": ok / n if n else None,
+        "recall": ok / objects if objects else None,
+    }
+
+
 def _group(category: int, frequencies) -> str:
     return frequencies[category] if frequencies is not None else "all"
 
@@ -191,9 +201,8 @@ def main(argv=None) -> Dict:
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    kept, right, objects = Counter(), Counter(), Counter()
-    per_class = {"pseudo_boxes": Counter(), "correct": Counter(), "misnamed": Counter()}
-    per_class["objects"] = Counter()
+    # per class: pseudo-boxes, correct ones, misnamed ones, annotated objects
+    count = {key: Counter() for key in ("pseudo_boxes", "correct", "misnamed", "objects")}
     confusions = Counter()
     for d in tqdm(dicts, desc="pseudo-boxes", unit="img"):
         boxes, classes, gt_boxes, gt_classes = image_pseudo_boxes(
@@ -202,34 +211,30 @@ def main(argv=None) -> Dict:
         correct = score_pseudo_boxes(boxes, classes, gt_boxes, gt_classes, args.iou)
         wrong_object = misnamed_as(boxes, classes, gt_boxes, gt_classes, correct, args.iou)
         for c, ok, actual in zip(classes.tolist(), correct, wrong_object):
-            kept[_group(c, frequencies)] += 1
-            right[_group(c, frequencies)] += ok
-            per_class["pseudo_boxes"][c] += 1
-            per_class["correct"][c] += ok
+            count["pseudo_boxes"][c] += 1
+            count["correct"][c] += ok
             if actual is not None:
-                per_class["misnamed"][c] += 1
+                count["misnamed"][c] += 1
                 confusions[(c, actual)] += 1
-        for c in gt_classes.tolist():
-            objects[_group(c, frequencies)] += 1
-            per_class["objects"][c] += 1
-    groups = sorted(objects)
+        count["objects"].update(gt_classes.tolist())
     names = list(getattr(MetadataCatalog.get(dataset), "thing_classes", []))
 
     def name(c: int) -> str:
         return names[c] if c < len(names) else str(c)
 
-    by_class = {}
-    for c in sorted(set(per_class["objects"]) | set(per_class["pseudo_boxes"])):
-        n, ok, objs = (per_class[k][c] for k in ("pseudo_boxes", "correct", "objects"))
-        by_class[name(c)] = {
+    seen = sorted(set(count["objects"]) | set(count["pseudo_boxes"]))
+    by_class = {
+        name(c): {
             "frequency": _group(c, frequencies),
-            "pseudo_boxes": n,
-            "correct": ok,
-            "misnamed": per_class["misnamed"][c],
-            "objects": objs,
-            "precision": ok / n if n else None,
-            "recall": ok / objs if objs else None,
+            **_rates({k: n[c] for k, n in count.items()}),
         }
+        for c in seen
+    }
+    by_frequency = {}
+    for g in sorted({_group(c, frequencies) for c in count["objects"]}):
+        members = [c for c in seen if _group(c, frequencies) == g]
+        totals = {k: sum(count[k][c] for c in members) for k in count if k != "misnamed"}
+        by_frequency[g] = _rates(totals)
     result = {
         "config_file": args.config_file,
         "weights": cfg.MODEL.WEIGHTS,
@@ -241,24 +246,14 @@ def main(argv=None) -> Dict:
         "clip_crop_scales": list(model.pairs_pseudo_clip_crop_scales),
         "test_size": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
         "box_refine": bool(cfg.MODEL.GRIDCLIP.BOX_REFINE),
-        "by_frequency": {
-            g: {
-                "pseudo_boxes": kept[g],
-                "correct": right[g],
-                "objects": objects[g],
-                "precision": right[g] / kept[g] if kept[g] else None,
-                "recall": right[g] / objects[g] if objects[g] else None,
-            }
-            for g in groups
-        },
+        "by_frequency": by_frequency,
         "by_class": by_class,
         "confusions": [
             {"named": name(named), "actual": name(actual), "pseudo_boxes": count}
             for (named, actual), count in confusions.most_common()
         ],
     }
-    for g in groups:
-        r = result["by_frequency"][g]
+    for g, r in by_frequency.items():
         print(
             f"{g}: {r['pseudo_boxes']} pseudo-boxes for {r['objects']} objects, precision "
             f"{100 * (r['precision'] or 0):.1f}%, recall {100 * (r['recall'] or 0):.1f}% "
